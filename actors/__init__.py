@@ -1,0 +1,1 @@
+"""Thin Ray wrappers: each actor declares resources, loads its model once, calls pipeline/."""

@@ -1,0 +1,62 @@
+"""The batching queue between ingress and a GPU stage.
+
+Jobs are grouped by a compatible key (kind, style, resolution). A group is released as a
+batch when it holds ``max_batch_size`` jobs, or when its oldest job has waited
+``max_wait_ms``. Pure and clock-free: the caller passes ``now_s``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from pipeline.config import StageBatchConfig
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _Waiting(Generic[T]):
+    item: T
+    enqueued_s: float
+
+
+class BatchQueue(Generic[T]):
+    """Per-key FIFO queues; ``pop_ready`` returns the batches due now."""
+
+    def __init__(self, cfg: StageBatchConfig) -> None:
+        self.cfg = cfg
+        self._groups: OrderedDict[Hashable, list[_Waiting[T]]] = OrderedDict()
+
+    def reconfigure(self, cfg: StageBatchConfig) -> None:
+        self.cfg = cfg
+
+    def add(self, item: T, key: Hashable, now_s: float) -> None:
+        self._groups.setdefault(key, []).append(_Waiting(item, now_s))
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self._groups.values())
+
+    def pop_ready(self, now_s: float, *, max_batches: int | None = None) -> list[list[T]]:
+        """Full batches first, then groups whose oldest job waited max_wait_ms; oldest first."""
+        max_wait_s = self.cfg.max_wait_ms / 1000.0
+        size = self.cfg.max_batch_size
+        candidates = sorted(self._groups.items(), key=lambda kv: kv[1][0].enqueued_s)
+        batches: list[list[T]] = []
+        for key, group in candidates:
+            while group and (len(group) >= size or now_s - group[0].enqueued_s >= max_wait_s):
+                if max_batches is not None and len(batches) >= max_batches:
+                    break
+                batches.append([w.item for w in group[:size]])
+                del group[:size]
+            if not group:
+                del self._groups[key]
+        return batches
+
+    def next_due_s(self) -> float | None:
+        """When the oldest waiting job's batch becomes due (None if empty)."""
+        if not self._groups:
+            return None
+        return min(g[0].enqueued_s for g in self._groups.values()) + self.cfg.max_wait_ms / 1000.0

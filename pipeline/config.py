@@ -1,0 +1,217 @@
+"""Operator configs: one pydantic model per YAML file in ``configs/``.
+
+Every model forbids unknown keys, bounds every number and describes every field, so a typo
+or an out-of-range value stops the service at start-up with a message naming the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServiceConfig(_Strict):
+    """configs/service.yaml: HTTP edge, upload limits, Redis and the object store."""
+
+    http_host: str = Field("127.0.0.1", description="Address Serve's HTTP proxy binds to.")
+    http_port: int = Field(0, ge=0, le=65535, description="HTTP port; 0 picks a free one.")
+    redis_url: str | None = Field(
+        None, description="redis://host:port/db; null starts an embedded server on a free port."
+    )
+    store_url: str = Field(
+        "file://./data/store", description="Object store root (file:// for the embedded store)."
+    )
+    max_files_per_job: int = Field(4, gt=0, le=32, description="Most images in one request.")
+    max_file_bytes: int = Field(
+        20 * 1024 * 1024, gt=0, description="Largest accepted upload file, in bytes."
+    )
+    max_image_pixels: int = Field(
+        40_000_000, gt=0, description="Largest width*height decoded (decompression-bomb guard)."
+    )
+    min_image_side_px: int = Field(32, gt=0, description="Smallest accepted width or height.")
+    allowed_resolutions_px: list[int] = Field(
+        [64], min_length=1, description="Output sizes (square) a request may ask for."
+    )
+    default_resolution_px: int = Field(64, gt=0, description="Output size when none is given.")
+    output_format: Literal["png", "webp"] = Field("png", description="Encoding of outputs.")
+    ray_num_cpus: int = Field(4, gt=0, description="Logical CPUs of a local Ray instance.")
+    job_timeout_s: float = Field(
+        600.0, gt=0, description="A job not finished this long after acceptance fails."
+    )
+
+    @model_validator(mode="after")
+    def _default_is_allowed(self) -> ServiceConfig:
+        if self.default_resolution_px not in self.allowed_resolutions_px:
+            raise ValueError(
+                f"default_resolution_px={self.default_resolution_px} is not in "
+                f"allowed_resolutions_px={self.allowed_resolutions_px}; add it or change it"
+            )
+        return self
+
+
+class StageBatchConfig(_Strict):
+    """Batching knobs of one GPU stage."""
+
+    max_batch_size: int = Field(8, gt=0, le=256, description="Most jobs in one model call.")
+    max_wait_ms: float = Field(
+        50.0, ge=0, le=60_000, description="Longest a job waits for its batch to fill, in ms."
+    )
+    max_inflight_batches: int = Field(
+        2, gt=0, le=64, description="Batches of this stage in flight at once (all replicas)."
+    )
+
+
+class BatchingConfig(_Strict):
+    """configs/batching.yaml: the batching queue between ingress and the GPU stages.
+
+    Tuned at run time: the scheduler receives this as Serve ``user_config``.
+    """
+
+    face: StageBatchConfig = Field(default_factory=StageBatchConfig, description="Face stage.")
+    diffusion: StageBatchConfig = Field(
+        default_factory=StageBatchConfig, description="Diffusion stage."
+    )
+    max_attempts: int = Field(
+        3, gt=0, le=10, description="Tries per job when a stage worker crashes mid-batch."
+    )
+    poll_interval_ms: float = Field(
+        10.0, gt=0, le=1000, description="How often the scheduler checks for ready batches."
+    )
+    stage_timeout_s: float = Field(
+        300.0, gt=0, description="A batch call not answered in this time counts as a crash."
+    )
+
+
+class StageResourcesConfig(_Strict):
+    """Ray resources of one stage's actor pool."""
+
+    num_replicas: int = Field(1, gt=0, le=1024, description="Actors in the pool.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor (0 on CPU hosts).")
+
+
+class ModelsConfig(_Strict):
+    """configs/models.yaml: which weights, on which device, in which precision."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto picks cuda when available, else cpu."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: float16 on cuda, float32 on cpu."
+    )
+    attention: Literal["auto", "sdpa", "xformers"] = Field(
+        "auto", description="auto: xformers if installed on cuda, else torch SDPA."
+    )
+    diffusion_model_dir: str = Field(
+        "models/tiny-sd", description="Directory saved with save_pretrained (relative: repo)."
+    )
+    build_tiny_if_missing: bool = Field(
+        True, description="Build tiny random-weight models into diffusion_model_dir if absent."
+    )
+    num_inference_steps: int = Field(10, gt=0, le=200, description="Denoising steps.")
+    face_embedder_weights: str = Field(
+        "random", description="'random' (demo/tests) or a path to InceptionResnetV1 weights."
+    )
+    face_min_probability: float = Field(
+        0.9, gt=0, le=1, description="MTCNN confidence below which a face is ignored."
+    )
+    torch_num_threads: int = Field(1, gt=0, le=256, description="Intra-op threads per actor.")
+    face: StageResourcesConfig = Field(
+        default_factory=StageResourcesConfig, description="Face actor pool."
+    )
+    diffusion: StageResourcesConfig = Field(
+        default_factory=StageResourcesConfig, description="Diffusion actor pool."
+    )
+
+
+class StyleConfig(_Strict):
+    """One art style or look."""
+
+    prompt: str = Field(min_length=1, max_length=300, description="Text conditioning.")
+    strength: float = Field(
+        0.6, gt=0, le=1, description="art_style img2img: how far from the input to go."
+    )
+    guidance_scale: float = Field(
+        1.0, ge=1.0, le=30.0, description="Classifier-free guidance; 1.0 turns it off."
+    )
+
+
+class StylesConfig(_Strict):
+    """configs/styles.yaml: the styles a request may name."""
+
+    styles: dict[str, StyleConfig] = Field(min_length=1, description="Style name -> settings.")
+
+
+class RetentionConfig(_Strict):
+    """configs/retention.yaml: hard ceilings and the background sweep."""
+
+    input_ceiling_h: float = Field(
+        96.0, gt=0, le=96.0, description="Inputs are gone by this many hours (policy: 4 days)."
+    )
+    face_data_ceiling_h: float = Field(
+        96.0, gt=0, le=96.0, description="Face crops/embeddings are gone by this many hours."
+    )
+    sweep_interval_s: float = Field(
+        5.0, gt=0, le=3600, description="How often retention actors purge due objects."
+    )
+    lease_s: float = Field(
+        30.0, gt=0, le=3600, description="A claimed purge not finished by then is re-claimed."
+    )
+    purge_max_attempts: int = Field(
+        5, gt=0, le=20, description="Store retries per deletion before it is left to the sweep."
+    )
+    num_replicas: int = Field(1, gt=0, le=64, description="Retention actors in the pool.")
+
+
+class Settings(_Strict):
+    """All configs together, as one picklable value handed to every actor."""
+
+    service: ServiceConfig = Field(default_factory=ServiceConfig, description="service.yaml")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="batching.yaml")
+    models: ModelsConfig = Field(default_factory=ModelsConfig, description="models.yaml")
+    styles: StylesConfig = Field(description="styles.yaml")
+    retention: RetentionConfig = Field(
+        default_factory=RetentionConfig, description="retention.yaml"
+    )
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_yaml(path: Path, model: type[M]) -> M:
+    """Parse one YAML file into its model; errors name the file and the field."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} is missing") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def load_settings(config_dir: Path | str = CONFIG_DIR) -> Settings:
+    """Load the five config files from ``config_dir``."""
+    root = Path(config_dir)
+    return Settings(
+        service=load_yaml(root / "service.yaml", ServiceConfig),
+        batching=load_yaml(root / "batching.yaml", BatchingConfig),
+        models=load_yaml(root / "models.yaml", ModelsConfig),
+        styles=load_yaml(root / "styles.yaml", StylesConfig),
+        retention=load_yaml(root / "retention.yaml", RetentionConfig),
+    )
+
+
+def resolve_path(path: str) -> Path:
+    """A config path: absolute as given, relative to the repository root otherwise."""
+    p = Path(path)
+    return p if p.is_absolute() else CONFIG_DIR.parent / p

@@ -1,0 +1,107 @@
+"""Ingest: decode an upload safely, then strip every byte of metadata by re-encoding pixels.
+
+Runs before anything is stored or processed. The only thing that leaves this module is a
+fresh PNG holding the pixels alone (EXIF orientation already applied), so GPS tags, EXIF,
+XMP, IPTC, ICC profiles, comments and PNG text chunks cannot survive.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pipeline.config import ServiceConfig
+from pipeline.errors import InvalidUpload
+from pipeline.records import CleanImage
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
+
+
+def check_upload(data: bytes, *, index: int, limits: ServiceConfig) -> CleanImage:
+    """Validate one uploaded file and return its metadata-free re-encoding.
+
+    ``index`` (1-based) names the file in error messages; file names are never echoed,
+    since they can carry personal data. Raises InvalidUpload with an HTTP status.
+    """
+    where = f"file {index}"
+    if not data:
+        raise InvalidUpload(f"{where} is empty; select a JPEG, PNG or WebP photo", status_code=400)
+    if len(data) > limits.max_file_bytes:
+        raise InvalidUpload(
+            f"{where} is {len(data)} bytes, over the limit of {limits.max_file_bytes} bytes",
+            status_code=413,
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image_format = image.format or ""
+            width, height = image.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InvalidUpload(f"{where} declares too many pixels to decode", status_code=413) from None
+    except Exception:
+        raise InvalidUpload(
+            f"{where} is not a readable image; send JPEG, PNG or WebP", status_code=415
+        ) from None
+    if image_format not in ALLOWED_FORMATS:
+        raise InvalidUpload(
+            f"{where} is {image_format or 'an unknown format'}; send JPEG, PNG or WebP",
+            status_code=415,
+        )
+    # Check the declared size before decoding a single pixel: a 20000x20000 PNG is tiny on
+    # the wire and 1.2 GB in memory.
+    if width * height > limits.max_image_pixels:
+        raise InvalidUpload(
+            f"{where} is {width}x{height} pixels, over the limit of "
+            f"{limits.max_image_pixels} pixels",
+            status_code=413,
+        )
+    if min(width, height) < limits.min_image_side_px:
+        raise InvalidUpload(
+            f"{where} is {width}x{height} pixels; each side must be at least "
+            f"{limits.min_image_side_px}",
+            status_code=422,
+        )
+    if getattr(image, "n_frames", 1) > 1:
+        raise InvalidUpload(f"{where} is animated; send a still photo", status_code=415)
+    try:
+        image.load()  # raises on truncated or corrupt data (LOAD_TRUNCATED_IMAGES is off)
+        upright = ImageOps.exif_transpose(image)  # keep what the user saw, drop the tag
+        pixels = np.asarray(upright.convert("RGB"), dtype=np.uint8)
+    except Exception:
+        raise InvalidUpload(
+            f"{where} is truncated or corrupt; upload the complete file", status_code=422
+        ) from None
+    return CleanImage(
+        png_bytes=encode_png(pixels),
+        width_px=pixels.shape[1],
+        height_px=pixels.shape[0],
+        source_format=image_format,
+    )
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """Encode (H, W, 3) uint8 pixels as a PNG with no ancillary metadata chunks."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()
+
+
+def decode_clean_png(data: bytes) -> np.ndarray:
+    """Decode a PNG written by ``encode_png`` back to (H, W, 3) uint8 pixels."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def encode_output(pixels: np.ndarray, output_format: str) -> tuple[bytes, str]:
+    """Encode a generated image; returns (bytes, media type). No metadata is written."""
+    buffer = io.BytesIO()
+    image = Image.fromarray(pixels, mode="RGB")
+    if output_format == "webp":
+        image.save(buffer, format="WEBP", quality=90)
+        return buffer.getvalue(), "image/webp"
+    image.save(buffer, format="PNG")
+    return buffer.getvalue(), "image/png"

@@ -1,0 +1,110 @@
+"""Accepting a job: validate everything first, then register, then store ciphertext.
+
+Order matters for the privacy promises:
+1. every check runs before anything is written, so bad input changes nothing;
+2. the job and the retention records of all its objects go into Redis in one MULTI
+   *before* any object is written, so no object can exist without a record;
+3. only AES-GCM ciphertext of the metadata-free re-encoding reaches the store;
+4. if a write fails, what was written is deleted, verified, and the job is discarded.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+
+from pipeline import crypto
+from pipeline.config import Settings
+from pipeline.errors import InvalidUpload, StorageError
+from pipeline.ingest import check_upload
+from pipeline.jobs import JobStore
+from pipeline.records import JOB_KINDS, CleanImage, JobRecord, RetentionRecord, WorkItem
+from pipeline.retention import deadline_for
+from pipeline.storage import ObjectStore, delete_verified, input_key, key_from_uri, object_uri
+
+ACCOUNT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """A validated request: clean images and the parameters, ready to be stored."""
+
+    account_id: str
+    kind: str
+    style: str
+    resolution_px: int
+    images: list[CleanImage]
+
+
+def check_account_id(account_id: str | None) -> str:
+    if not account_id or not ACCOUNT_ID_PATTERN.match(account_id):
+        raise InvalidUpload(
+            "account_id must be 1-64 characters of letters, digits, '_' or '-'", status_code=422
+        )
+    return account_id
+
+
+def check_job_request(*, account_id: str | None, kind: str | None, style: str | None,
+                      resolution_px: int | None, files: list[bytes],
+                      settings: Settings) -> JobRequest:
+    """Validate every field and every file; raises InvalidUpload naming the first problem."""
+    account = check_account_id(account_id)
+    if kind not in JOB_KINDS:
+        raise InvalidUpload(f"kind {kind!r} is unknown; use one of {', '.join(JOB_KINDS)}",
+                            status_code=422)
+    if style not in settings.styles.styles:
+        known = ", ".join(sorted(settings.styles.styles))
+        raise InvalidUpload(f"style {style!r} is unknown; use one of {known}", status_code=422)
+    service = settings.service
+    resolution = service.default_resolution_px if resolution_px is None else resolution_px
+    if resolution not in service.allowed_resolutions_px:
+        raise InvalidUpload(
+            f"resolution_px {resolution} is not offered; use one of "
+            f"{service.allowed_resolutions_px}", status_code=422)
+    if not files:
+        raise InvalidUpload("no files were sent; select at least one photo", status_code=400)
+    if len(files) > service.max_files_per_job:
+        raise InvalidUpload(
+            f"{len(files)} files were sent; at most {service.max_files_per_job} per job",
+            status_code=413)
+    images = [check_upload(data, index=i, limits=service) for i, data in enumerate(files, 1)]
+    return JobRequest(account_id=account, kind=kind, style=style, resolution_px=resolution,
+                      images=images)
+
+
+def accept_job(request: JobRequest, device_key: bytes, store: ObjectStore, jobs: JobStore,
+               settings: Settings) -> tuple[JobRecord, WorkItem]:
+    """Register the job, store its encrypted inputs, and return the record and work item.
+
+    Raises StorageError after undoing everything if the store fails part-way.
+    """
+    job_id = uuid.uuid4().hex
+    now = time.time()
+    uris = [object_uri(store, input_key(job_id, uuid.uuid4().hex)) for _ in request.images]
+    records = [
+        RetentionRecord(uri=u, object_class="input", account_id=request.account_id,
+                        job_id=job_id, created_s=now,
+                        deadline_s=deadline_for("input", now, settings.retention))
+        for u in uris
+    ]
+    job = JobRecord(job_id=job_id, account_id=request.account_id, kind=request.kind,
+                    style=request.style, resolution_px=request.resolution_px, status="queued",
+                    created_s=now, updated_s=now, input_uris=uris)
+    jobs.create_job(job, records)
+    try:
+        for uri, image in zip(uris, request.images, strict=True):
+            store.put(key_from_uri(store, uri),
+                      crypto.encrypt(image.png_bytes, device_key, uri=uri))
+    except StorageError:
+        for uri in uris:
+            delete_verified(store, key_from_uri(store, uri))
+        jobs.discard_job(job_id, records)
+        raise
+    item = WorkItem(job_id=job_id, account_id=request.account_id, kind=request.kind,
+                    style=request.style, resolution_px=request.resolution_px,
+                    input_uris=tuple(uris), device_key=device_key,
+                    seed=secrets.randbelow(2**31))
+    return job, item

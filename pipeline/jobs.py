@@ -1,0 +1,145 @@
+"""Job records and the per-account output index, in Redis. No media, no key.
+
+Keys:
+  eph:job:<job_id>               hash of a JobRecord (lists as JSON)
+  eph:jobs:active                set of job ids not yet succeeded or failed
+  eph:output:<output_id>         hash of an OutputRecord
+  eph:acct:<account_id>:outputs  zset output_id -> created_s
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import redis
+
+from pipeline.errors import NotFound
+from pipeline.ledger import RetentionLedger
+from pipeline.records import JobRecord, OutputRecord, RetentionRecord
+
+ACTIVE_KEY = "eph:jobs:active"
+_LIST_FIELDS = ("input_uris", "output_ids")
+_FLOAT_FIELDS = ("created_s", "updated_s", "succeeded_s", "finished_s", "inputs_purged_s")
+_INT_FIELDS = ("resolution_px", "num_inputs_purged_verified", "attempts")
+
+
+def _job_key(job_id: str) -> str:
+    return f"eph:job:{job_id}"
+
+
+def _output_key(output_id: str) -> str:
+    return f"eph:output:{output_id}"
+
+
+def _account_outputs_key(account_id: str) -> str:
+    return f"eph:acct:{account_id}:outputs"
+
+
+def _encode(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value))
+    return "" if value is None else str(value)
+
+
+class JobStore:
+    """Creates, updates and reads jobs and outputs."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self.ledger = RetentionLedger(client)
+
+    def create_job(self, job: JobRecord, records: list[RetentionRecord]) -> None:
+        """Register the job and its objects' retention records in one MULTI.
+
+        Called before any object is written, so an object never exists without a record.
+        """
+        p = self.redis.pipeline(transaction=True)
+        fields = {k: getattr(job, k) for k in job.__slots__ if getattr(job, k) is not None}
+        p.hset(_job_key(job.job_id), mapping={k: _encode(v) for k, v in fields.items()})
+        p.sadd(ACTIVE_KEY, job.job_id)
+        self.ledger.register(records, pipe=p)
+        p.execute()
+
+    def discard_job(self, job_id: str, records: list[RetentionRecord]) -> None:
+        """Undo ``create_job`` once the job's objects are verified gone (failed ingest)."""
+        p = self.redis.pipeline(transaction=True)
+        p.delete(_job_key(job_id))
+        p.srem(ACTIVE_KEY, job_id)
+        p.execute()
+        for rec in records:
+            self.ledger.complete(rec)
+
+    def get_job(self, job_id: str) -> JobRecord:
+        raw = self.redis.hgetall(_job_key(job_id))
+        if not raw:
+            raise NotFound(f"job {job_id} not found")
+        d: dict[str, object] = {k.decode(): v.decode() for k, v in raw.items()}
+        for name in _LIST_FIELDS:
+            d[name] = json.loads(str(d[name])) if d.get(name) else []
+        for name in _FLOAT_FIELDS:
+            d[name] = float(str(d[name])) if d.get(name) else None
+        for name in _INT_FIELDS:
+            d[name] = int(str(d.get(name) or 0))
+        return JobRecord(**d)  # type: ignore[arg-type]
+
+    def update_job(self, job_id: str, **fields: object) -> None:
+        """Set some fields; a terminal status also removes the job from the active set."""
+        fields["updated_s"] = time.time()
+        p = self.redis.pipeline(transaction=True)
+        p.hset(_job_key(job_id), mapping={k: _encode(v) for k, v in fields.items()})
+        if fields.get("status") in ("succeeded", "failed"):
+            p.srem(ACTIVE_KEY, job_id)
+        p.execute()
+
+    def finish_job(
+        self, job_id: str, *, ok: bool, reason: str = "", output_ids: tuple[str, ...] = ()
+    ) -> None:
+        """Mark a job succeeded (with outputs) or failed (with a reason the user can read)."""
+        now = time.time()
+        fields: dict[str, object] = {"status": "succeeded" if ok else "failed", "finished_s": now}
+        if ok:
+            fields.update(succeeded_s=now, output_ids=list(output_ids))
+        else:
+            fields["reason"] = reason
+        self.update_job(job_id, **fields)
+        self.ledger.expedite_job(job_id, ("input", "face_data"), now)
+
+    def record_purge(self, job_id: str, *, num_inputs_verified: int, complete: bool) -> None:
+        """Count inputs verified gone; stamp ``inputs_purged_s`` once all are gone."""
+        key = _job_key(job_id)
+        if not self.redis.exists(key):
+            return
+        p = self.redis.pipeline(transaction=True)
+        p.hincrby(key, "num_inputs_purged_verified", num_inputs_verified)
+        if complete:
+            p.hsetnx(key, "inputs_purged_s", repr(time.time()))
+        p.execute()
+
+    def active_job_ids(self) -> list[str]:
+        return sorted(j.decode() for j in self.redis.smembers(ACTIVE_KEY))
+
+    def add_output(self, out: OutputRecord) -> None:
+        p = self.redis.pipeline(transaction=True)
+        p.hset(_output_key(out.output_id), mapping={k: _encode(getattr(out, k)) for k in out.__slots__})
+        p.zadd(_account_outputs_key(out.account_id), {out.output_id: out.created_s})
+        p.execute()
+
+    def get_output(self, account_id: str, output_id: str) -> OutputRecord:
+        """An output of this account; another account's output is reported as not found."""
+        raw = self.redis.hgetall(_output_key(output_id))
+        d = {k.decode(): v.decode() for k, v in raw.items()}
+        if not d or d["account_id"] != account_id:
+            raise NotFound(f"output {output_id} not found for this account")
+        return OutputRecord(
+            output_id=d["output_id"],
+            account_id=d["account_id"],
+            job_id=d["job_id"],
+            uri=d["uri"],
+            media_type=d["media_type"],
+            created_s=float(d["created_s"]),
+        )
+
+    def list_outputs(self, account_id: str) -> list[OutputRecord]:
+        ids = [i.decode() for i in self.redis.zrange(_account_outputs_key(account_id), 0, -1)]
+        return [self.get_output(account_id, i) for i in ids]

@@ -1,0 +1,114 @@
+"""Retention ledger in Redis: one record per stored object, a sorted set by deadline.
+
+Keys (no plaintext media, key or embedding ever enters Redis):
+  eph:ret:rec:<uri>     hash: uri, object_class, account_id, job_id, created_s, deadline_s
+  eph:ret:due           zset: uri -> deadline_s
+  eph:ret:job:<job_id>  set of the job's uris
+  eph:ret:lease:<uri>   claim by one retention worker, expires after lease_s
+
+A record is written before (or in the same MULTI as) the object itself, so no object can
+exist without one. A record leaves the ledger only once its object is verified gone.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from pipeline.records import RetentionRecord
+
+DUE_KEY = "eph:ret:due"
+
+
+def _rec_key(uri: str) -> str:
+    return f"eph:ret:rec:{uri}"
+
+
+def _job_key(job_id: str) -> str:
+    return f"eph:ret:job:{job_id}"
+
+
+def _lease_key(uri: str) -> str:
+    return f"eph:ret:lease:{uri}"
+
+
+class RetentionLedger:
+    """Reads and writes retention records. Every method is a few atomic Redis commands."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def register(self, records: list[RetentionRecord], pipe: redis.client.Pipeline | None = None) -> None:
+        """Add records; with ``pipe`` they join the caller's MULTI instead of their own."""
+        own = pipe is None
+        p = self.redis.pipeline(transaction=True) if pipe is None else pipe
+        for rec in records:
+            p.hset(
+                _rec_key(rec.uri),
+                mapping={
+                    "uri": rec.uri,
+                    "object_class": rec.object_class,
+                    "account_id": rec.account_id,
+                    "job_id": rec.job_id,
+                    "created_s": repr(rec.created_s),
+                    "deadline_s": repr(rec.deadline_s),
+                },
+            )
+            p.zadd(DUE_KEY, {rec.uri: rec.deadline_s})
+            p.sadd(_job_key(rec.job_id), rec.uri)
+        if own:
+            p.execute()
+
+    def get(self, uri: str) -> RetentionRecord | None:
+        raw = self.redis.hgetall(_rec_key(uri))
+        if not raw:
+            return None
+        d = {k.decode(): v.decode() for k, v in raw.items()}
+        return RetentionRecord(
+            uri=d["uri"],
+            object_class=d["object_class"],  # type: ignore[arg-type]
+            account_id=d["account_id"],
+            job_id=d["job_id"],
+            created_s=float(d["created_s"]),
+            deadline_s=float(d["deadline_s"]),
+        )
+
+    def records_for_job(self, job_id: str) -> list[RetentionRecord]:
+        uris = sorted(u.decode() for u in self.redis.smembers(_job_key(job_id)))
+        return [rec for rec in (self.get(u) for u in uris) if rec is not None]
+
+    def due_uris(self, now_s: float, limit: int = 100) -> list[str]:
+        """URIs whose deadline has passed, oldest deadline first."""
+        return [u.decode() for u in self.redis.zrangebyscore(DUE_KEY, "-inf", now_s, 0, limit)]
+
+    def oldest_deadline_s(self) -> float | None:
+        first = self.redis.zrange(DUE_KEY, 0, 0, withscores=True)
+        return float(first[0][1]) if first else None
+
+    def try_claim(self, uri: str, owner: str, lease_s: float) -> bool:
+        """Claim ``uri`` for one worker; False if another holds a live lease (SET NX PX)."""
+        return bool(self.redis.set(_lease_key(uri), owner, nx=True, px=max(1, int(lease_s * 1000))))
+
+    def release(self, uri: str) -> None:
+        self.redis.delete(_lease_key(uri))
+
+    def complete(self, rec: RetentionRecord) -> None:
+        """Drop a record whose object is verified gone (one MULTI)."""
+        p = self.redis.pipeline(transaction=True)
+        p.delete(_rec_key(rec.uri))
+        p.zrem(DUE_KEY, rec.uri)
+        p.srem(_job_key(rec.job_id), rec.uri)
+        p.delete(_lease_key(rec.uri))
+        p.execute()
+
+    def expedite_job(self, job_id: str, classes: tuple[str, ...], now_s: float) -> None:
+        """Make a finished job's objects of ``classes`` due now, so a lost purge call is
+        picked up by the next sweep instead of waiting for the hard ceiling."""
+        for rec in self.records_for_job(job_id):
+            if rec.object_class in classes and rec.deadline_s > now_s:
+                p = self.redis.pipeline(transaction=True)
+                p.zadd(DUE_KEY, {rec.uri: now_s}, xx=True)
+                p.hset(_rec_key(rec.uri), "deadline_s", repr(now_s))
+                p.execute()
+
+    def count(self) -> int:
+        return int(self.redis.zcard(DUE_KEY))

@@ -1,0 +1,138 @@
+"""Typed records that the layers hand each other. No dicts cross a layer boundary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+JobKind = Literal["ai_photo", "art_style"]
+JobStatus = Literal["queued", "running", "succeeded", "failed"]
+ObjectClass = Literal["input", "face_data", "output"]
+Stage = Literal["face", "diffusion"]
+JOB_KINDS: tuple[str, ...] = ("ai_photo", "art_style")
+TERMINAL_STATUSES: tuple[str, ...] = ("succeeded", "failed")
+
+
+@dataclass(frozen=True, slots=True)
+class CleanImage:
+    """An uploaded image after decoding and metadata stripping.
+
+    ``png_bytes`` is a fresh PNG encoding of the pixels alone: no EXIF, XMP, IPTC, ICC,
+    comments or text chunks. This is the only form that is encrypted and stored.
+    """
+
+    png_bytes: bytes
+    width_px: int
+    height_px: int
+    source_format: str  # "JPEG" | "PNG" | "WEBP" as detected from the bytes, not the name
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionRecord:
+    """One stored object's retention entry: who owns it and when it must be gone."""
+
+    uri: str
+    object_class: ObjectClass
+    account_id: str
+    job_id: str
+    created_s: float
+    deadline_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeletionReceipt:
+    """Proof that an object was deleted and verified gone. Holds no content."""
+
+    uri: str
+    object_class: str
+    job_id: str
+    deleted_at_s: float
+    verified_gone: bool
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """A job as the API reports it. Holds no media and no key."""
+
+    job_id: str
+    account_id: str
+    kind: str
+    style: str
+    resolution_px: int
+    status: str
+    created_s: float
+    updated_s: float
+    input_uris: list[str]
+    output_ids: list[str] = field(default_factory=list)
+    reason: str = ""
+    succeeded_s: float | None = None
+    finished_s: float | None = None
+    inputs_purged_s: float | None = None
+    num_inputs_purged_verified: int = 0
+    attempts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OutputRecord:
+    """One generated image kept for its account until the user deletes it."""
+
+    output_id: str
+    account_id: str
+    job_id: str
+    uri: str
+    media_type: str
+    created_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    """A job travelling the GPU stages. Lives in memory only: it carries the device key.
+
+    ``face_uri`` is set once the face stage stored the (encrypted) face embedding.
+    """
+
+    job_id: str
+    account_id: str
+    kind: str
+    style: str
+    resolution_px: int
+    input_uris: tuple[str, ...]
+    device_key: bytes = field(repr=False)
+    seed: int
+    face_uri: str | None = None
+    attempts: int = 0
+
+    @property
+    def batch_key(self) -> tuple[str, str, int]:
+        """Jobs with the same key can share one model call."""
+        return (self.kind, self.style, self.resolution_px)
+
+
+@dataclass(frozen=True, slots=True)
+class StageResult:
+    """What a stage did with one job: new face data, outputs, or a failure reason."""
+
+    job_id: str
+    ok: bool
+    reason: str = ""
+    face_uri: str | None = None
+    output_ids: tuple[str, ...] = ()
+    retryable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FaceBatch:
+    """Decoded, metadata-free RGB images of several jobs for the face stage."""
+
+    job_ids: list[str]
+    images: list[np.ndarray]  # each (height, width, 3) uint8
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingBatch:
+    """One identity embedding per job, or None where no face was found."""
+
+    job_ids: list[str]
+    embeddings: list[np.ndarray | None]  # each (embedding_dim,) float32, L2-normalised

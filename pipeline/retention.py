@@ -1,0 +1,104 @@
+"""Purging: delete stored objects, verify each is gone, and drop its retention record.
+
+Used on the job-success and job-failure events (the job's inputs and face data) and by the
+background sweep (anything past its hard-ceiling deadline). Idempotent: an object already
+missing counts as purged. A record leaves the ledger only after its object is verified gone,
+so a crash at any point leaves the record for the next sweep.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+from pipeline.config import RetentionConfig
+from pipeline.errors import StorageError
+from pipeline.jobs import JobStore
+from pipeline.ledger import RetentionLedger
+from pipeline.records import DeletionReceipt, RetentionRecord
+from pipeline.storage import ObjectStore, delete_verified, key_from_uri
+
+PURGED_ON_EVENT = ("input", "face_data")
+
+
+def deadline_for(object_class: str, created_s: float, cfg: RetentionConfig) -> float:
+    """Hard-ceiling deadline of a new object. Outputs have none (kept until the user deletes)."""
+    if object_class == "input":
+        return created_s + cfg.input_ceiling_h * 3600.0
+    if object_class == "face_data":
+        return created_s + cfg.face_data_ceiling_h * 3600.0
+    return float("inf")
+
+
+def backoff_s(attempt: int, *, base_s: float = 0.05, cap_s: float = 2.0) -> float:
+    """Exponential backoff with full jitter for retry ``attempt`` (0-based)."""
+    return random.uniform(0.0, min(cap_s, base_s * (2**attempt)))
+
+
+def purge_records(
+    records: list[RetentionRecord],
+    store: ObjectStore,
+    ledger: RetentionLedger,
+    *,
+    owner: str,
+    cfg: RetentionConfig,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[DeletionReceipt]:
+    """Delete and verify each record's object; one receipt per object verified gone.
+
+    A record another worker holds a live claim on is skipped (that worker purges it). An
+    object that still fails after ``cfg.purge_max_attempts`` keeps its record and its claim
+    expires, so the sweep retries it before the deadline matters.
+    """
+    receipts = []
+    for rec in records:
+        if not ledger.try_claim(rec.uri, owner, cfg.lease_s):
+            continue
+        key = key_from_uri(store, rec.uri)
+        for attempt in range(cfg.purge_max_attempts):
+            try:
+                delete_verified(store, key)
+            except StorageError:
+                if attempt + 1 == cfg.purge_max_attempts:
+                    break
+                sleep(backoff_s(attempt))
+                continue
+            ledger.complete(rec)
+            receipts.append(
+                DeletionReceipt(
+                    uri=rec.uri, object_class=rec.object_class, job_id=rec.job_id,
+                    deleted_at_s=time.time(), verified_gone=True,
+                )
+            )
+            break
+    return receipts
+
+
+def purge_job(job_id: str, store: ObjectStore, ledger: RetentionLedger, *, owner: str,
+              cfg: RetentionConfig) -> list[DeletionReceipt]:
+    """Purge a finished job's inputs and face data (not its outputs)."""
+    records = [r for r in ledger.records_for_job(job_id) if r.object_class in PURGED_ON_EVENT]
+    return purge_records(records, store, ledger, owner=owner, cfg=cfg)
+
+
+def sweep_due(store: ObjectStore, ledger: RetentionLedger, *, owner: str, cfg: RetentionConfig,
+              now_s: float | None = None, limit: int = 500) -> list[DeletionReceipt]:
+    """Purge every object whose hard-ceiling deadline has passed."""
+    now = time.time() if now_s is None else now_s
+    records = [r for r in (ledger.get(u) for u in ledger.due_uris(now, limit)) if r is not None]
+    return purge_records(records, store, ledger, owner=owner, cfg=cfg)
+
+
+def purge_finished_job(job_id: str, store: ObjectStore, jobs: JobStore, *, owner: str,
+                       cfg: RetentionConfig) -> int:
+    """Purge a succeeded or failed job's inputs and face data and note it on the job.
+
+    Once nothing of the job's inputs and face data is left in the ledger, the job record
+    gets ``inputs_purged_s``. Returns how many objects this call verified gone.
+    """
+    receipts = purge_job(job_id, store, jobs.ledger, owner=owner, cfg=cfg)
+    num_inputs = sum(r.object_class == "input" for r in receipts)
+    left = [r for r in jobs.ledger.records_for_job(job_id) if r.object_class in PURGED_ON_EVENT]
+    jobs.record_purge(job_id, num_inputs_verified=num_inputs, complete=not left)
+    return len(receipts)

@@ -1,0 +1,189 @@
+"""The GPU stages as plain functions over batches of WorkItems.
+
+Each stage reads its inputs from the store, decrypts them in memory with the job's device
+key, runs one batched model call, and writes what the next stage needs back to the store
+(encrypted face data, or outputs). Only small records travel between stages, so plaintext
+media never enter Ray's object store (which could spill them to disk).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import numpy as np
+
+from pipeline import crypto
+from pipeline.config import RetentionConfig, Settings
+from pipeline.diffusion import FACE_EMBEDDING_DIM, DiffusionGenerator, GenerationParams
+from pipeline.errors import StorageError, WrongKey
+from pipeline.faces import FaceDetector, FaceEmbedder, embed_faces, mean_identity
+from pipeline.ingest import decode_clean_png, encode_output
+from pipeline.jobs import JobStore
+from pipeline.ledger import RetentionLedger
+from pipeline.records import FaceBatch, OutputRecord, RetentionRecord, StageResult, WorkItem
+from pipeline.retention import deadline_for
+from pipeline.storage import ObjectStore, face_key, key_from_uri, object_uri, output_key
+
+
+class _ItemFailed(Exception):
+    def __init__(self, reason: str, *, retryable: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable
+
+
+def _read_plain(store: ObjectStore, uri: str, key: bytes) -> bytes:
+    try:
+        return crypto.decrypt(store.get(key_from_uri(store, uri)), key, uri=uri)
+    except WrongKey as exc:
+        raise _ItemFailed(str(exc), retryable=False) from None
+    except StorageError:
+        raise _ItemFailed("the object store is unavailable", retryable=True) from None
+
+
+def _read_images(store: ObjectStore, item: WorkItem) -> list[np.ndarray]:
+    return [decode_clean_png(_read_plain(store, u, item.device_key)) for u in item.input_uris]
+
+
+def face_stage(items: list[WorkItem], store: ObjectStore, ledger: RetentionLedger,
+               detector: FaceDetector, embedder: FaceEmbedder,
+               retention: RetentionConfig) -> list[StageResult]:
+    """Detect, align and embed the face in every input of every job in one batch.
+
+    Stores one encrypted identity embedding per job (class ``face_data``, registered in the
+    ledger before it is written) and returns its URI. A job with an input holding no face
+    fails with a reason naming that input.
+    """
+    results: dict[str, StageResult] = {}
+    images: list[np.ndarray] = []
+    owners: list[tuple[WorkItem, int]] = []
+    for item in items:
+        try:
+            for index, image in enumerate(_read_images(store, item), start=1):
+                images.append(image)
+                owners.append((item, index))
+        except _ItemFailed as exc:
+            results[item.job_id] = StageResult(item.job_id, ok=False, reason=exc.reason,
+                                               retryable=exc.retryable)
+    batch = embed_faces(FaceBatch(job_ids=[it.job_id for it, _ in owners], images=images),
+                        detector, embedder)
+    per_job: dict[str, list[np.ndarray]] = {}
+    for (item, index), emb in zip(owners, batch.embeddings, strict=True):
+        if item.job_id in results:
+            continue
+        if emb is None:
+            results[item.job_id] = StageResult(
+                item.job_id, ok=False,
+                reason=f"no human face was found in file {index}; ai_photo needs a clear, "
+                "front-facing photo of one person",
+            )
+            continue
+        per_job.setdefault(item.job_id, []).append(emb)
+    for item in items:
+        if item.job_id in results:
+            continue
+        identity = mean_identity(per_job[item.job_id])
+        try:
+            uri = _put_encrypted(store, ledger, item, identity.tobytes(), retention)
+        except StorageError:
+            results[item.job_id] = StageResult(item.job_id, ok=False, retryable=True,
+                                               reason="the object store is unavailable")
+            continue
+        results[item.job_id] = StageResult(item.job_id, ok=True, face_uri=uri)
+    return [results[item.job_id] for item in items]
+
+
+def _put_encrypted(store: ObjectStore, ledger: RetentionLedger, item: WorkItem, plain: bytes,
+                   retention: RetentionConfig) -> str:
+    uri = object_uri(store, face_key(item.job_id, uuid.uuid4().hex))
+    now = time.time()
+    ledger.register([RetentionRecord(uri=uri, object_class="face_data",
+                                     account_id=item.account_id, job_id=item.job_id,
+                                     created_s=now, deadline_s=deadline_for("face_data", now, retention))])
+    store.put(key_from_uri(store, uri), crypto.encrypt(plain, item.device_key, uri=uri))
+    return uri
+
+
+def generation_params(item: WorkItem, settings: Settings) -> GenerationParams:
+    style = settings.styles.styles[item.style]
+    return GenerationParams(
+        prompt=style.prompt, resolution_px=item.resolution_px,
+        num_inference_steps=settings.models.num_inference_steps,
+        guidance_scale=style.guidance_scale, strength=style.strength,
+    )
+
+
+def diffusion_stage(items: list[WorkItem], store: ObjectStore, jobs: JobStore,
+                    generator: DiffusionGenerator, settings: Settings) -> list[StageResult]:
+    """Generate for a batch of jobs sharing one batch key, then run the output stage.
+
+    ai_photo: one image per job from its face embedding. art_style: one image per input.
+    """
+    if len({it.batch_key for it in items}) != 1:
+        raise ValueError("a diffusion batch must share one (kind, style, resolution) key")
+    params = generation_params(items[0], settings)
+    failed: dict[str, StageResult] = {}
+    sources: list[tuple[WorkItem, np.ndarray]] = []
+    for item in items:
+        try:
+            if item.kind == "ai_photo":
+                if item.face_uri is None:
+                    raise _ItemFailed("face stage did not run", retryable=False)
+                raw = _read_plain(store, item.face_uri, item.device_key)
+                sources.append((item, np.frombuffer(raw, dtype=np.float32).reshape(FACE_EMBEDDING_DIM)))
+            else:
+                sources.extend((item, image) for image in _read_images(store, item))
+        except _ItemFailed as exc:
+            failed[item.job_id] = StageResult(item.job_id, ok=False, reason=exc.reason,
+                                              retryable=exc.retryable)
+    sources = [(it, x) for it, x in sources if it.job_id not in failed]
+    generated: np.ndarray | list = []
+    if sources:
+        seeds = [it.seed + n for n, (it, _) in enumerate(sources)]
+        if items[0].kind == "ai_photo":
+            generated = generator.ai_photos(np.stack([x for _, x in sources]), params, seeds)
+        else:
+            generated = generator.art_styles([x for _, x in sources], params, seeds)
+    per_job: dict[str, list[np.ndarray]] = {}
+    for (item, _), image in zip(sources, generated, strict=True):
+        per_job.setdefault(item.job_id, []).append(image)
+    results = []
+    for item in items:
+        if item.job_id in failed:
+            results.append(failed[item.job_id])
+            continue
+        try:
+            output_ids = store_outputs(item, per_job[item.job_id], store, jobs,
+                                       settings.service.output_format)
+        except StorageError:
+            results.append(StageResult(item.job_id, ok=False, retryable=True,
+                                       reason="the object store is unavailable"))
+            continue
+        results.append(StageResult(item.job_id, ok=True, output_ids=tuple(output_ids)))
+    return results
+
+
+def store_outputs(item: WorkItem, images: list[np.ndarray], store: ObjectStore, jobs: JobStore,
+                  output_format: str) -> list[str]:
+    """Output stage: encode, store under the account, add to the account's output index.
+
+    All or nothing per job: if a write fails, the outputs already written are deleted.
+    """
+    written: list[OutputRecord] = []
+    try:
+        for image in images:
+            data, media_type = encode_output(image, output_format)
+            output_id = uuid.uuid4().hex
+            key = output_key(item.account_id, output_id, output_format)
+            store.put(key, data)
+            written.append(OutputRecord(output_id=output_id, account_id=item.account_id,
+                                        job_id=item.job_id, uri=object_uri(store, key),
+                                        media_type=media_type, created_s=time.time()))
+    except StorageError:
+        for out in written:
+            store.delete(key_from_uri(store, out.uri))
+        raise
+    for out in written:
+        jobs.add_output(out)
+    return [out.output_id for out in written]

@@ -1,0 +1,1 @@
+"""Ray Serve application: the HTTP ingress, the batching scheduler, and the launcher."""

@@ -1,0 +1,155 @@
+"""HTTP API (FastAPI on Ray Serve), under /v1. Validation lives in pipeline/; this module
+maps requests to pipeline calls and domain errors to status codes.
+
+The device key arrives in the X-Device-Key header. It is never logged, never echoed in an
+error, and never leaves memory: it travels to the scheduler with the job and is dropped
+when the job ends.
+"""
+
+
+import asyncio
+
+import redis
+import starlette.formparsers
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from starlette.datastructures import UploadFile
+
+from pipeline.config import Settings
+from pipeline.crypto import check_device_key
+from pipeline.errors import EphemeraError, Forbidden, InvalidUpload, NotFound, StorageError
+from pipeline.intake import accept_job, check_account_id, check_job_request
+from pipeline.jobs import JobStore
+from pipeline.records import JobRecord
+from pipeline.retention import purge_finished_job
+from pipeline.storage import key_from_uri, open_store
+
+# Starlette spools uploads over 1 MiB to a temporary file on disk. Plaintext photos must
+# never touch disk, so keep every part in memory (the request size is capped below).
+starlette.formparsers.MultiPartParser.spool_max_size = 1 << 40
+
+app = FastAPI(title="Ephemera", version="0.1.0")
+
+
+def _status_for(exc: EphemeraError) -> int:
+    if isinstance(exc, InvalidUpload):
+        return exc.status_code
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, Forbidden):
+        return 403
+    if isinstance(exc, StorageError):
+        return 503
+    return 500
+
+
+@app.exception_handler(EphemeraError)
+async def _domain_error(request: Request, exc: EphemeraError) -> JSONResponse:
+    return JSONResponse({"error": type(exc).__name__, "detail": str(exc)},
+                        status_code=_status_for(exc))
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def job_view(job: JobRecord) -> dict:
+    """What a client sees of a job: never a URI of an input, never a key."""
+    return {
+        "job_id": job.job_id,
+        "status": job.status,
+        "kind": job.kind,
+        "style": job.style,
+        "resolution_px": job.resolution_px,
+        "reason": job.reason or None,
+        "num_inputs": len(job.input_uris),
+        "output_ids": job.output_ids,
+        "output_urls": [f"/v1/accounts/{job.account_id}/outputs/{o}" for o in job.output_ids],
+        "created_s": job.created_s,
+        "succeeded_s": job.succeeded_s,
+        "finished_s": job.finished_s,
+        "inputs_purged_s": job.inputs_purged_s,
+        "num_inputs_purged_verified": job.num_inputs_purged_verified,
+    }
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class ApiDeployment:
+    def __init__(self, settings: Settings, scheduler) -> None:
+        self.settings = settings
+        self.scheduler = scheduler
+        self.redis = redis.Redis.from_url(settings.service.redis_url)
+        self.jobs = JobStore(self.redis)
+        self.store = open_store(settings.service.store_url)
+        limits = settings.service
+        self.max_request_bytes = limits.max_files_per_job * limits.max_file_bytes + (1 << 20)
+
+    @app.get("/healthz")
+    def healthz(self) -> dict:
+        self.redis.ping()
+        return {"status": "ok"}
+
+    @app.post("/v1/jobs", status_code=202)
+    async def create_job(self, request: Request) -> JSONResponse:
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > self.max_request_bytes:
+            raise InvalidUpload(
+                f"request is {declared} bytes, over the limit of {self.max_request_bytes}",
+                status_code=413)
+        device_key = check_device_key(request.headers.get("x-device-key"))
+        try:
+            form = await request.form(max_files=64, max_fields=32)
+        except Exception:
+            raise InvalidUpload("body must be multipart/form-data with files in 'files'",
+                                status_code=400) from None
+        uploads = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+        files = [await f.read() for f in uploads]
+        await form.close()
+        resolution = form.get("resolution_px")
+        try:
+            resolution_px = int(resolution) if resolution not in (None, "") else None
+        except (TypeError, ValueError):
+            raise InvalidUpload("resolution_px must be an integer", status_code=422) from None
+        job_request = await asyncio.to_thread(
+            check_job_request, account_id=_text(form.get("account_id")),
+            kind=_text(form.get("kind")), style=_text(form.get("style")),
+            resolution_px=resolution_px, files=files, settings=self.settings)
+        del files, uploads
+        job, item = await asyncio.to_thread(accept_job, job_request, device_key, self.store,
+                                            self.jobs, self.settings)
+        try:
+            await self.scheduler.submit.remote(item)
+        except Exception:
+            self.jobs.finish_job(job.job_id, ok=False, reason="the scheduler is unavailable")
+            await asyncio.to_thread(purge_finished_job, job.job_id, self.store, self.jobs,
+                                    owner="api", cfg=self.settings.retention)
+            raise StorageError("the scheduler is unavailable; try again shortly") from None
+        return JSONResponse({"job_id": job.job_id, "status": "queued",
+                             "status_url": f"/v1/jobs/{job.job_id}"}, status_code=202)
+
+    @app.get("/v1/jobs/{job_id}")
+    def get_job(self, job_id: str) -> dict:
+        return job_view(self.jobs.get_job(job_id))
+
+    @app.get("/v1/accounts/{account_id}/outputs")
+    def list_outputs(self, account_id: str) -> dict:
+        check_account_id(account_id)
+        outputs = self.jobs.list_outputs(account_id)
+        return {"account_id": account_id, "outputs": [
+            {"output_id": o.output_id, "job_id": o.job_id, "media_type": o.media_type,
+             "created_s": o.created_s, "url": f"/v1/accounts/{account_id}/outputs/{o.output_id}"}
+            for o in outputs]}
+
+    @app.get("/v1/accounts/{account_id}/outputs/{output_id}")
+    def get_output(self, account_id: str, output_id: str) -> Response:
+        check_account_id(account_id)
+        out = self.jobs.get_output(account_id, output_id)
+        try:
+            data = self.store.get(key_from_uri(self.store, out.uri))
+        except StorageError:
+            raise NotFound(f"output {output_id} not found for this account") from None
+        return Response(content=data, media_type=out.media_type,
+                        headers={"Cache-Control": "private, no-store"})
+

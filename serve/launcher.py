@@ -1,0 +1,105 @@
+"""Start the whole service locally: embedded Redis if none is configured, local Ray, Serve.
+
+Used by ``ephemera serve``, the demo, the integration tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from pipeline.config import Settings
+from pipeline.redis_server import RedisServer, free_port
+
+
+def resolve_settings(settings: Settings, *, workdir: Path) -> tuple[Settings, RedisServer | None]:
+    """Make paths absolute and start the embedded Redis when no redis_url is set."""
+    service = settings.service
+    server = None
+    redis_url = service.redis_url
+    if redis_url is None:
+        server = RedisServer(workdir / "redis").start()
+        redis_url = server.url
+    store_url = service.store_url
+    if store_url.startswith("file://") and not store_url.startswith("file:///"):
+        store_url = "file://" + str(Path(store_url[len("file://"):]).resolve())
+    port = service.http_port or free_port()
+    resolved = service.model_copy(update={"redis_url": redis_url, "store_url": store_url,
+                                          "http_port": port})
+    return settings.model_copy(update={"service": resolved}), server
+
+
+@dataclass
+class Service:
+    settings: Settings
+    base_url: str
+    redis_server: RedisServer | None = None
+    _stopped: bool = field(default=False, repr=False)
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            if self.redis_server is not None:
+                self.redis_server.stop()
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_service(settings: Settings, *, workdir: Path, startup_timeout_s: float = 180.0) -> Service:
+    """Start Redis (if needed), a local Ray instance and the Serve app; wait for /healthz."""
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throwaway local cluster
+    workdir.mkdir(parents=True, exist_ok=True)
+    settings, redis_server = resolve_settings(settings, workdir=workdir)
+    service = settings.service
+    try:
+        ray.init(
+            num_cpus=service.ray_num_cpus, include_dashboard=False, log_to_driver=False,
+            # Plaintext never goes to Ray's object store by design; refuse to spill anyway.
+            _system_config={"automatic_object_spilling_enabled": False},
+        )
+        serve.start(http_options={"host": service.http_host, "port": service.http_port})
+        serve.run(build_app(settings), name="ephemera", route_prefix="/", blocking=False)
+        base_url = f"http://{service.http_host}:{service.http_port}"
+        _wait_healthy(base_url, startup_timeout_s)
+    except BaseException:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            if redis_server is not None:
+                redis_server.stop()
+        raise
+    return Service(settings=settings, base_url=base_url, redis_server=redis_server)
+
+
+def _wait_healthy(base_url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base_url}/healthz", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"the service did not become healthy within {timeout_s} s")
