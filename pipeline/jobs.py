@@ -21,7 +21,10 @@ from pipeline.records import JobRecord, OutputRecord, RetentionRecord
 ACTIVE_KEY = "eph:jobs:active"
 _LIST_FIELDS = ("input_uris", "output_ids")
 _FLOAT_FIELDS = ("created_s", "updated_s", "succeeded_s", "finished_s", "inputs_purged_s")
-_INT_FIELDS = ("resolution_px", "num_inputs_purged_verified", "attempts")
+_INT_FIELDS = (
+    "resolution_px", "num_inputs_purged_verified", "attempts", "face_batch_size",
+    "diffusion_batch_size",
+)
 
 
 def _job_key(job_id: str) -> str:

@@ -72,6 +72,8 @@ class JobRecord:
     inputs_purged_s: float | None = None
     num_inputs_purged_verified: int = 0
     attempts: int = 0
+    face_batch_size: int = 0  # jobs in the face-stage model call that served this job
+    diffusion_batch_size: int = 0  # jobs in the diffusion model call
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,7 +55,11 @@ def purge_records(
     for rec in records:
         if not ledger.try_claim(rec.uri, owner, cfg.lease_s):
             continue
-        key = key_from_uri(store, rec.uri)
+        try:
+            key = key_from_uri(store, rec.uri)
+        except StorageError:  # another store's object: its own worker purges it
+            ledger.release(rec.uri)
+            continue
         for attempt in range(cfg.purge_max_attempts):
             try:
                 delete_verified(store, key)

@@ -100,7 +100,8 @@ class SchedulerDeployment:
 
     async def _call_stage(self, stage: str, batch: list[WorkItem]) -> None:
         for item in batch:
-            self.jobs.update_job(item.job_id, status="running", attempts=item.attempts)
+            self.jobs.update_job(item.job_id, status="running", attempts=item.attempts,
+                                 **{f"{stage}_batch_size": len(batch)})
         try:
             call = self.handles[stage].run_batch.remote(batch)
             results = await asyncio.wait_for(call, timeout=self.batching.stage_timeout_s)

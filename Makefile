@@ -1,0 +1,36 @@
+# Two entry points, each doing all the set-up on a fresh machine:
+#   make demo   - create .venv if missing, install, run the end-to-end demo
+#   make test   - same install, run the whole test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stamp-install
+
+.PHONY: install demo test lint bench clean
+
+# Re-installs only when pyproject.toml changes: a second `make` costs nothing.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev]'
+	# facenet-pytorch's metadata pins torch<2.3 and numpy<2, which cannot resolve; its code
+	# and shipped MTCNN weights work unchanged with the pinned torch, so skip its deps.
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps facenet-pytorch==2.6.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python scripts/demo.py
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check pipeline serve actors scripts tests
+	$(BIN)/mypy pipeline
+
+bench: install
+	$(BIN)/python scripts/bench_service.py
+
+clean:
+	rm -rf data out bench-out models

@@ -1,0 +1,80 @@
+"""Fixtures with real parts: a private Redis server, a local object store, and one local Ray
+cluster running the whole Serve application, all on loopback, stopped by the fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+import torch
+
+from pipeline.config import load_settings
+from pipeline.redis_server import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory) -> RedisServer:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_client(redis_server) -> redis.Redis:
+    return redis.Redis.from_url(redis_server.url)
+
+
+@pytest.fixture(scope="session")
+def face_weights_path(tmp_path_factory) -> Path:
+    """InceptionResnetV1 weights in a file: the service loads them through its config path."""
+    from facenet_pytorch import InceptionResnetV1
+
+    torch.manual_seed(1234)
+    path = tmp_path_factory.mktemp("weights") / "facenet.pt"
+    torch.save(InceptionResnetV1(pretrained=None).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def test_settings(tmp_path_factory, redis_server, face_weights_path):
+    root = tmp_path_factory.mktemp("service")
+    base = load_settings()
+    return base.model_copy(update={
+        "service": base.service.model_copy(update={
+            "redis_url": redis_server.url,
+            "store_url": f"file://{root / 'store'}",
+            "max_files_per_job": 3,
+            "max_file_bytes": 3 * 1024 * 1024,
+        }),
+        "models": base.models.model_copy(update={
+            "diffusion_model_dir": str(root / "models" / "tiny-sd"),
+            "face_embedder_weights": str(face_weights_path),
+            "num_inference_steps": 4,
+        }),
+        "batching": base.batching.model_copy(update={
+            "diffusion": base.batching.diffusion.model_copy(update={"max_wait_ms": 400.0}),
+        }),
+        "retention": base.retention.model_copy(update={"sweep_interval_s": 1.0}),
+    })
+
+
+@pytest.fixture(scope="session")
+def service(test_settings, tmp_path_factory):
+    from serve.launcher import start_service
+
+    svc = start_service(test_settings, workdir=tmp_path_factory.mktemp("work"))
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def store_root(service) -> Path:
+    return Path(service.settings.service.store_url[len("file://"):])
+
+
+@pytest.fixture()
+def client(service):
+    with httpx.Client(base_url=service.base_url, timeout=120.0) as c:
+        yield c

@@ -1,0 +1,93 @@
+"""Shared test helpers: photos, submission, waiting, and scanning every stored byte."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import redis
+from PIL import Image
+
+CAMERA_MODEL = b"LeakyCam GPS-9000"
+GPS_LATITUDE = (41.0, 0.0, 59.0)
+
+
+def encode_image(pixels: np.ndarray, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def jpeg_with_gps(pixels: np.ndarray) -> bytes:
+    exif = Image.Exif()
+    exif[0x0110] = CAMERA_MODEL.decode()
+    exif[0x8825] = {1: "N", 2: GPS_LATITUDE, 3: "E", 4: (28.0, 58.0, 45.0)}
+    return encode_image(pixels, "JPEG", quality=92, exif=exif.tobytes())
+
+
+def key_header(key: bytes) -> dict[str, str]:
+    return {"X-Device-Key": base64.b64encode(key).decode()}
+
+
+def submit(client: httpx.Client, files: list[bytes], *, key: bytes, kind: str = "ai_photo",
+           style: str = "portrait", account_id: str = "acct-1") -> httpx.Response:
+    parts = [("files", (f"photo{i}.jpg", data, "application/octet-stream"))
+             for i, data in enumerate(files)]
+    return client.post("/v1/jobs", files=parts, headers=key_header(key),
+                       data={"kind": kind, "style": style, "account_id": account_id})
+
+
+def wait_finished(client: httpx.Client, job_id: str, timeout_s: float = 180.0) -> dict:
+    """Poll until the job ended and its inputs were purged (or fail the test)."""
+    deadline = time.monotonic() + timeout_s
+    view: dict = {}
+    while time.monotonic() < deadline:
+        view = client.get(f"/v1/jobs/{job_id}").json()
+        if view["status"] in ("succeeded", "failed") and view["inputs_purged_s"]:
+            return view
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish and purge in {timeout_s} s: {view}")
+
+
+def redis_values(client: redis.Redis) -> list[tuple[str, bytes]]:
+    """Every key and value in Redis, as bytes."""
+    found: list[tuple[str, bytes]] = []
+    for raw_key in client.scan_iter(count=1000):
+        key = raw_key.decode()
+        kind = client.type(raw_key).decode()
+        parts: list[bytes] = [raw_key]
+        if kind == "string":
+            parts.append(client.get(raw_key) or b"")
+        elif kind == "hash":
+            for k, v in client.hgetall(raw_key).items():
+                parts += [k, v]
+        elif kind == "set":
+            parts += list(client.smembers(raw_key))
+        elif kind == "zset":
+            parts += [m for m, _ in client.zrange(raw_key, 0, -1, withscores=True)]
+        elif kind == "list":
+            parts += client.lrange(raw_key, 0, -1)
+        found.append((f"redis:{key}", b"\x00".join(parts)))
+    return found
+
+
+def files_under(*roots: Path) -> list[tuple[str, bytes]]:
+    """Every file below the roots (object store, Redis data dir with its AOF)."""
+    return [(str(p), p.read_bytes()) for root in roots for p in sorted(root.rglob("*"))
+            if p.is_file()]
+
+
+def find_needles(blobs: list[tuple[str, bytes]], needles: dict[str, bytes]) -> list[str]:
+    """Names of needles found anywhere, with where."""
+    return [f"{name} in {where}" for name, needle in needles.items() for where, blob in blobs
+            if needle and needle in blob]
+
+
+def windows(data: bytes, size: int = 48, count: int = 4) -> list[bytes]:
+    """A few slices from the middle of ``data``: enough to spot any copy of it."""
+    step = max(1, (len(data) - size) // (count + 1))
+    return [data[step * (i + 1): step * (i + 1) + size] for i in range(count)]

@@ -1,0 +1,250 @@
+"""The whole path over HTTP on a real local Ray + Serve, real Redis, real object store."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from pipeline import crypto
+from pipeline.config import ServiceConfig
+from pipeline.ingest import check_upload
+from tests.integration.helpers import (
+    CAMERA_MODEL,
+    encode_image,
+    files_under,
+    find_needles,
+    jpeg_with_gps,
+    key_header,
+    redis_values,
+    submit,
+    wait_finished,
+    windows,
+)
+
+ASTRONAUT = skimage.data.astronaut()
+
+
+def _decodes(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def _assert_inputs_gone(store_root: Path, redis_client, job_id: str) -> None:
+    """What a user is promised: the job's inputs and face data no longer exist."""
+    job_inputs = [p for p in (store_root / "inputs" / job_id).rglob("*") if p.is_file()]
+    job_faces = [p for p in (store_root / "face" / job_id).rglob("*") if p.is_file()]
+    assert job_inputs == [] and job_faces == []
+    assert redis_client.scard(f"eph:ret:job:{job_id}") == 0
+
+
+def test_healthz(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def test_ai_photo_with_gps_jpeg_end_to_end(client, service, store_root, redis_client,
+                                           redis_server, face_weights_path):
+    key = crypto.new_device_key()
+    upload = jpeg_with_gps(ASTRONAUT)
+    response = submit(client, [upload], key=key, kind="ai_photo", style="portrait")
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["status_url"] == f"/v1/jobs/{body['job_id']}"
+
+    view = wait_finished(client, body["job_id"])
+    assert view["status"] == "succeeded", view
+    assert view["num_inputs_purged_verified"] == view["num_inputs"] == 1
+    assert view["inputs_purged_s"] - view["finished_s"] < 30  # seconds, not days
+
+    # The output decodes, is the configured size and carries no metadata.
+    output = client.get(view["output_urls"][0])
+    assert output.status_code == 200 and output.headers["content-type"] == "image/png"
+    image = _decodes(output.content)
+    assert image.size == (64, 64) and not image.getexif() and not image.text
+
+    _assert_inputs_gone(store_root, redis_client, body["job_id"])
+
+    # No stored byte anywhere (object store, Redis values, Redis AOF on disk) holds the
+    # GPS-tagged upload, its stripped pixels, the EXIF strings, the key or the embedding.
+    clean = check_upload(upload, index=1, limits=ServiceConfig()).png_bytes
+    needles = {"exif-model": CAMERA_MODEL, "exif-header": b"Exif\x00\x00",
+               "key": key, "key-b64": base64.b64encode(key)}
+    needles |= {f"upload-{i}": w for i, w in enumerate(windows(upload))}
+    needles |= {f"stripped-{i}": w for i, w in enumerate(windows(clean))}
+    needles |= {f"embedding-{i}": w for i, w in enumerate(windows(_embedding(clean, face_weights_path), 32))}
+    blobs = files_under(store_root, redis_server.data_dir) + redis_values(redis_client)
+    assert find_needles(blobs, needles) == []
+
+
+def _embedding(clean_png: bytes, weights: Path) -> bytes:
+    """The identity embedding the face stage computes for this photo (same weights)."""
+    from pipeline.config import ModelsConfig
+    from pipeline.faces import FacenetEmbedder, MtcnnDetector, embed_faces, mean_identity
+    from pipeline.ingest import decode_clean_png
+    from pipeline.records import FaceBatch
+    from pipeline.runtime import select_runtime
+
+    runtime = select_runtime(ModelsConfig())
+    batch = embed_faces(FaceBatch(["j"], [decode_clean_png(clean_png)]),
+                        MtcnnDetector(runtime, min_probability=0.9),
+                        FacenetEmbedder(runtime, weights=str(weights)))
+    return mean_identity([batch.embeddings[0]]).tobytes()
+
+
+def test_art_style_many_files_outputs_readable_from_any_device(client, store_root, redis_client):
+    key = crypto.new_device_key()
+    files = [encode_image(ASTRONAUT, "PNG"), encode_image(skimage.data.coffee(), "WEBP")]
+    response = submit(client, files, key=key, kind="art_style", style="watercolor",
+                      account_id="acct-art")
+    assert response.status_code == 202, response.text
+    view = wait_finished(client, response.json()["job_id"])
+    assert view["status"] == "succeeded", view
+    assert len(view["output_ids"]) == 2 and view["num_inputs_purged_verified"] == 2
+    _assert_inputs_gone(store_root, redis_client, view["job_id"])
+
+    # Another device of the account: no device key, same outputs.
+    listing = client.get("/v1/accounts/acct-art/outputs").json()["outputs"]
+    assert {o["output_id"] for o in listing} >= set(view["output_ids"])
+    for url in view["output_urls"]:
+        fetched = client.get(url)
+        assert fetched.status_code == 200
+        assert _decodes(fetched.content).size == (64, 64)
+    # Another account sees none of them.
+    stranger = client.get(f"/v1/accounts/someone-else/outputs/{view['output_ids'][0]}")
+    assert stranger.status_code == 404
+    assert client.get("/v1/accounts/someone-else/outputs").json()["outputs"] == []
+
+
+def test_photo_without_face_fails_with_reason_and_is_purged(client, store_root, redis_client):
+    response = submit(client, [encode_image(skimage.data.chelsea(), "JPEG")],
+                      key=crypto.new_device_key(), kind="ai_photo")
+    assert response.status_code == 202
+    view = wait_finished(client, response.json()["job_id"])
+    assert view["status"] == "failed"
+    assert "no human face" in view["reason"] and "file 1" in view["reason"]
+    assert view["output_ids"] == [] and view["num_inputs_purged_verified"] == 1
+    _assert_inputs_gone(store_root, redis_client, view["job_id"])
+
+
+def test_jobs_are_batched_by_key(client, store_root, redis_client):
+    """Jobs arriving together with one (kind, style, resolution) share a model call."""
+    files = [encode_image(ASTRONAUT, "PNG")]
+    key = crypto.new_device_key()
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(
+            lambda _: submit(client, files, key=key, kind="art_style", style="comic"), range(4)))
+    assert all(r.status_code == 202 for r in responses)
+    views = [wait_finished(client, r.json()["job_id"]) for r in responses]
+    assert all(v["status"] == "succeeded" for v in views)
+    assert max(v["batch_sizes"]["diffusion"] for v in views) >= 2
+    for v in views:
+        _assert_inputs_gone(store_root, redis_client, v["job_id"])
+
+
+def test_unknown_job_is_404(client):
+    assert client.get("/v1/jobs/does-not-exist").status_code == 404
+
+
+# -- bad input: a 4xx with a reason, and nothing stored or registered -----------------
+
+def _png_header_only(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+_GOOD = encode_image(ASTRONAUT, "JPEG")
+_KEY = crypto.new_device_key()
+
+BAD_REQUESTS = {
+    "empty file": (dict(files=[b""]), 400, "empty"),
+    "truncated jpeg": (dict(files=[_GOOD[: len(_GOOD) // 2]]), 422, "truncated"),
+    "text named .jpg": (dict(files=[b"hello, this is not a photo\n" * 20]), 415, "not a readable image"),
+    "20000x20000 png": (dict(files=[_png_header_only(20000, 20000)]), 413, "pixels"),
+    "file over the size limit": (dict(files=[b"\xff\xd8" + b"\x00" * (3 * 1024 * 1024 + 10)]), 413, "over the limit"),
+    "too many files": (dict(files=[_GOOD] * 4), 413, "at most 3"),
+    "unknown style": (dict(files=[_GOOD], style="vaporwave"), 422, "style"),
+    "unknown kind": (dict(files=[_GOOD], kind="deepfake"), 422, "kind"),
+    "bad account id": (dict(files=[_GOOD], account_id="../etc"), 422, "account_id"),
+    "missing key": (dict(files=[_GOOD], headers={}), 400, "X-Device-Key"),
+    "short key": (dict(files=[_GOOD], headers=key_header(b"x" * 16)), 400, "32"),
+    "key not base64": (dict(files=[_GOOD], headers={"X-Device-Key": "***"}), 400, "base64"),
+}
+
+
+def _snapshot(store_root: Path, redis_client) -> tuple[list[str], list[str]]:
+    keys = sorted(k.decode() for k in redis_client.scan_iter(match="eph:*", count=1000))
+    stored = sorted(str(p.relative_to(store_root)) for p in store_root.rglob("*") if p.is_file())
+    return keys, stored
+
+
+def _wait_quiet(redis_client, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while redis_client.scard("eph:jobs:active") or redis_client.zcount("eph:ret:due", "-inf", "+inf"):
+        assert time.monotonic() < deadline, "earlier jobs did not settle"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS), ids=list(BAD_REQUESTS))
+def test_bad_input_is_rejected_and_changes_nothing(case, client, store_root, redis_client):
+    request, status, words = BAD_REQUESTS[case]
+    _wait_quiet(redis_client)
+    before = _snapshot(store_root, redis_client)
+    parts = [("files", (f"f{i}.jpg", d, "image/jpeg")) for i, d in enumerate(request["files"])]
+    response = client.post(
+        "/v1/jobs", files=parts, headers=request.get("headers", key_header(_KEY)),
+        data={"kind": request.get("kind", "ai_photo"), "style": request.get("style", "portrait"),
+              "account_id": request.get("account_id", "acct-bad")})
+    assert response.status_code == status, response.text
+    assert words in response.json()["detail"]
+    assert base64.b64encode(_KEY).decode() not in response.text
+    assert _snapshot(store_root, redis_client) == before
+
+
+def test_nothing_plaintext_in_any_input_object_while_stored(service, store_root):
+    """Every object under inputs/ is Ephemera ciphertext, never an image (checked on a
+    fresh upload, before the pipeline purges it)."""
+    from pipeline.intake import accept_job, check_job_request
+    from pipeline.jobs import JobStore
+    from pipeline.storage import open_store
+
+    import redis as redis_lib
+
+    settings = service.settings
+    store = open_store(settings.service.store_url)
+    jobs = JobStore(redis_lib.Redis.from_url(settings.service.redis_url))
+    request = check_job_request(account_id="acct-direct", kind="art_style", style="comic",
+                                resolution_px=None, files=[jpeg_with_gps(ASTRONAUT)],
+                                settings=settings)
+    key = crypto.new_device_key()
+    job, _ = accept_job(request, key, store, jobs, settings)
+    try:
+        blob = (store_root / job.input_uris[0][len(settings.service.store_url) + 1:]).read_bytes()
+        assert blob.startswith(crypto.MAGIC)
+        with pytest.raises(Exception):
+            _decodes(blob)
+        plain = crypto.decrypt(blob, key, uri=job.input_uris[0])
+        decoded = _decodes(plain)
+        assert not decoded.getexif() and CAMERA_MODEL not in plain
+        assert np.asarray(decoded.convert("RGB")).shape == ASTRONAUT.shape
+    finally:
+        from pipeline.retention import purge_finished_job
+
+        jobs.finish_job(job.job_id, ok=False, reason="test cleanup")
+        purge_finished_job(job.job_id, store, jobs, owner="test", cfg=settings.retention)
