@@ -43,6 +43,9 @@ class ServiceConfig(_Strict):
     )
     default_resolution_px: int = Field(64, gt=0, description="Output size when none is given.")
     output_format: Literal["png", "webp"] = Field("png", description="Encoding of outputs.")
+    ray_address: str | None = Field(
+        None, description="null starts a local Ray instance; 'auto' joins the running cluster."
+    )
     ray_num_cpus: int = Field(4, gt=0, description="Logical CPUs of a local Ray instance.")
     job_timeout_s: float = Field(
         600.0, gt=0, description="A job not finished this long after acceptance fails."

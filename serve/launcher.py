@@ -73,11 +73,14 @@ def start_service(settings: Settings, *, workdir: Path, startup_timeout_s: float
     settings, redis_server = resolve_settings(settings, workdir=workdir)
     service = settings.service
     try:
-        ray.init(
-            num_cpus=service.ray_num_cpus, include_dashboard=False, log_to_driver=False,
-            # Plaintext never goes to Ray's object store by design; refuse to spill anyway.
-            _system_config={"automatic_object_spilling_enabled": False},
-        )
+        if service.ray_address:
+            ray.init(address=service.ray_address, log_to_driver=False)
+        else:
+            ray.init(
+                num_cpus=service.ray_num_cpus, include_dashboard=False, log_to_driver=False,
+                # Plaintext never goes to Ray's object store by design; refuse to spill anyway.
+                _system_config={"automatic_object_spilling_enabled": False},
+            )
         serve.start(http_options={"host": service.http_host, "port": service.http_port})
         serve.run(build_app(settings), name="ephemera", route_prefix="/", blocking=False)
         base_url = f"http://{service.http_host}:{service.http_port}"

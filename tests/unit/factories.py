@@ -1,0 +1,88 @@
+"""Small builders shared by the unit tests: encoded images, work items, stage results.
+
+Plain functions, no fixtures: a test says what it needs in one call.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+from skimage import data
+
+from pipeline.config import ModelsConfig, ServiceConfig, Settings, StyleConfig, StylesConfig
+from pipeline.records import StageResult, WorkItem
+from pipeline.runtime import Runtime, select_runtime
+
+
+def photo(height: int = 128, width: int = 128) -> np.ndarray:
+    """A real photo (the astronaut, a human face) cropped to (height, width, 3) uint8."""
+    return np.ascontiguousarray(data.astronaut()[:height, :width])
+
+
+def encode(pixels: np.ndarray, image_format: str, **save_kwargs: object) -> bytes:
+    """Encode pixels with PIL in ``image_format``, passing extra options to ``save``."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=image_format, **save_kwargs)
+    return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    """One PNG chunk with a correct CRC."""
+    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid-looking greyscale PNG header declaring ``width`` x ``height`` pixels.
+
+    A few dozen bytes on the wire; the pixels are never allocated.
+    """
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def cpu_runtime() -> Runtime:
+    """CPU, float32, SDPA: what unit tests run on, whatever the host has."""
+    return select_runtime(ModelsConfig(), cuda_available=False, xformers_installed=False)
+
+
+def make_item(job_id: str = "job1", *, kind: str = "ai_photo", style: str = "portrait",
+              resolution_px: int = 64, attempts: int = 0, face_uri: str | None = None,
+              device_key: bytes = b"k" * 32, num_inputs: int = 1) -> WorkItem:
+    """A WorkItem with plausible defaults."""
+    return WorkItem(
+        job_id=job_id, account_id="acct-1", kind=kind, style=style,
+        resolution_px=resolution_px,
+        input_uris=tuple(f"file:///store/inputs/{job_id}/{n}.bin" for n in range(num_inputs)),
+        device_key=device_key, seed=7, face_uri=face_uri, attempts=attempts,
+    )
+
+
+def make_items(n: int, **kwargs: object) -> list[WorkItem]:
+    return [make_item(f"job{i}", **kwargs) for i in range(n)]  # type: ignore[arg-type]
+
+
+def ok_result(job_id: str = "job1", **kwargs: object) -> StageResult:
+    return StageResult(job_id=job_id, ok=True, **kwargs)  # type: ignore[arg-type]
+
+
+def failed_result(job_id: str = "job1", *, reason: str = "boom",
+                  retryable: bool = False) -> StageResult:
+    return StageResult(job_id=job_id, ok=False, reason=reason, retryable=retryable)
+
+
+def make_settings(**service: object) -> Settings:
+    """Settings with defaults, one style ("portrait"), and service overrides."""
+    return Settings(
+        service=ServiceConfig(**service),  # type: ignore[arg-type]
+        styles=StylesConfig(styles={"portrait": StyleConfig(prompt="a portrait")}),
+    )
