@@ -1,18 +1,24 @@
-"""Retention actor pool: purge a finished job's inputs and face data, sweep due deadlines.
+"""Retention actor pool: purge finished jobs' inputs and face data, sweep due deadlines,
+reconcile the store against the ledger, and carry out account deletions.
 
-All state lives in Redis; a restarted replica just carries on. Claims (SET NX with a lease)
-keep two replicas from processing one object, and an expired claim is picked up again.
+All state lives in Redis; a restarted replica just carries on (Serve restarts a dead one).
+Claims (SET NX with a lease) keep two replicas from processing one object, and an expired
+claim is picked up again, so nothing is skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import time
 
 from ray import serve
 
 from actors.common import open_backends
 from pipeline.config import Settings
+
+log = logging.getLogger("ray.serve")
 
 
 @serve.deployment(max_ongoing_requests=100, ray_actor_options={"num_cpus": 0})
@@ -24,19 +30,27 @@ class RetentionDeployment:
         client, self.store = open_backends(settings)
         self.jobs = JobStore(client)
         self.owner = f"retention-{os.getpid()}"
-        self._sweeper: asyncio.Task | None = None
+        self._background: asyncio.Task | None = None
 
-    def _ensure_sweeper(self) -> None:
-        if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+    def _ensure_background(self) -> None:
+        if self._background is None or self._background.done():
+            self._background = asyncio.get_running_loop().create_task(self._forever())
 
-    async def _sweep_forever(self) -> None:
+    async def _forever(self) -> None:
+        last_reconcile = 0.0
         while True:
-            await asyncio.to_thread(self.sweep)
+            try:
+                await asyncio.to_thread(self.sweep)
+                await asyncio.to_thread(self.resume_account_deletions)
+                if time.time() - last_reconcile >= self.settings.retention.reconcile_interval_s:
+                    await asyncio.to_thread(self.reconcile)
+                    last_reconcile = time.time()
+            except Exception:  # Redis or the store is down: try again next round
+                log.exception("retention round failed; retrying")
             await asyncio.sleep(self.settings.retention.sweep_interval_s)
 
     async def check_health(self) -> None:
-        self._ensure_sweeper()  # Serve calls this periodically: the sweep starts with the replica
+        self._ensure_background()  # Serve calls this periodically: work starts with the replica
 
     def sweep(self) -> int:
         from pipeline.retention import sweep_due
@@ -44,13 +58,32 @@ class RetentionDeployment:
         return len(sweep_due(self.store, self.jobs.ledger, owner=self.owner,
                              cfg=self.settings.retention))
 
+    def reconcile(self) -> int:
+        from pipeline.retention import reconcile
+
+        return len(reconcile(self.store, self.jobs.ledger, owner=self.owner,
+                             cfg=self.settings.retention))
+
+    def resume_account_deletions(self) -> int:
+        from pipeline.deletion import delete_account, pending_account_deletions
+
+        done = 0
+        for receipt_id, account_id in pending_account_deletions(self.jobs.redis).items():
+            done += delete_account(account_id, receipt_id, self.store, self.jobs,
+                                   owner=self.owner, cfg=self.settings.retention)
+        return done
+
     async def purge_job(self, job_id: str) -> int:
         """Purge and verify a finished job's inputs and face data; returns objects verified."""
-        self._ensure_sweeper()
-        return await asyncio.to_thread(self._purge_job, job_id)
-
-    def _purge_job(self, job_id: str) -> int:
         from pipeline.retention import purge_finished_job
 
-        return purge_finished_job(job_id, self.store, self.jobs, owner=self.owner,
-                                  cfg=self.settings.retention)
+        self._ensure_background()
+        return await asyncio.to_thread(purge_finished_job, job_id, self.store, self.jobs,
+                                       owner=self.owner, cfg=self.settings.retention)
+
+    async def delete_account(self, account_id: str, receipt_id: str) -> int:
+        from pipeline.deletion import delete_account
+
+        self._ensure_background()
+        return await asyncio.to_thread(delete_account, account_id, receipt_id, self.store,
+                                       self.jobs, owner=self.owner, cfg=self.settings.retention)

@@ -47,6 +47,13 @@ class ServiceConfig(_Strict):
         None, description="null starts a local Ray instance; 'auto' joins the running cluster."
     )
     ray_num_cpus: int = Field(4, gt=0, description="Logical CPUs of a local Ray instance.")
+    ray_object_store_mb: int | None = Field(
+        None, ge=80, description="Object store size of a local Ray (null: Ray's default)."
+    )
+    ray_spill_root: str = Field(
+        "/dev/shm", description="Memory-backed (tmpfs) folder for Ray spilling and fallback "
+        "allocations, so nothing from the object store ever reaches a disk."
+    )
     job_timeout_s: float = Field(
         600.0, gt=0, description="A job not finished this long after acceptance fails."
     )
@@ -171,6 +178,9 @@ class RetentionConfig(_Strict):
     )
     purge_max_attempts: int = Field(
         5, gt=0, le=20, description="Store retries per deletion before it is left to the sweep."
+    )
+    reconcile_interval_s: float = Field(
+        60.0, gt=0, le=86400, description="How often actors list the store for orphans."
     )
     num_replicas: int = Field(1, gt=0, le=64, description="Retention actors in the pool.")
 

@@ -19,6 +19,7 @@ from pipeline.ledger import RetentionLedger
 from pipeline.records import JobRecord, OutputRecord, RetentionRecord
 
 ACTIVE_KEY = "eph:jobs:active"
+PURGE_LAG_KEY = "eph:metrics:purge_lag_s"  # newest 10,000 lags, job end -> inputs verified gone
 _LIST_FIELDS = ("input_uris", "output_ids")
 _FLOAT_FIELDS = ("created_s", "updated_s", "succeeded_s", "finished_s", "inputs_purged_s")
 _INT_FIELDS = (
@@ -37,6 +38,10 @@ def _output_key(output_id: str) -> str:
 
 def _account_outputs_key(account_id: str) -> str:
     return f"eph:acct:{account_id}:outputs"
+
+
+def _account_jobs_key(account_id: str) -> str:
+    return f"eph:acct:{account_id}:jobs"
 
 
 def _encode(value: object) -> str:
@@ -61,6 +66,7 @@ class JobStore:
         fields = {k: getattr(job, k) for k in job.__slots__ if getattr(job, k) is not None}
         p.hset(_job_key(job.job_id), mapping={k: _encode(v) for k, v in fields.items()})
         p.sadd(ACTIVE_KEY, job.job_id)
+        p.sadd(_account_jobs_key(job.account_id), job.job_id)
         self.ledger.register(records, pipe=p)
         p.execute()
 
@@ -69,6 +75,8 @@ class JobStore:
         p = self.redis.pipeline(transaction=True)
         p.delete(_job_key(job_id))
         p.srem(ACTIVE_KEY, job_id)
+        for rec in records:
+            p.srem(_account_jobs_key(rec.account_id), job_id)
         p.execute()
         for rec in records:
             self.ledger.complete(rec)
@@ -88,6 +96,8 @@ class JobStore:
 
     def update_job(self, job_id: str, **fields: object) -> None:
         """Set some fields; a terminal status also removes the job from the active set."""
+        if not self.redis.exists(_job_key(job_id)):
+            return  # forgotten (account deleted): never recreate a partial record
         fields["updated_s"] = time.time()
         p = self.redis.pipeline(transaction=True)
         p.hset(_job_key(job_id), mapping={k: _encode(v) for k, v in fields.items()})
@@ -98,8 +108,14 @@ class JobStore:
     def finish_job(
         self, job_id: str, *, ok: bool, reason: str = "", output_ids: tuple[str, ...] = ()
     ) -> None:
-        """Mark a job succeeded (with outputs) or failed (with a reason the user can read)."""
+        """Mark a job succeeded (with outputs) or failed (with a reason the user can read).
+
+        A job that already ended keeps its first outcome; its inputs are made due either way.
+        """
         now = time.time()
+        if self.is_finished(job_id):
+            self.ledger.expedite_job(job_id, ("input", "face_data"), now)
+            return
         fields: dict[str, object] = {"status": "succeeded" if ok else "failed", "finished_s": now}
         if ok:
             fields.update(succeeded_s=now, output_ids=list(output_ids))
@@ -113,11 +129,45 @@ class JobStore:
         key = _job_key(job_id)
         if not self.redis.exists(key):
             return
+        now = time.time()
         p = self.redis.pipeline(transaction=True)
         p.hincrby(key, "num_inputs_purged_verified", num_inputs_verified)
         if complete:
-            p.hsetnx(key, "inputs_purged_s", repr(time.time()))
+            p.hsetnx(key, "inputs_purged_s", repr(now))
+        p.hget(key, "finished_s")
+        results = p.execute()
+        first_complete, finished = complete and bool(results[1]), results[-1]
+        if first_complete and finished:
+            lag_s = now - float(finished)
+            p = self.redis.pipeline(transaction=True)
+            p.lpush(PURGE_LAG_KEY, repr(lag_s))
+            p.ltrim(PURGE_LAG_KEY, 0, 9999)
+            p.execute()
+
+    def account_job_ids(self, account_id: str) -> list[str]:
+        return sorted(j.decode() for j in self.redis.smembers(_account_jobs_key(account_id)))
+
+    def is_finished(self, job_id: str) -> bool:
+        """True once the job succeeded or failed, or no longer exists (account deleted)."""
+        status = self.redis.hget(_job_key(job_id), "status")
+        return status is None or status.decode() in ("succeeded", "failed")
+
+    def forget_job(self, job_id: str, account_id: str) -> None:
+        """Drop a finished job's record (account deletion); its inputs must be purged first."""
+        p = self.redis.pipeline(transaction=True)
+        p.delete(_job_key(job_id))
+        p.srem(ACTIVE_KEY, job_id)
+        p.srem(_account_jobs_key(account_id), job_id)
         p.execute()
+
+    def remove_output(self, out: OutputRecord) -> None:
+        p = self.redis.pipeline(transaction=True)
+        p.delete(_output_key(out.output_id))
+        p.zrem(_account_outputs_key(out.account_id), out.output_id)
+        p.execute()
+
+    def purge_lags_s(self) -> list[float]:
+        return [float(v) for v in self.redis.lrange(PURGE_LAG_KEY, 0, -1)]
 
     def active_job_ids(self) -> list[str]:
         return sorted(j.decode() for j in self.redis.smembers(ACTIVE_KEY))

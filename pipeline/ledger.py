@@ -17,6 +17,8 @@ import redis
 from pipeline.records import RetentionRecord
 
 DUE_KEY = "eph:ret:due"
+CREATED_KEY = "eph:ret:created"  # + ":<class>": zset uri -> created_s (oldest-age metric)
+PURGE_FAILURES_KEY = "eph:metrics:purge_failures"
 
 
 def _rec_key(uri: str) -> str:
@@ -54,6 +56,7 @@ class RetentionLedger:
                 },
             )
             p.zadd(DUE_KEY, {rec.uri: rec.deadline_s})
+            p.zadd(f"{CREATED_KEY}:{rec.object_class}", {rec.uri: rec.created_s})
             p.sadd(_job_key(rec.job_id), rec.uri)
         if own:
             p.execute()
@@ -96,6 +99,7 @@ class RetentionLedger:
         p = self.redis.pipeline(transaction=True)
         p.delete(_rec_key(rec.uri))
         p.zrem(DUE_KEY, rec.uri)
+        p.zrem(f"{CREATED_KEY}:{rec.object_class}", rec.uri)
         p.srem(_job_key(rec.job_id), rec.uri)
         p.delete(_lease_key(rec.uri))
         p.execute()
@@ -109,6 +113,13 @@ class RetentionLedger:
                 p.zadd(DUE_KEY, {rec.uri: now_s}, xx=True)
                 p.hset(_rec_key(rec.uri), "deadline_s", repr(now_s))
                 p.execute()
+
+    def note_purge_failure(self) -> None:
+        self.redis.incr(PURGE_FAILURES_KEY)
+
+    def oldest_created_s(self, object_class: str) -> float | None:
+        first = self.redis.zrange(f"{CREATED_KEY}:{object_class}", 0, 0, withscores=True)
+        return float(first[0][1]) if first else None
 
     def count(self) -> int:
         return int(self.redis.zcard(DUE_KEY))

@@ -16,10 +16,23 @@ from pipeline.config import RetentionConfig
 from pipeline.errors import StorageError
 from pipeline.jobs import JobStore
 from pipeline.ledger import RetentionLedger
+from pipeline.receipts import ReceiptLedger
 from pipeline.records import DeletionReceipt, RetentionRecord
-from pipeline.storage import ObjectStore, delete_verified, key_from_uri
+from pipeline.storage import (
+    FACE_PREFIX,
+    INPUT_PREFIX,
+    ObjectStore,
+    delete_verified,
+    key_from_uri,
+    object_uri,
+)
 
 PURGED_ON_EVENT = ("input", "face_data")
+
+
+def purge_receipt_id(job_id: str) -> str:
+    """The receipt under which the service's own purges of a job's objects are chained."""
+    return f"purge-{job_id}"
 
 
 def deadline_for(object_class: str, created_s: float, cfg: RetentionConfig) -> float:
@@ -43,6 +56,7 @@ def purge_records(
     *,
     owner: str,
     cfg: RetentionConfig,
+    receipt_id: str | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[DeletionReceipt]:
     """Delete and verify each record's object; one receipt per object verified gone.
@@ -52,9 +66,11 @@ def purge_records(
     expires, so the sweep retries it before the deadline matters.
     """
     receipts = []
+    chain = ReceiptLedger(ledger.redis)
     for rec in records:
         if not ledger.try_claim(rec.uri, owner, cfg.lease_s):
             continue
+        claimed_s = time.time()
         try:
             key = key_from_uri(store, rec.uri)
         except StorageError:  # another store's object: its own worker purges it
@@ -65,25 +81,28 @@ def purge_records(
                 delete_verified(store, key)
             except StorageError:
                 if attempt + 1 == cfg.purge_max_attempts:
+                    ledger.note_purge_failure()
                     break
                 sleep(backoff_s(attempt))
                 continue
+            receipt = DeletionReceipt(uri=rec.uri, object_class=rec.object_class,
+                                      job_id=rec.job_id, deleted_at_s=time.time(),
+                                      verified_gone=True)
+            # Receipt first, then drop the record: a crash in between re-verifies the
+            # (already missing) object and writes a second receipt; nothing is lost.
+            chain.append(receipt_id or purge_receipt_id(rec.job_id), receipt, account_id=rec.account_id,
+                         requested_s=claimed_s)
             ledger.complete(rec)
-            receipts.append(
-                DeletionReceipt(
-                    uri=rec.uri, object_class=rec.object_class, job_id=rec.job_id,
-                    deleted_at_s=time.time(), verified_gone=True,
-                )
-            )
+            receipts.append(receipt)
             break
     return receipts
 
 
 def purge_job(job_id: str, store: ObjectStore, ledger: RetentionLedger, *, owner: str,
-              cfg: RetentionConfig) -> list[DeletionReceipt]:
+              cfg: RetentionConfig, receipt_id: str | None = None) -> list[DeletionReceipt]:
     """Purge a finished job's inputs and face data (not its outputs)."""
     records = [r for r in ledger.records_for_job(job_id) if r.object_class in PURGED_ON_EVENT]
-    return purge_records(records, store, ledger, owner=owner, cfg=cfg)
+    return purge_records(records, store, ledger, owner=owner, cfg=cfg, receipt_id=receipt_id)
 
 
 def sweep_due(store: ObjectStore, ledger: RetentionLedger, *, owner: str, cfg: RetentionConfig,
@@ -95,14 +114,47 @@ def sweep_due(store: ObjectStore, ledger: RetentionLedger, *, owner: str, cfg: R
 
 
 def purge_finished_job(job_id: str, store: ObjectStore, jobs: JobStore, *, owner: str,
-                       cfg: RetentionConfig) -> int:
+                       cfg: RetentionConfig, receipt_id: str | None = None) -> int:
     """Purge a succeeded or failed job's inputs and face data and note it on the job.
 
     Once nothing of the job's inputs and face data is left in the ledger, the job record
     gets ``inputs_purged_s``. Returns how many objects this call verified gone.
     """
-    receipts = purge_job(job_id, store, jobs.ledger, owner=owner, cfg=cfg)
+    receipts = purge_job(job_id, store, jobs.ledger, owner=owner, cfg=cfg, receipt_id=receipt_id)
     num_inputs = sum(r.object_class == "input" for r in receipts)
     left = [r for r in jobs.ledger.records_for_job(job_id) if r.object_class in PURGED_ON_EVENT]
     jobs.record_purge(job_id, num_inputs_verified=num_inputs, complete=not left)
     return len(receipts)
+
+
+RECONCILE_RECEIPT_ID = "reconcile"
+
+
+def reconcile(store: ObjectStore, ledger: RetentionLedger, *, owner: str, cfg: RetentionConfig,
+              now_s: float | None = None) -> list[DeletionReceipt]:
+    """Delete every input or face-data object with no live record or past its deadline.
+
+    Catches orphans of a crash or of lost Redis writes. Safe while jobs run: a record is
+    always written before its object, so an object with no record is never in use.
+    """
+    now = time.time() if now_s is None else now_s
+    chain = ReceiptLedger(ledger.redis)
+    receipts: list[DeletionReceipt] = []
+    for prefix in (INPUT_PREFIX, FACE_PREFIX):
+        for key in store.list_keys(prefix):
+            uri = object_uri(store, key)
+            rec = ledger.get(uri)
+            if rec is not None:
+                if rec.deadline_s <= now:
+                    receipts += purge_records([rec], store, ledger, owner=owner, cfg=cfg)
+                continue
+            try:
+                delete_verified(store, key)
+            except StorageError:
+                ledger.note_purge_failure()
+                continue
+            receipt = DeletionReceipt(uri=uri, object_class="orphan", job_id="",
+                                      deleted_at_s=time.time(), verified_gone=True)
+            chain.append(RECONCILE_RECEIPT_ID, receipt, account_id="", requested_s=now)
+            receipts.append(receipt)
+    return receipts

@@ -153,6 +153,9 @@ def diffusion_stage(items: list[WorkItem], store: ObjectStore, jobs: JobStore,
         if item.job_id in failed:
             results.append(failed[item.job_id])
             continue
+        if jobs.is_finished(item.job_id):  # timed out or account deleted meanwhile
+            results.append(StageResult(item.job_id, ok=False, reason="the job already ended"))
+            continue
         try:
             output_ids = store_outputs(item, per_job[item.job_id], store, jobs,
                                        settings.service.output_format)

@@ -22,6 +22,9 @@ from pipeline.errors import EphemeraError, Forbidden, InvalidUpload, NotFound, S
 from pipeline.intake import accept_job, check_account_id, check_job_request
 from pipeline.jobs import JobStore
 from pipeline.records import JobRecord
+from pipeline.deletion import delete_output, request_account_deletion
+from pipeline.metrics import render_prometheus, retention_metrics
+from pipeline.receipts import ReceiptLedger
 from pipeline.retention import purge_finished_job
 from pipeline.storage import key_from_uri, open_store
 
@@ -42,6 +45,12 @@ def _status_for(exc: EphemeraError) -> int:
     if isinstance(exc, StorageError):
         return 503
     return 500
+
+
+@app.exception_handler(redis.RedisError)
+async def _redis_error(request: Request, exc: redis.RedisError) -> JSONResponse:
+    return JSONResponse({"error": "Unavailable", "detail": "the job database is unavailable; "
+                         "try again shortly"}, status_code=503)
 
 
 @app.exception_handler(EphemeraError)
@@ -78,9 +87,11 @@ def job_view(job: JobRecord) -> dict:
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class ApiDeployment:
-    def __init__(self, settings: Settings, scheduler) -> None:
+    def __init__(self, settings: Settings, scheduler, retention) -> None:
         self.settings = settings
         self.scheduler = scheduler
+        self.retention = retention
+        self._background: set[asyncio.Task] = set()
         self.redis = redis.Redis.from_url(settings.service.redis_url)
         self.jobs = JobStore(self.redis)
         self.store = open_store(settings.service.store_url)
@@ -91,6 +102,11 @@ class ApiDeployment:
     def healthz(self) -> dict:
         self.redis.ping()
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    def metrics(self) -> Response:
+        return Response(render_prometheus(retention_metrics(self.jobs)),
+                        media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/jobs", status_code=202)
     async def create_job(self, request: Request) -> JSONResponse:
@@ -153,4 +169,33 @@ class ApiDeployment:
             raise NotFound(f"output {output_id} not found for this account") from None
         return Response(content=data, media_type=out.media_type,
                         headers={"Cache-Control": "private, no-store"})
+
+    @app.delete("/v1/accounts/{account_id}/outputs/{output_id}")
+    def delete_output(self, account_id: str, output_id: str) -> dict:
+        """Deleted and verified before this returns; the receipt lists the object."""
+        check_account_id(account_id)
+        receipt_id = delete_output(account_id, output_id, self.store, self.jobs)
+        return {"receipt_id": receipt_id, "status": "complete",
+                "receipt_url": f"/v1/deletions/{receipt_id}"}
+
+    @app.delete("/v1/accounts/{account_id}", status_code=202)
+    async def delete_account(self, account_id: str) -> JSONResponse:
+        """Recorded durably at once, carried out by a retention actor within seconds."""
+        check_account_id(account_id)
+        receipt_id = await asyncio.to_thread(request_account_deletion, account_id, self.jobs)
+        task = asyncio.get_running_loop().create_task(self._delete_account(account_id, receipt_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return JSONResponse({"receipt_id": receipt_id, "status": "pending",
+                             "receipt_url": f"/v1/deletions/{receipt_id}"}, status_code=202)
+
+    async def _delete_account(self, account_id: str, receipt_id: str) -> None:
+        try:
+            await self.retention.delete_account.remote(account_id, receipt_id)
+        except Exception:
+            pass  # still pending in Redis: the retention actors' next round resumes it
+
+    @app.get("/v1/deletions/{receipt_id}")
+    def get_deletion(self, receipt_id: str) -> dict:
+        return ReceiptLedger(self.redis).get_request(receipt_id)
 

@@ -27,4 +27,4 @@ def build_app(settings: Settings) -> Application:
         num_replicas=settings.retention.num_replicas).bind(settings)
     scheduler = SchedulerDeployment.options(
         user_config=settings.batching.model_dump()).bind(settings, face, diffusion, retention)
-    return ApiDeployment.bind(settings, scheduler)
+    return ApiDeployment.bind(settings, scheduler, retention)

@@ -1,7 +1,9 @@
 """The ``ephemera`` command.
 
   ephemera serve [--config-dir DIR] [--workdir DIR]   run the service until Ctrl-C
-  ephemera retention sweep [--config-dir DIR]          purge every object past its deadline
+  ephemera retention sweep [--redis-url URL]           purge every object past its deadline
+  ephemera retention reconcile [--redis-url URL]       delete orphans of crashes from the store
+  ephemera retention verify-ledger [--redis-url URL]   detect tampering with deletion receipts
   ephemera config check [--config-dir DIR]             validate the YAML files and exit
 """
 
@@ -32,22 +34,51 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep(args: argparse.Namespace) -> int:
+def _backends(args: argparse.Namespace):
+    """Redis and the store from the configs, overridable on the command line."""
     import redis
 
-    from pipeline.ledger import RetentionLedger
-    from pipeline.retention import sweep_due
+    from pipeline.jobs import JobStore
     from pipeline.storage import open_store
 
     settings = load_settings(args.config_dir)
-    if settings.service.redis_url is None:
-        print("service.yaml has no redis_url: the embedded Redis lives only while the "
-              "service runs, and its service sweeps by itself", file=sys.stderr)
-        return 2
-    ledger = RetentionLedger(redis.Redis.from_url(settings.service.redis_url))
-    receipts = sweep_due(open_store(settings.service.store_url), ledger, owner="cli",
-                         cfg=settings.retention)
+    redis_url = args.redis_url or settings.service.redis_url
+    if redis_url is None:
+        raise ValueError("no Redis to talk to: give --redis-url, or set redis_url in "
+                         "service.yaml (the embedded one lives only while the service runs)")
+    store = open_store(args.store_url or settings.service.store_url)
+    return settings, JobStore(redis.Redis.from_url(redis_url)), store
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from pipeline.retention import sweep_due
+
+    settings, jobs, store = _backends(args)
+    receipts = sweep_due(store, jobs.ledger, owner="cli", cfg=settings.retention)
     print(f"purged and verified {len(receipts)} objects past their deadline")
+    return 0
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    from pipeline.retention import reconcile
+
+    settings, jobs, store = _backends(args)
+    receipts = reconcile(store, jobs.ledger, owner="cli", cfg=settings.retention)
+    orphans = sum(r.object_class == "orphan" for r in receipts)
+    print(f"reconciled: {orphans} orphans and {len(receipts) - orphans} overdue objects "
+          "deleted and verified gone")
+    return 0
+
+
+def _verify_ledger(args: argparse.Namespace) -> int:
+    from pipeline.receipts import CHAIN_KEY, verify_chain
+
+    _, jobs, _ = _backends(args)
+    problems = verify_chain(jobs.redis)
+    if problems:
+        print("deletion ledger TAMPERED:", *problems, sep="\n  ")
+        return 1
+    print(f"deletion ledger intact: {jobs.redis.llen(CHAIN_KEY)} entries, hash chain verified")
     return 0
 
 
@@ -67,7 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     serve_p.set_defaults(func=_serve)
     retention = sub.add_parser("retention", help="retention operations")
     retention_sub = retention.add_subparsers(dest="action", required=True)
-    retention_sub.add_parser("sweep", help="purge what is past its deadline").set_defaults(func=_sweep)
+    for name, func, text in (
+        ("sweep", _sweep, "purge what is past its deadline"),
+        ("reconcile", _reconcile, "delete stored inputs/face data with no live record"),
+        ("verify-ledger", _verify_ledger, "check the deletion receipts' hash chain"),
+    ):
+        action = retention_sub.add_parser(name, help=text)
+        action.add_argument("--redis-url", help="overrides service.yaml redis_url")
+        action.add_argument("--store-url", help="overrides service.yaml store_url")
+        action.set_defaults(func=func)
     config = sub.add_parser("config", help="configuration")
     config_sub = config.add_subparsers(dest="action", required=True)
     config_sub.add_parser("check", help="validate configs").set_defaults(func=_check)

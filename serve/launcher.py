@@ -6,7 +6,9 @@ Used by ``ephemera serve``, the demo, the integration tests and the benchmarks.
 from __future__ import annotations
 
 import os
+import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +40,7 @@ class Service:
     settings: Settings
     base_url: str
     redis_server: RedisServer | None = None
+    spill_dir: Path | None = None
     _stopped: bool = field(default=False, repr=False)
 
     def stop(self) -> None:
@@ -53,6 +56,8 @@ class Service:
             ray.shutdown()
             if self.redis_server is not None:
                 self.redis_server.stop()
+            if self.spill_dir is not None:
+                shutil.rmtree(self.spill_dir, ignore_errors=True)
 
     def __enter__(self) -> Service:
         return self
@@ -72,14 +77,20 @@ def start_service(settings: Settings, *, workdir: Path, startup_timeout_s: float
     workdir.mkdir(parents=True, exist_ok=True)
     settings, redis_server = resolve_settings(settings, workdir=workdir)
     service = settings.service
+    spill_dir = None
     try:
         if service.ray_address:
             ray.init(address=service.ray_address, log_to_driver=False)
         else:
+            spill_dir = memory_spill_dir(service.ray_spill_root)
             ray.init(
                 num_cpus=service.ray_num_cpus, include_dashboard=False, log_to_driver=False,
-                # Plaintext never goes to Ray's object store by design; refuse to spill anyway.
-                _system_config={"automatic_object_spilling_enabled": False},
+                object_store_memory=(service.ray_object_store_mb * 1024 * 1024
+                                     if service.ray_object_store_mb else None),
+                # Uploads cross Ray's object store on their way from the HTTP proxy to the
+                # ingress. Spilled and fallback-allocated objects go to this folder, which
+                # must be RAM-backed: nothing from the object store may reach a disk.
+                object_spilling_directory=str(spill_dir),
             )
         serve.start(http_options={"host": service.http_host, "port": service.http_port})
         serve.run(build_app(settings), name="ephemera", route_prefix="/", blocking=False)
@@ -92,8 +103,41 @@ def start_service(settings: Settings, *, workdir: Path, startup_timeout_s: float
             ray.shutdown()
             if redis_server is not None:
                 redis_server.stop()
+            if spill_dir is not None:
+                shutil.rmtree(spill_dir, ignore_errors=True)
         raise
-    return Service(settings=settings, base_url=base_url, redis_server=redis_server)
+    return Service(settings=settings, base_url=base_url, redis_server=redis_server,
+                   spill_dir=spill_dir)
+
+
+def memory_spill_dir(root: str) -> Path:
+    """A fresh folder under ``root``, refused unless ``root`` is a tmpfs or ramfs mount."""
+    fs_type = filesystem_type(Path(root))
+    if fs_type not in ("tmpfs", "ramfs"):
+        raise ValueError(f"service.yaml ray_spill_root {root!r} is on {fs_type or 'an unknown'}"
+                         " filesystem; it must be tmpfs (e.g. /dev/shm) so spilled uploads "
+                         "never reach a disk")
+    path = Path(root) / f"ephemera-spill-{uuid.uuid4().hex[:12]}"
+    path.mkdir(mode=0o700)
+    return path
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the mount holding ``path`` (longest matching mount point in /proc/mounts)."""
+    resolved = str(path.resolve())
+    best, best_type = "", None
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    for line in mounts:
+        parts = line.split()
+        if len(parts) >= 3:
+            mount_point = parts[1]
+            inside = resolved == mount_point or resolved.startswith(mount_point.rstrip("/") + "/")
+            if inside and len(mount_point) > len(best):
+                best, best_type = mount_point, parts[2]
+    return best_type
 
 
 def _wait_healthy(base_url: str, timeout_s: float) -> None:

@@ -99,9 +99,12 @@ class SchedulerDeployment:
                     asyncio.get_running_loop().create_task(self._call_stage(stage, batch))
 
     async def _call_stage(self, stage: str, batch: list[WorkItem]) -> None:
-        for item in batch:
-            self.jobs.update_job(item.job_id, status="running", attempts=item.attempts,
-                                 **{f"{stage}_batch_size": len(batch)})
+        try:
+            for item in batch:
+                self.jobs.update_job(item.job_id, status="running", attempts=item.attempts,
+                                     **{f"{stage}_batch_size": len(batch)})
+        except redis.RedisError:
+            log.warning("could not mark %d jobs running (Redis unavailable)", len(batch))
         try:
             call = self.handles[stage].run_batch.remote(batch)
             results = await asyncio.wait_for(call, timeout=self.batching.stage_timeout_s)
@@ -129,7 +132,18 @@ class SchedulerDeployment:
     def _finish(self, job_id: str, *, ok: bool, reason: str = "",
                 output_ids: tuple[str, ...] = ()) -> None:
         del self.live[job_id]  # drops the last reference to the device key
-        self.jobs.finish_job(job_id, ok=ok, reason=reason, output_ids=output_ids)
+        asyncio.get_running_loop().create_task(
+            self._record_end(job_id, ok=ok, reason=reason, output_ids=output_ids))
+
+    async def _record_end(self, job_id: str, *, ok: bool, reason: str,
+                          output_ids: tuple[str, ...]) -> None:
+        """Write the outcome, retrying while Redis is down, then have the inputs purged."""
+        for attempt in range(1000):
+            try:
+                self.jobs.finish_job(job_id, ok=ok, reason=reason, output_ids=output_ids)
+                break
+            except redis.RedisError:
+                await asyncio.sleep(min(5.0, 0.1 * 2**attempt))
         self._purge_soon(job_id)
 
     def _expire_overdue(self) -> None:

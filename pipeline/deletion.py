@@ -1,0 +1,95 @@
+"""User deletion: one output, or a whole account. Each object is deleted, verified gone,
+and written to the hash-chained receipt ledger under the request's receipt id.
+
+Only an explicit request deletes anything: uninstalling the app sends none.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from pipeline.config import RetentionConfig
+from pipeline.jobs import JobStore
+from pipeline.receipts import ReceiptLedger
+from pipeline.records import DeletionReceipt
+from pipeline.retention import purge_finished_job
+from pipeline.storage import (
+    OUTPUT_PREFIX,
+    ObjectStore,
+    account_digest,
+    delete_verified,
+    key_from_uri,
+    object_uri,
+)
+
+PENDING_ACCOUNTS_KEY = "eph:deletions:pending"  # hash receipt_id -> account_id
+ACCOUNT_DELETED_REASON = "the account was deleted"
+
+
+def delete_output(account_id: str, output_id: str, store: ObjectStore, jobs: JobStore) -> str:
+    """Delete one output now and verify it is gone; returns the receipt id.
+
+    Raises NotFound if the account has no such output (another account's counts as none).
+    """
+    out = jobs.get_output(account_id, output_id)
+    chain = ReceiptLedger(jobs.redis)
+    receipt_id = chain.open_request(kind="output", account_id=account_id, subject=out.uri)
+    requested_s = time.time()
+    delete_verified(store, key_from_uri(store, out.uri))
+    chain.append(receipt_id, DeletionReceipt(out.uri, "output", out.job_id, time.time(), True),
+                 account_id=account_id, requested_s=requested_s)
+    jobs.remove_output(out)
+    chain.close_request(receipt_id, complete=True)
+    return receipt_id
+
+
+def request_account_deletion(account_id: str, jobs: JobStore) -> str:
+    """Record the request durably (a retention actor carries it out); returns the receipt id."""
+    receipt_id = ReceiptLedger(jobs.redis).open_request(
+        kind="account", account_id=account_id, subject=f"account:{account_id}")
+    jobs.redis.hset(PENDING_ACCOUNTS_KEY, receipt_id, account_id)
+    return receipt_id
+
+
+def pending_account_deletions(client: redis.Redis) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in client.hgetall(PENDING_ACCOUNTS_KEY).items()}
+
+
+def delete_account(account_id: str, receipt_id: str, store: ObjectStore, jobs: JobStore, *,
+                   owner: str, cfg: RetentionConfig) -> int:
+    """Delete every output, index entry, job record and pending input of the account.
+
+    Idempotent and resumable: a crash part-way leaves the request pending, and running it
+    again finishes the work. Returns the number of objects verified gone by this call.
+    """
+    chain = ReceiptLedger(jobs.redis)
+    requested_s = time.time()
+    count = 0
+    # 1. Jobs: end the running ones, purge their inputs and face data, drop their records.
+    for job_id in jobs.account_job_ids(account_id):
+        if not jobs.is_finished(job_id):
+            jobs.finish_job(job_id, ok=False, reason=ACCOUNT_DELETED_REASON)
+        count += purge_finished_job(job_id, store, jobs, owner=owner, cfg=cfg,
+                                    receipt_id=receipt_id)
+        if not [r for r in jobs.ledger.records_for_job(job_id) if r.object_class != "output"]:
+            jobs.forget_job(job_id, account_id)
+    # 2. Outputs in the index, then anything left under the account's folder.
+    for out in jobs.list_outputs(account_id):
+        delete_verified(store, key_from_uri(store, out.uri))
+        chain.append(receipt_id, DeletionReceipt(out.uri, "output", out.job_id, time.time(), True),
+                     account_id=account_id, requested_s=requested_s)
+        jobs.remove_output(out)
+        count += 1
+    for key in store.list_keys(f"{OUTPUT_PREFIX}{account_digest(account_id)}/"):
+        uri = object_uri(store, key)
+        delete_verified(store, key)
+        chain.append(receipt_id, DeletionReceipt(uri, "output", "", time.time(), True),
+                     account_id=account_id, requested_s=requested_s)
+        count += 1
+    done = not jobs.account_job_ids(account_id) and not jobs.list_outputs(account_id)
+    if done:
+        jobs.redis.hdel(PENDING_ACCOUNTS_KEY, receipt_id)
+    chain.close_request(receipt_id, complete=done)
+    return count

@@ -1,0 +1,140 @@
+"""Deletion receipts: an append-only, hash-chained ledger of verified deletions.
+
+Each entry holds the SHA-256 of the object URI (never the URI, never content), its class,
+the account id, when deletion was requested and verified, and the verifier's result. Entry
+``n`` stores ``prev_hash`` = hash of entry ``n-1``; its own ``hash`` covers every other
+field. Editing, removing, reordering or truncating entries breaks the chain, and
+``verify_chain`` says where.
+
+Keys:
+  eph:receipts:chain        list of JSON entries, append-only
+  eph:receipts:head         hash: seq, hash of the last entry (checked against the list)
+  eph:deletion:<receipt_id> hash: what a deletion request covers and its status
+  eph:deletion:<receipt_id>:entries  list of chain seqs written for it
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+import redis
+
+from pipeline.errors import NotFound
+from pipeline.records import DeletionReceipt
+
+CHAIN_KEY = "eph:receipts:chain"
+HEAD_KEY = "eph:receipts:head"
+GENESIS_HASH = "0" * 64
+
+
+@dataclass(frozen=True, slots=True)
+class ChainEntry:
+    seq: int
+    receipt_id: str
+    uri_sha256: str
+    object_class: str
+    account_id: str
+    requested_s: float
+    verified_s: float
+    result: str  # "verified_gone"
+    prev_hash: str
+    hash: str = ""
+
+
+def _entry_hash(entry: ChainEntry) -> str:
+    fields = asdict(entry)
+    fields.pop("hash")
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def uri_digest(uri: str) -> str:
+    return hashlib.sha256(uri.encode()).hexdigest()
+
+
+class ReceiptLedger:
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def open_request(self, *, kind: str, account_id: str, subject: str) -> str:
+        """Start a deletion request (``kind``: output | account | job_purge); its id."""
+        receipt_id = uuid.uuid4().hex
+        self.redis.hset(f"eph:deletion:{receipt_id}", mapping={
+            "receipt_id": receipt_id, "kind": kind, "account_id": account_id,
+            "subject_sha256": uri_digest(subject), "requested_s": repr(time.time()),
+            "status": "pending",
+        })
+        return receipt_id
+
+    def close_request(self, receipt_id: str, *, complete: bool) -> None:
+        self.redis.hset(f"eph:deletion:{receipt_id}", mapping={
+            "status": "complete" if complete else "pending", "updated_s": repr(time.time())})
+
+    def append(self, receipt_id: str, receipt: DeletionReceipt, *, account_id: str,
+               requested_s: float) -> ChainEntry:
+        """Append one verified deletion to the chain (optimistic WATCH on the head)."""
+        while True:
+            with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(HEAD_KEY)
+                    head = pipe.hgetall(HEAD_KEY)
+                    seq = int(head.get(b"seq", b"-1")) + 1
+                    prev = head.get(b"hash", GENESIS_HASH.encode()).decode()
+                    entry = ChainEntry(
+                        seq=seq, receipt_id=receipt_id, uri_sha256=uri_digest(receipt.uri),
+                        object_class=receipt.object_class, account_id=account_id,
+                        requested_s=requested_s, verified_s=receipt.deleted_at_s,
+                        result="verified_gone" if receipt.verified_gone else "not_verified",
+                        prev_hash=prev,
+                    )
+                    entry = ChainEntry(**{**asdict(entry), "hash": _entry_hash(entry)})
+                    pipe.multi()
+                    pipe.rpush(CHAIN_KEY, json.dumps(asdict(entry), sort_keys=True))
+                    pipe.hset(HEAD_KEY, mapping={"seq": seq, "hash": entry.hash})
+                    pipe.rpush(f"eph:deletion:{receipt_id}:entries", seq)
+                    pipe.execute()
+                    return entry
+                except redis.WatchError:
+                    continue
+
+    def get_request(self, receipt_id: str) -> dict:
+        raw = self.redis.hgetall(f"eph:deletion:{receipt_id}")
+        if not raw:
+            raise NotFound(f"deletion receipt {receipt_id} not found")
+        request = {k.decode(): v.decode() for k, v in raw.items()}
+        seqs = [int(s) for s in self.redis.lrange(f"eph:deletion:{receipt_id}:entries", 0, -1)]
+        request["objects"] = [json.loads(self.redis.lindex(CHAIN_KEY, s)) for s in seqs]
+        return request
+
+
+def verify_chain(client: redis.Redis) -> list[str]:
+    """Problems found in the chain; empty when intact. Reads the whole list."""
+    problems: list[str] = []
+    prev = GENESIS_HASH
+    raw_entries = client.lrange(CHAIN_KEY, 0, -1)
+    for position, raw in enumerate(raw_entries):
+        try:
+            entry = ChainEntry(**json.loads(raw))
+        except (ValueError, TypeError):
+            problems.append(f"entry {position}: not a chain entry")
+            break
+        if entry.seq != position:
+            problems.append(f"entry {position}: seq {entry.seq}, expected {position} "
+                            "(an entry was removed or inserted)")
+        if entry.prev_hash != prev:
+            problems.append(f"entry {position}: prev_hash does not match entry {position - 1}")
+        if _entry_hash(entry) != entry.hash:
+            problems.append(f"entry {position}: content was altered (hash mismatch)")
+        prev = entry.hash
+        if problems:
+            break
+    head = client.hgetall(HEAD_KEY)
+    if not problems and head:
+        if int(head[b"seq"]) != len(raw_entries) - 1 or head[b"hash"].decode() != prev:
+            problems.append("head does not match the last entry (the chain was truncated)")
+    if not problems and not head and raw_entries:
+        problems.append("head is missing")
+    return problems
