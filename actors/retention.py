@@ -53,16 +53,20 @@ class RetentionDeployment:
         self._ensure_background()  # Serve calls this periodically: work starts with the replica
 
     def sweep(self) -> int:
-        from pipeline.retention import sweep_due
+        from pipeline.retention import note_purges, sweep_due
 
-        return len(sweep_due(self.store, self.jobs.ledger, owner=self.owner,
-                             cfg=self.settings.retention))
+        receipts = sweep_due(self.store, self.jobs.ledger, owner=self.owner,
+                             cfg=self.settings.retention)
+        note_purges(self.jobs, receipts)
+        return len(receipts)
 
     def reconcile(self) -> int:
-        from pipeline.retention import reconcile
+        from pipeline.retention import note_purges, reconcile
 
-        return len(reconcile(self.store, self.jobs.ledger, owner=self.owner,
-                             cfg=self.settings.retention))
+        receipts = reconcile(self.store, self.jobs.ledger, owner=self.owner,
+                             cfg=self.settings.retention)
+        note_purges(self.jobs, receipts)
+        return len(receipts)
 
     def resume_account_deletions(self) -> int:
         from pipeline.deletion import delete_account, pending_account_deletions

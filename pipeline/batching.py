@@ -43,16 +43,18 @@ class BatchQueue(Generic[T]):
         """Full batches first, then groups whose oldest job waited max_wait_ms; oldest first."""
         max_wait_s = self.cfg.max_wait_ms / 1000.0
         size = self.cfg.max_batch_size
-        candidates = sorted(self._groups.items(), key=lambda kv: kv[1][0].enqueued_s)
+        limit = max_batches if max_batches is not None else float("inf")
         batches: list[list[T]] = []
-        for key, group in candidates:
-            while group and (len(group) >= size or now_s - group[0].enqueued_s >= max_wait_s):
-                if max_batches is not None and len(batches) >= max_batches:
-                    break
-                batches.append([w.item for w in group[:size]])
-                del group[:size]
-            if not group:
-                del self._groups[key]
+        for full_only in (True, False):
+            for key, group in sorted(self._groups.items(), key=lambda kv: kv[1][0].enqueued_s):
+                while group and len(batches) < limit and (
+                    len(group) >= size
+                    or (not full_only and now_s - group[0].enqueued_s >= max_wait_s)
+                ):
+                    batches.append([w.item for w in group[:size]])
+                    del group[:size]
+                if not group:
+                    del self._groups[key]
         return batches
 
     def next_due_s(self) -> float | None:

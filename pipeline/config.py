@@ -7,7 +7,7 @@ or an out-of-range value stops the service at start-up with a message naming the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -38,8 +38,8 @@ class ServiceConfig(_Strict):
         40_000_000, gt=0, description="Largest width*height decoded (decompression-bomb guard)."
     )
     min_image_side_px: int = Field(32, gt=0, description="Smallest accepted width or height.")
-    allowed_resolutions_px: list[int] = Field(
-        [64], min_length=1, description="Output sizes (square) a request may ask for."
+    allowed_resolutions_px: list[Annotated[int, Field(ge=64, le=4096, multiple_of=8)]] = Field(
+        [64], min_length=1, description="Output sizes (square, 64..4096, multiples of 8)."
     )
     default_resolution_px: int = Field(64, gt=0, description="Output size when none is given.")
     output_format: Literal["png", "webp"] = Field("png", description="Encoding of outputs.")
@@ -195,6 +195,17 @@ class Settings(_Strict):
     retention: RetentionConfig = Field(
         default_factory=RetentionConfig, description="retention.yaml"
     )
+
+    @model_validator(mode="after")
+    def _every_style_denoises(self) -> Settings:
+        steps = self.models.num_inference_steps
+        for name, style in self.styles.styles.items():
+            if int(steps * style.strength) < 1:
+                raise ValueError(
+                    f"styles.yaml {name}: strength {style.strength} x num_inference_steps "
+                    f"{steps} runs no denoising step; raise either so the product is >= 1"
+                )
+        return self
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -195,6 +195,11 @@ class DiffusionGenerator:
     def art_styles(self, images: list[np.ndarray], params: GenerationParams,
                    seeds: list[int]) -> np.ndarray:
         """B input images (H, W, 3) uint8 -> (B, R, R, 3) uint8 restyled images."""
+        if int(params.num_inference_steps * params.strength) < 1:
+            raise ValueError(
+                f"strength {params.strength} x num_inference_steps {params.num_inference_steps}"
+                " runs no denoising step; raise either so the product is >= 1"
+            )
         size = params.resolution_px
         batch = len(images)
         cfg = params.guidance_scale > 1.0

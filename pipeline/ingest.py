@@ -17,7 +17,9 @@ from pipeline.config import ServiceConfig
 from pipeline.errors import InvalidUpload
 from pipeline.records import CleanImage
 
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
+# MPO: a JPEG with extra frames (depth maps, previews) as phones write it; the first
+# frame is the photo.
+ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
 
 
 def check_upload(data: bytes, *, index: int, limits: ServiceConfig) -> CleanImage:
@@ -65,9 +67,10 @@ def check_upload(data: bytes, *, index: int, limits: ServiceConfig) -> CleanImag
             f"{limits.min_image_side_px}",
             status_code=422,
         )
-    if getattr(image, "n_frames", 1) > 1:
+    if image_format != "MPO" and getattr(image, "n_frames", 1) > 1:
         raise InvalidUpload(f"{where} is animated; send a still photo", status_code=415)
     try:
+        image.seek(0)
         image.load()  # raises on truncated or corrupt data (LOAD_TRUNCATED_IMAGES is off)
         upright = ImageOps.exif_transpose(image)  # keep what the user saw, drop the tag
         pixels = np.asarray(upright.convert("RGB"), dtype=np.uint8)
@@ -79,7 +82,7 @@ def check_upload(data: bytes, *, index: int, limits: ServiceConfig) -> CleanImag
         png_bytes=encode_png(pixels),
         width_px=pixels.shape[1],
         height_px=pixels.shape[0],
-        source_format=image_format,
+        source_format="JPEG" if image_format == "MPO" else image_format,
     )
 
 

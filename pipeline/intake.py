@@ -25,7 +25,7 @@ from pipeline.records import JOB_KINDS, CleanImage, JobRecord, RetentionRecord, 
 from pipeline.retention import deadline_for
 from pipeline.storage import ObjectStore, delete_verified, input_key, key_from_uri, object_uri
 
-ACCOUNT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+ACCOUNT_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +40,7 @@ class JobRequest:
 
 
 def check_account_id(account_id: str | None) -> str:
-    if not account_id or not ACCOUNT_ID_PATTERN.match(account_id):
+    if not account_id or not ACCOUNT_ID_PATTERN.fullmatch(account_id):
         raise InvalidUpload(
             "account_id must be 1-64 characters of letters, digits, '_' or '-'", status_code=422
         )
@@ -99,12 +99,25 @@ def accept_job(request: JobRequest, device_key: bytes, store: ObjectStore, jobs:
             store.put(key_from_uri(store, uri),
                       crypto.encrypt(image.png_bytes, device_key, uri=uri))
     except StorageError:
-        for uri in uris:
-            delete_verified(store, key_from_uri(store, uri))
-        jobs.discard_job(job_id, records)
+        _undo(job_id, uris, records, store, jobs)
         raise
     item = WorkItem(job_id=job_id, account_id=request.account_id, kind=request.kind,
                     style=request.style, resolution_px=request.resolution_px,
                     input_uris=tuple(uris), device_key=device_key,
                     seed=secrets.randbelow(2**31))
     return job, item
+
+
+def _undo(job_id: str, uris: list[str], records: list[RetentionRecord], store: ObjectStore,
+          jobs: JobStore) -> None:
+    """After a failed write: delete what may exist; forget the job only if all is verified
+    gone. Otherwise the job ends failed and keeps its records (due at once), so the sweep
+    deletes the objects once the store is back."""
+    try:
+        for uri in uris:
+            delete_verified(store, key_from_uri(store, uri))
+    except StorageError:
+        jobs.finish_job(job_id, ok=False, reason="the object store failed while storing "
+                        "the upload; nothing was processed, please try again")
+        return
+    jobs.discard_job(job_id, records)

@@ -121,10 +121,22 @@ def purge_finished_job(job_id: str, store: ObjectStore, jobs: JobStore, *, owner
     gets ``inputs_purged_s``. Returns how many objects this call verified gone.
     """
     receipts = purge_job(job_id, store, jobs.ledger, owner=owner, cfg=cfg, receipt_id=receipt_id)
-    num_inputs = sum(r.object_class == "input" for r in receipts)
-    left = [r for r in jobs.ledger.records_for_job(job_id) if r.object_class in PURGED_ON_EVENT]
-    jobs.record_purge(job_id, num_inputs_verified=num_inputs, complete=not left)
+    note_purges(jobs, receipts, also_check=[job_id])
     return len(receipts)
+
+
+def note_purges(jobs: JobStore, receipts: list[DeletionReceipt], *,
+                also_check: list[str] = ()) -> None:
+    """Record on each affected job how many inputs were verified gone, and when all were."""
+    by_job: dict[str, int] = {job_id: 0 for job_id in also_check}
+    for receipt in receipts:
+        if receipt.job_id:
+            by_job[receipt.job_id] = by_job.get(receipt.job_id, 0) + (
+                receipt.object_class == "input")
+    for job_id, num_inputs in by_job.items():
+        left = [r for r in jobs.ledger.records_for_job(job_id)
+                if r.object_class in PURGED_ON_EVENT]
+        jobs.record_purge(job_id, num_inputs_verified=num_inputs, complete=not left)
 
 
 RECONCILE_RECEIPT_ID = "reconcile"

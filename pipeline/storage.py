@@ -95,14 +95,20 @@ class LocalObjectStore:
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self._tmp)
             try:
                 with os.fdopen(fd, "wb") as handle:
                     handle.write(data)
                     handle.flush()
                     os.fsync(handle.fileno())
-                os.replace(tmp, path)
+                for attempt in range(3):  # a concurrent delete may remove the empty folder
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        os.replace(tmp, path)
+                        break
+                    except FileNotFoundError:
+                        if attempt == 2:
+                            raise
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise

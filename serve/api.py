@@ -80,6 +80,7 @@ def job_view(job: JobRecord) -> dict:
         "finished_s": job.finished_s,
         "inputs_purged_s": job.inputs_purged_s,
         "num_inputs_purged_verified": job.num_inputs_purged_verified,
+        "attempts": job.attempts,
         "batch_sizes": {"face": job.face_batch_size, "diffusion": job.diffusion_batch_size},
     }
 

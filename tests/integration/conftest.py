@@ -47,6 +47,7 @@ def test_settings(tmp_path_factory, redis_server, face_weights_path):
             "store_url": f"file://{root / 'store'}",
             "max_files_per_job": 3,
             "max_file_bytes": 3 * 1024 * 1024,
+            "ray_object_store_mb": 150,  # small, so a test can fill it
         }),
         "models": base.models.model_copy(update={
             "diffusion_model_dir": str(root / "models" / "tiny-sd"),

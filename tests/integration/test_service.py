@@ -248,3 +248,56 @@ def test_nothing_plaintext_in_any_input_object_while_stored(service, store_root)
 
         jobs.finish_job(job.job_id, ok=False, reason="test cleanup")
         purge_finished_job(job.job_id, store, jobs, owner="test", cfg=settings.retention)
+
+
+# -- user deletion and metrics -------------------------------------------------------
+
+def _generate(client, account_id: str, num_files: int = 1) -> dict:
+    files = [encode_image(ASTRONAUT, "PNG")] * num_files
+    response = submit(client, files, key=crypto.new_device_key(), kind="art_style",
+                      style="comic", account_id=account_id)
+    assert response.status_code == 202, response.text
+    view = wait_finished(client, response.json()["job_id"])
+    assert view["status"] == "succeeded", view
+    return view
+
+
+def test_delete_one_output_is_prompt_verified_and_receipted(client, store_root):
+    view = _generate(client, "acct-del-one", num_files=2)
+    gone_id, kept_id = view["output_ids"]
+    assert client.delete(f"/v1/accounts/other-acct/outputs/{gone_id}").status_code == 404
+    response = client.delete(f"/v1/accounts/acct-del-one/outputs/{gone_id}")
+    assert response.status_code == 200 and response.json()["status"] == "complete"
+    assert client.get(f"/v1/accounts/acct-del-one/outputs/{gone_id}").status_code == 404
+    assert client.get(f"/v1/accounts/acct-del-one/outputs/{kept_id}").status_code == 200
+    assert not list(store_root.rglob(f"{gone_id}.*")) and list(store_root.rglob(f"{kept_id}.*"))
+    receipt = client.get(response.json()["receipt_url"]).json()
+    assert receipt["kind"] == "output" and receipt["status"] == "complete"
+    assert [o["result"] for o in receipt["objects"]] == ["verified_gone"]
+
+
+def test_delete_account_removes_outputs_jobs_and_index(client, store_root):
+    views = [_generate(client, "acct-del-all") for _ in range(2)]
+    response = client.delete("/v1/accounts/acct-del-all")
+    assert response.status_code == 202
+    receipt_url = response.json()["receipt_url"]
+    deadline = time.monotonic() + 60
+    while (receipt := client.get(receipt_url).json())["status"] != "complete":
+        assert time.monotonic() < deadline, receipt
+        time.sleep(0.2)
+    assert sum(o["object_class"] == "output" for o in receipt["objects"]) == 2
+    assert client.get("/v1/accounts/acct-del-all/outputs").json()["outputs"] == []
+    for view in views:
+        assert client.get(f"/v1/jobs/{view['job_id']}").status_code == 404
+        for output_id in view["output_ids"]:
+            assert not list(store_root.rglob(f"{output_id}.*"))
+    assert client.get("/v1/deletions/not-a-receipt").status_code == 404
+
+
+def test_metrics_export_purge_lag_and_oldest_input(client):
+    _generate(client, "acct-metrics")
+    text = client.get("/metrics").text
+    values = dict(line.split() for line in text.splitlines() if not line.startswith("#"))
+    assert float(values["ephemera_purge_lag_samples"]) >= 1
+    assert 0 <= float(values["ephemera_purge_lag_p99_s"]) < 30
+    assert "ephemera_oldest_input_age_s" in values and "ephemera_purge_failures_total" in values

@@ -14,8 +14,9 @@ from PIL import Image
 from skimage import data
 
 from pipeline.config import ModelsConfig, ServiceConfig, Settings, StyleConfig, StylesConfig
-from pipeline.records import StageResult, WorkItem
+from pipeline.records import JobRecord, RetentionRecord, StageResult, WorkItem
 from pipeline.runtime import Runtime, select_runtime
+from pipeline.storage import ObjectStore
 
 
 def photo(height: int = 128, width: int = 128) -> np.ndarray:
@@ -67,10 +68,6 @@ def make_item(job_id: str = "job1", *, kind: str = "ai_photo", style: str = "por
     )
 
 
-def make_items(n: int, **kwargs: object) -> list[WorkItem]:
-    return [make_item(f"job{i}", **kwargs) for i in range(n)]  # type: ignore[arg-type]
-
-
 def ok_result(job_id: str = "job1", **kwargs: object) -> StageResult:
     return StageResult(job_id=job_id, ok=True, **kwargs)  # type: ignore[arg-type]
 
@@ -86,3 +83,30 @@ def make_settings(**service: object) -> Settings:
         service=ServiceConfig(**service),  # type: ignore[arg-type]
         styles=StylesConfig(styles={"portrait": StyleConfig(prompt="a portrait")}),
     )
+
+
+
+class MemoryJobStore:
+    """In-memory stand-in for pipeline.jobs.JobStore's create/discard, recording each call.
+
+    ``store_keys_at_create`` holds what the object store held when the job was registered,
+    so a test can check that records are written before any object.
+    """
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self.jobs: dict[str, JobRecord] = {}
+        self.records: dict[str, RetentionRecord] = {}
+        self.discarded: list[str] = []
+        self.store_keys_at_create: list[str] | None = None
+
+    def create_job(self, job: JobRecord, records: list[RetentionRecord]) -> None:
+        self.store_keys_at_create = self.store.list_keys("")
+        self.jobs[job.job_id] = job
+        self.records.update({r.uri: r for r in records})
+
+    def discard_job(self, job_id: str, records: list[RetentionRecord]) -> None:
+        self.jobs.pop(job_id, None)
+        self.discarded.append(job_id)
+        for rec in records:
+            self.records.pop(rec.uri, None)

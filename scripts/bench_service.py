@@ -1,0 +1,398 @@
+"""Benchmark: service throughput over HTTP vs. the same pipeline stages called in-process.
+
+Run:  .venv/bin/python scripts/bench_service.py [--jobs N] [--batch B] [--kind ai_photo|art_style]
+      (or: make bench; defaults N=16, B=8, kind=ai_photo; a few minutes on 2 CPU cores)
+
+Everything lives in a fresh temporary directory (object stores, embedded Redis, tiny
+random-weight diffusion models), removed at the end; the repository's data/ and models/
+are never touched. Inputs are real photos: scikit-image's astronaut sent as JPEG (it has
+a real face, so ai_photo passes the face stage).
+
+In one run it measures
+  a. the service (local Ray + Serve, all over HTTP) with max_batch_size=B for both stages,
+  b. the same service restarted with max_batch_size=1,
+  c. face_stage / diffusion_stage called directly in this process in chunks of B, after the
+     service is stopped (so the two do not compete for the cores).
+Both service runs use max_wait_ms=200 and max_inflight_batches=1, and start with one
+untimed warm-up job; the in-process run also does one untimed warm-up job.
+
+Service timing runs from the first POST until every job reached ``succeeded`` (the job's
+server-side ``succeeded_s``, same host clock; polling only detects it). Per-job latency is
+POST -> succeeded. In-process latency is the time from the start of the timed region until
+the chunk holding the job finished both stages (all jobs are "submitted" at once).
+
+Prints a table and two ratios, writes bench-out/bench_service.json and, if matplotlib is
+importable, bench-out/bench_service.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import httpx
+import numpy as np
+import skimage.data
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pipeline import crypto
+from pipeline.config import Settings, StageBatchConfig, load_settings
+
+OUT_DIR = REPO / "bench-out"
+STYLE_FOR_KIND = {"ai_photo": "portrait", "art_style": "watercolor"}
+ACCOUNT = "bench-account"
+MAX_WAIT_MS = 200.0
+JOB_WAIT_S = 900.0
+
+
+@dataclass
+class RunResult:
+    """One measured configuration."""
+
+    config: str
+    jobs: int
+    batch: int
+    elapsed_s: float
+    latencies_s: list[float]
+    failures: list[str] = field(default_factory=list)
+    batch_sizes: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> size -> n
+    notes: str = ""
+
+    @property
+    def jobs_per_s(self) -> float:
+        succeeded = self.jobs - len(self.failures)
+        return succeeded / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def summary(self) -> dict:
+        return {**asdict(self), "jobs_per_s": self.jobs_per_s,
+                "p50_s": percentile(self.latencies_s, 50),
+                "p95_s": percentile(self.latencies_s, 95)}
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def sample_photo() -> bytes:
+    """scikit-image's astronaut (a real face), encoded as JPEG."""
+    buffer = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def bench_settings(base: Settings, root: Path, name: str, batch: int) -> Settings:
+    """``base`` with store and models under ``root`` and batching set for a fair comparison."""
+    stage = StageBatchConfig(max_batch_size=batch, max_wait_ms=MAX_WAIT_MS,
+                             max_inflight_batches=1)
+    return base.model_copy(update={
+        "service": base.service.model_copy(update={
+            "store_url": f"file://{root / name / 'store'}",
+            "redis_url": None,  # embedded Redis, started by the launcher under the workdir
+        }),
+        "models": base.models.model_copy(update={
+            "diffusion_model_dir": str(root / "models" / "tiny-sd"),
+        }),
+        "batching": base.batching.model_copy(update={"face": stage, "diffusion": stage}),
+    })
+
+
+def ensure_tiny_models(settings: Settings) -> None:
+    """Build the tiny diffusion models once, before any timing, so no run pays for it."""
+    from pipeline.diffusion import build_tiny_models
+
+    model_dir = Path(settings.models.diffusion_model_dir)
+    if not (model_dir / "model_index.json").is_file():
+        build_tiny_models(model_dir)
+
+
+# --- service over HTTP -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    kind: str
+    style: str
+    photo: bytes
+    headers: dict[str, str]
+
+
+def post_job(client: httpx.Client, spec: JobSpec) -> tuple[str, float, float]:
+    """Submit one job; returns its id and the wall-clock times the POST started and ended."""
+    started = time.time()
+    response = client.post(
+        "/v1/jobs", headers=spec.headers,
+        files=[("files", ("astronaut.jpg", spec.photo, "image/jpeg"))],
+        data={"kind": spec.kind, "style": spec.style, "account_id": ACCOUNT},
+    )
+    if response.status_code != 202:
+        raise RuntimeError(f"submit failed: {response.status_code} {response.text}")
+    return response.json()["job_id"], started, time.time()
+
+
+def wait_all(client: httpx.Client, job_ids: list[str], timeout_s: float = JOB_WAIT_S,
+             poll_s: float = 0.25) -> dict[str, dict]:
+    """Poll GET /v1/jobs/{id} until every job succeeded or failed; returns the views."""
+    pending, done = set(job_ids), {}
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(pending)} jobs did not finish within {timeout_s} s")
+        for job_id in list(pending):
+            view = client.get(f"/v1/jobs/{job_id}").json()
+            if view["status"] in ("succeeded", "failed"):
+                done[job_id] = view
+                pending.discard(job_id)
+        if pending:
+            time.sleep(poll_s)
+    return done
+
+
+def measure_service(base_url: str, spec: JobSpec, jobs: int) -> tuple[dict, dict, float]:
+    """One warm-up job, then ``jobs`` concurrent POSTs; returns views, POST starts, POST span."""
+    with httpx.Client(base_url=base_url, timeout=120.0) as client:
+        warm_id, _, _ = post_job(client, spec)
+        warm = wait_all(client, [warm_id])[warm_id]
+        if warm["status"] != "succeeded":
+            raise RuntimeError(f"warm-up job failed: {warm['reason']}")
+        with ThreadPoolExecutor(max_workers=min(jobs, 16)) as pool:
+            posted = list(pool.map(lambda _: post_job(client, spec), range(jobs)))
+        post_span = max(end for *_, end in posted) - min(start for _, start, _ in posted)
+        views = wait_all(client, [job_id for job_id, _, _ in posted])
+    return views, {job_id: start for job_id, start, _ in posted}, post_span
+
+
+def service_result(config: str, batch: int, views: dict, posted: dict,
+                   post_span: float) -> RunResult:
+    first_post = min(posted.values())
+    ends = [v["succeeded_s"] or v["finished_s"] for v in views.values()]
+    failures = [v["reason"] or "failed" for v in views.values() if v["status"] != "succeeded"]
+    latencies = [v["succeeded_s"] - posted[j] for j, v in views.items()
+                 if v["status"] == "succeeded"]
+    sizes = {stage: dict(sorted(Counter(str(v["batch_sizes"][stage])
+                                        for v in views.values()).items()))
+             for stage in ("face", "diffusion")}
+    return RunResult(config, len(views), batch, max(ends) - first_post, latencies, failures,
+                     sizes, notes=f"first POST sent -> last POST answered {post_span:.2f} s")
+
+
+def run_service(base: Settings, root: Path, name: str, batch: int, spec: JobSpec,
+                jobs: int) -> RunResult:
+    from serve.launcher import start_service
+
+    settings = bench_settings(base, root, name.replace(" ", "-"), batch)
+    print(f"[{name}] starting the service (max_batch_size={batch}) ...", flush=True)
+    workdir = root / name.replace(" ", "-") / "work"
+    with start_service(settings, workdir=workdir) as service:
+        print(f"[{name}] up at {service.base_url}; warm-up, then {jobs} jobs", flush=True)
+        views, posted, post_span = measure_service(service.base_url, spec, jobs)
+    result = service_result(name, batch, views, posted, post_span)
+    print(f"[{name}] {result.elapsed_s:.2f} s, batch sizes per job: {result.batch_sizes}",
+          flush=True)
+    return result
+
+
+# --- the same stages, in-process ---------------------------------------------------------
+
+
+@dataclass
+class Stages:
+    """What the face and diffusion actors hold, built once (not timed)."""
+
+    settings: Settings
+    store: object
+    jobs: object
+    ledger: object
+    generator: object
+    detector: object = None
+    embedder: object = None
+
+
+def load_stages(settings: Settings, redis_url: str, kind: str) -> Stages:
+    import redis
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+
+    from pipeline.diffusion import load_generator
+    from pipeline.faces import FacenetEmbedder, MtcnnDetector
+    from pipeline.jobs import JobStore
+    from pipeline.ledger import RetentionLedger
+    from pipeline.runtime import select_runtime
+    from pipeline.storage import LocalObjectStore
+
+    diffusers_logging.disable_progress_bar()  # as the diffusion actor does
+    diffusers_logging.set_verbosity_error()
+    torch.set_num_threads(settings.models.torch_num_threads)  # as each actor does
+    client = redis.Redis.from_url(redis_url)
+    runtime = select_runtime(settings.models)
+    stages = Stages(settings=settings, store=LocalObjectStore(settings.service.store_url),
+                    jobs=JobStore(client), ledger=RetentionLedger(client),
+                    generator=load_generator(Path(settings.models.diffusion_model_dir), runtime,
+                                             build_tiny_if_missing=True))
+    if kind == "ai_photo":
+        stages.detector = MtcnnDetector(runtime,
+                                        min_probability=settings.models.face_min_probability)
+        stages.embedder = FacenetEmbedder(runtime, weights=settings.models.face_embedder_weights)
+    return stages
+
+
+def accept_items(stages: Stages, spec: JobSpec, count: int) -> list:
+    """Validate and store ``count`` jobs as the API does (not timed)."""
+    from pipeline.intake import accept_job, check_job_request
+
+    key = crypto.new_device_key()
+    items = []
+    for _ in range(count):
+        request = check_job_request(account_id=ACCOUNT, kind=spec.kind, style=spec.style,
+                                    resolution_px=None, files=[spec.photo],
+                                    settings=stages.settings)
+        _, item = accept_job(request, key, stages.store, stages.jobs, stages.settings)
+        items.append(item)
+    return items
+
+
+def run_chunk(stages: Stages, chunk: list) -> list[str]:
+    """Face (ai_photo) then diffusion for one chunk; returns failure reasons."""
+    from pipeline.stages import diffusion_stage, face_stage
+
+    failures = []
+    if chunk[0].kind == "ai_photo":
+        results = face_stage(chunk, stages.store, stages.ledger, stages.detector,
+                             stages.embedder, stages.settings.retention)
+        failures += [r.reason for r in results if not r.ok]
+        chunk = [replace(it, face_uri=r.face_uri) for it, r in zip(chunk, results) if r.ok]
+    if chunk:
+        results = diffusion_stage(chunk, stages.store, stages.jobs, stages.generator,
+                                  stages.settings)
+        failures += [r.reason for r in results if not r.ok]
+    return failures
+
+
+def run_in_process(base: Settings, root: Path, batch: int, spec: JobSpec,
+                   jobs: int) -> RunResult:
+    from pipeline.redis_server import RedisServer
+
+    name = "in-process"
+    settings = bench_settings(base, root, name, batch)
+    print(f"[{name}] loading models, storing {jobs + 1} jobs ...", flush=True)
+    with RedisServer(root / name / "redis") as server:
+        stages = load_stages(settings, server.url, spec.kind)
+        warm, *items = accept_items(stages, spec, jobs + 1)
+        if run_chunk(stages, [warm]):
+            raise RuntimeError("in-process warm-up job failed")
+        latencies, failures = [], []
+        started = time.perf_counter()
+        for i in range(0, len(items), batch):
+            chunk = items[i:i + batch]
+            failures += run_chunk(stages, chunk)
+            latencies += [time.perf_counter() - started] * len(chunk)
+        elapsed = time.perf_counter() - started
+    print(f"[{name}] {elapsed:.2f} s", flush=True)
+    return RunResult(name, jobs, batch, elapsed, latencies, failures,
+                     notes="latency: start of timed region -> chunk done")
+
+
+# --- report ------------------------------------------------------------------------------
+
+
+def ratios(service_b: RunResult, service_1: RunResult,
+           in_process: RunResult) -> dict[str, float]:
+    batch = service_b.batch
+    return {
+        f"service / in-process at batch {batch}": service_b.jobs_per_s / in_process.jobs_per_s,
+        f"service batch {batch} / service batch 1": service_b.jobs_per_s / service_1.jobs_per_s,
+    }
+
+
+def print_report(results: list[RunResult], measured: dict[str, float]) -> None:
+    header = ("config", "jobs", "batch", "elapsed s", "jobs/s", "p50 s", "p95 s")
+    rows = [(r.config, str(r.jobs), str(r.batch), f"{r.elapsed_s:.2f}", f"{r.jobs_per_s:.3f}",
+             f"{percentile(r.latencies_s, 50):.2f}", f"{percentile(r.latencies_s, 95):.2f}")
+            for r in results]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    print()
+    print(line.format(*header))
+    print(line.format(*["-" * w for w in widths]))
+    for row in rows:
+        print(line.format(*row))
+    print()
+    for label, value in measured.items():
+        print(f"{label}: {value:.2f}x")
+    for r in results:
+        extra = f"; batch sizes per job {r.batch_sizes}" if r.batch_sizes else ""
+        failed = f"; FAILED {len(r.failures)}: {sorted(set(r.failures))}" if r.failures else ""
+        print(f"  {r.config}: {r.notes}{extra}{failed}")
+
+
+def write_outputs(results: list[RunResult], measured: dict[str, float], meta: dict) -> None:
+    OUT_DIR.mkdir(exist_ok=True)
+    payload = {**meta, "runs": [r.summary() for r in results], "ratios": measured}
+    path = OUT_DIR / "bench_service.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path.relative_to(REPO)}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([r.config for r in results], [r.jobs_per_s for r in results])
+    ax.set_ylabel("jobs/s")
+    ax.set_title(f"{meta['kind']}, {meta['jobs']} jobs")
+    fig.tight_layout()
+    fig.savefig(OUT_DIR / "bench_service.png", dpi=120)
+    plt.close(fig)
+    print(f"wrote {(OUT_DIR / 'bench_service.png').relative_to(REPO)}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=16, help="jobs per measured run")
+    parser.add_argument("--batch", type=int, default=8, help="max_batch_size B to compare")
+    parser.add_argument("--kind", choices=sorted(STYLE_FOR_KIND), default="ai_photo")
+    args = parser.parse_args()
+    if args.jobs < 1 or args.batch < 1:
+        parser.error("--jobs and --batch must be at least 1")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # diffusers' config notices
+    started = time.monotonic()
+    base = load_settings()  # once: every run uses the same configs
+    root = Path(tempfile.mkdtemp(prefix="ephemera-bench-"))
+    key = base64.b64encode(crypto.new_device_key()).decode()
+    spec = JobSpec(args.kind, STYLE_FOR_KIND[args.kind], sample_photo(), {"X-Device-Key": key})
+    try:
+        ensure_tiny_models(bench_settings(base, root, "models", args.batch))
+        results = [
+            run_service(base, root, f"service b{args.batch}", args.batch, spec, args.jobs),
+            run_service(base, root, "service b1", 1, spec, args.jobs),
+            run_in_process(base, root, args.batch, spec, args.jobs),
+        ]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    measured = ratios(*results)
+    wall_s = time.monotonic() - started
+    print_report(results, measured)
+    write_outputs(results, measured, {"kind": args.kind, "style": spec.style,
+                                      "jobs": args.jobs, "batch": args.batch,
+                                      "max_wait_ms": MAX_WAIT_MS, "wall_s": wall_s})
+    print(f"wall time: {wall_s:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

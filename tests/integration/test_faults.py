@@ -1,0 +1,174 @@
+"""Faults on the real running service: kill -9 actors and Redis, break the store, fill
+Ray's object store. After each: every accepted job ended (succeeded, or failed with a
+reason), every input and face-data object is gone, and a reconciler pass finds no orphan.
+
+Run with ``pytest -m faults``; they run after every other test of a session (conftest).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import redis as redis_lib
+import skimage.data
+
+from pipeline import crypto
+from pipeline.config import RetentionConfig
+from pipeline.ledger import RetentionLedger
+from pipeline.retention import reconcile
+from pipeline.storage import open_store
+from tests.integration.helpers import encode_image, submit, windows
+
+pytestmark = pytest.mark.faults
+
+PHOTO = encode_image(skimage.data.astronaut(), "PNG")
+
+
+def replica_pid(deployment: str) -> int:
+    """The OS process of the (single) replica of ``deployment`` in the ephemera app."""
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == "serve" and entry["name"].startswith(
+                f"SERVE_REPLICA::ephemera#{deployment}#"):
+            actor = ray.get_actor(entry["name"], namespace="serve")
+            return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+    raise AssertionError(f"no replica of {deployment}")
+
+
+def submit_many(client, count: int, *, kind: str = "art_style") -> list[str]:
+    key = crypto.new_device_key()
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda _: submit(client, [PHOTO], key=key, kind=kind,
+                                                   style="watercolor"), range(count)))
+    assert all(r.status_code == 202 for r in responses), [r.text for r in responses]
+    return [r.json()["job_id"] for r in responses]
+
+
+def wait_all_settled(client, job_ids: list[str], timeout_s: float = 240.0) -> list[dict]:
+    """Every job ended with an outcome and its inputs were verified gone."""
+    deadline = time.monotonic() + timeout_s
+    views: list[dict] = []
+    while time.monotonic() < deadline:
+        try:
+            views = [client.get(f"/v1/jobs/{j}").json() for j in job_ids]
+        except Exception:  # the API itself may be restarting
+            time.sleep(0.5)
+            continue
+        if all(v.get("status") in ("succeeded", "failed") and v.get("inputs_purged_s")
+               for v in views):
+            return views
+        time.sleep(0.25)
+    raise AssertionError(f"jobs did not settle in {timeout_s} s: {views}")
+
+
+def assert_clean(service, store_root: Path, views: list[dict]) -> None:
+    for view in views:
+        assert view["status"] == "succeeded" or view["reason"], view
+        assert not list((store_root / "inputs" / view["job_id"]).rglob("*.bin"))
+        assert not list((store_root / "face" / view["job_id"]).rglob("*.bin"))
+    settings = service.settings
+    ledger = RetentionLedger(redis_lib.Redis.from_url(settings.service.redis_url))
+    receipts = reconcile(open_store(settings.service.store_url), ledger, owner="test",
+                         cfg=RetentionConfig())
+    assert [r for r in receipts if r.object_class == "orphan"] == []
+
+
+def wait_running(client, job_ids: list[str], stage: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for job_id in job_ids:
+            view = client.get(f"/v1/jobs/{job_id}").json()
+            if view["status"] == "running" and view["batch_sizes"][stage]:
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"no job reached the {stage} stage")
+
+
+def test_gpu_actor_killed_mid_batch(client, service, store_root):
+    job_ids = submit_many(client, 4)
+    wait_running(client, job_ids, "diffusion")
+    os.kill(replica_pid("DiffusionDeployment"), signal.SIGKILL)
+    views = wait_all_settled(client, job_ids)
+    assert_clean(service, store_root, views)
+    # The crash was seen and retried (or reported), not silently lost.
+    assert any(v["attempts"] >= 1 or "worker failed" in (v["reason"] or "") for v in views)
+
+
+def test_retention_actor_killed_mid_purge(client, service, store_root):
+    job_ids = submit_many(client, 4, kind="ai_photo")
+    deadline = time.monotonic() + 120
+    while not any(client.get(f"/v1/jobs/{j}").json()["status"] == "succeeded" for j in job_ids):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(replica_pid("RetentionDeployment"), signal.SIGKILL)
+    assert_clean(service, store_root, wait_all_settled(client, job_ids))
+
+
+def test_redis_killed_and_restarted_mid_run(client, service, store_root, redis_server):
+    job_ids = submit_many(client, 4)
+    wait_running(client, job_ids, "diffusion")
+    redis_server.kill()  # SIGKILL; AOF on disk
+    time.sleep(1.5)
+    redis_server.start()  # same port, same data dir
+    views = wait_all_settled(client, job_ids)
+    assert_clean(service, store_root, views)
+
+
+def test_store_outage_fails_cleanly_and_everything_is_purged_after(client, service,
+                                                                   store_root):
+    job_ids = submit_many(client, 3)
+    parked = store_root.with_name(store_root.name + "-parked")
+    store_root.rename(parked)
+    store_root.write_bytes(b"")  # the mount is gone: every store call errors
+    try:
+        during = submit(client, [PHOTO], key=crypto.new_device_key(), kind="art_style",
+                        style="watercolor")
+        assert during.status_code == 503 and "store" in during.json()["detail"]
+        time.sleep(3)
+    finally:
+        store_root.unlink()
+        parked.rename(store_root)
+    views = wait_all_settled(client, job_ids)
+    assert_clean(service, store_root, views)
+    assert not list((store_root / "inputs").rglob("*.bin"))
+
+
+def test_full_object_store_spills_only_to_memory(client, service, tmp_path_factory):
+    """Fill Ray's object store past its size while an upload crosses it: whatever Ray
+    spills must stay in RAM (tmpfs), never on a disk."""
+    from serve.launcher import filesystem_type
+
+    marker = b"EPHEMERA-SPILL-PROBE-" + os.urandom(8)
+    block = np.frombuffer(marker * (10 * 1024 * 1024 // len(marker)), dtype=np.uint8)
+    refs = [ray.put(block.copy()) for _ in range(25)]  # ~250 MB into a 150 MB store
+    photo = encode_image(skimage.data.coffee(), "PNG")
+    response = submit(client, [photo], key=crypto.new_device_key(), kind="art_style",
+                      style="comic")
+    assert response.status_code == 202
+    view = wait_all_settled(client, [response.json()["job_id"]])[0]
+    spill_dir = service.spill_dir
+    assert spill_dir is not None and filesystem_type(spill_dir) == "tmpfs"
+    spilled = [p for p in spill_dir.rglob("*") if p.is_file()]
+    assert spilled, "nothing was spilled: the test did not fill the object store"
+    session = Path(ray._private.worker.global_worker.node.get_session_dir_path())
+    needles = [marker] + windows(photo)
+    on_disk = [str(p) for p in session.rglob("*") if p.is_file() and not p.is_symlink()
+               and _contains_any(p, needles)]
+    assert on_disk == []
+    del refs
+    assert view["status"] == "succeeded"
+
+
+def _contains_any(path: Path, needles: list[bytes]) -> bool:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    return any(n in data for n in needles)

@@ -1,0 +1,134 @@
+"""config: the shipped YAML loads; typos and out-of-range values stop start-up naming the field."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from pipeline import config
+from pipeline.config import (
+    CONFIG_DIR,
+    ModelsConfig,
+    RetentionConfig,
+    ServiceConfig,
+    load_settings,
+    resolve_path,
+)
+
+CONFIG_MODELS = [
+    config.ServiceConfig, config.StageBatchConfig, config.BatchingConfig,
+    config.StageResourcesConfig, config.ModelsConfig, config.StyleConfig,
+    config.StylesConfig, config.RetentionConfig, config.Settings,
+]
+
+
+def config_dir_with(tmp_path: Path, file_name: str, **changes: object) -> Path:
+    """A copy of configs/ where ``file_name`` has ``changes`` applied to its top level."""
+    target = tmp_path / "configs"
+    shutil.copytree(CONFIG_DIR, target)
+    path = target / file_name
+    values = yaml.safe_load(path.read_text()) or {}
+    values.update(changes)
+    path.write_text(yaml.safe_dump(values))
+    return target
+
+
+def test_shipped_configs_load():
+    settings = load_settings()
+
+    assert settings.service.default_resolution_px in settings.service.allowed_resolutions_px
+    assert settings.styles.styles  # at least one style
+    assert settings.retention.input_ceiling_h <= 96
+    assert settings.batching.max_attempts >= 1
+    assert settings.models.diffusion_model_dir
+
+
+def test_unknown_key_is_refused_naming_the_field_and_file(tmp_path):
+    root = config_dir_with(tmp_path, "batching.yaml", max_atempts=5)
+
+    with pytest.raises(ValueError, match="max_atempts") as info:
+        load_settings(root)
+    assert "batching.yaml" in str(info.value)
+
+
+def test_unknown_nested_key_is_refused(tmp_path):
+    root = config_dir_with(tmp_path, "styles.yaml", styles={"comic": {"prompt": "x", "strenght": 1}})
+
+    with pytest.raises(ValueError, match="strenght"):
+        load_settings(root)
+
+
+@pytest.mark.parametrize(("file_name", "field", "value"), [
+    ("batching.yaml", "max_attempts", 0),
+    ("batching.yaml", "poll_interval_ms", 5000),
+    ("service.yaml", "max_file_bytes", -1),
+    ("service.yaml", "http_port", 70000),
+    ("models.yaml", "face_min_probability", 1.5),
+    ("models.yaml", "num_inference_steps", 0),
+    ("retention.yaml", "lease_s", 0),
+])
+def test_out_of_bounds_number_is_refused(tmp_path, file_name, field, value):
+    root = config_dir_with(tmp_path, file_name, **{field: value})
+
+    with pytest.raises(ValueError, match=field):
+        load_settings(root)
+
+
+def test_default_resolution_must_be_an_allowed_one():
+    with pytest.raises(ValidationError, match="default_resolution_px"):
+        ServiceConfig(allowed_resolutions_px=[64, 128], default_resolution_px=96)
+    assert ServiceConfig(allowed_resolutions_px=[64, 128], default_resolution_px=128)
+
+
+@pytest.mark.parametrize("field", ["input_ceiling_h", "face_data_ceiling_h"])
+def test_retention_ceiling_above_96_hours_is_refused(tmp_path, field):
+    assert RetentionConfig(**{field: 96}).model_dump()[field] == 96
+    root = config_dir_with(tmp_path, "retention.yaml", **{field: 96.5})
+
+    with pytest.raises(ValueError, match=field):
+        load_settings(root)
+
+
+def test_missing_file_is_named(tmp_path):
+    root = tmp_path / "configs"
+    shutil.copytree(CONFIG_DIR, root)
+    (root / "models.yaml").unlink()
+
+    with pytest.raises(ValueError, match="models.yaml"):
+        load_settings(root)
+
+
+def test_configs_are_frozen():
+    cfg = ModelsConfig()
+    with pytest.raises(ValidationError):
+        cfg.num_inference_steps = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("model", CONFIG_MODELS, ids=lambda m: m.__name__)
+def test_every_field_is_described_and_every_number_bounded(model: type[BaseModel]):
+    for name, info in model.model_fields.items():
+        assert info.description, f"{model.__name__}.{name} has no description"
+        if info.annotation in (int, float):
+            bounds = [m for m in info.metadata
+                      if any(hasattr(m, b) for b in ("gt", "ge", "lt", "le"))]
+            assert bounds, f"{model.__name__}.{name} has no bounds"
+
+
+@pytest.mark.parametrize("sizes", [[64, 0], [64, -64]])
+def test_allowed_resolutions_must_be_positive(sizes):
+    with pytest.raises(ValidationError, match="allowed_resolutions_px"):
+        ServiceConfig(allowed_resolutions_px=sizes, default_resolution_px=64)
+
+
+def test_resolve_path_is_relative_to_the_repository():
+    assert resolve_path("models/tiny-sd") == CONFIG_DIR.parent / "models" / "tiny-sd"
+    assert resolve_path("/abs/weights.pt") == Path("/abs/weights.pt")
+
+
+def test_literal_choices_are_enforced():
+    with pytest.raises(ValidationError, match="device"):
+        ModelsConfig(device="tpu")  # type: ignore[arg-type]
