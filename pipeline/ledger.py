@@ -5,6 +5,8 @@ Keys (no plaintext media, key or embedding ever enters Redis):
   eph:ret:due           zset: uri -> deadline_s
   eph:ret:job:<job_id>  set of the job's uris
   eph:ret:lease:<uri>   claim by one retention worker, expires after lease_s
+  eph:ret:created:<class>  zset uri -> created_s (the oldest-surviving-object metric)
+  eph:metrics:purge_failures  count of deletions that failed every retry
 
 A record is written before (or in the same MULTI as) the object itself, so no object can
 exist without one. A record leaves the ledger only once its object is verified gone.
