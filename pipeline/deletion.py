@@ -7,6 +7,7 @@ Only an explicit request deletes anything: uninstalling the app sends none.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import redis
 
@@ -64,6 +65,19 @@ def delete_account(account_id: str, receipt_id: str, store: ObjectStore, jobs: J
     Idempotent and resumable: a crash part-way leaves the request pending, and running it
     again finishes the work. Returns the number of objects verified gone by this call.
     """
+    lock = f"eph:deletion:{receipt_id}:lock"
+    lease_ms = max(1, int(cfg.lease_s * 1000))
+    if not jobs.redis.set(lock, owner, nx=True, px=lease_ms):
+        return 0  # another retention actor is on it; its lease expires if it dies
+    try:
+        return _delete_account(account_id, receipt_id, store, jobs, owner=owner, cfg=cfg,
+                               keep_lock=lambda: jobs.redis.pexpire(lock, lease_ms))
+    finally:
+        jobs.redis.delete(lock)
+
+
+def _delete_account(account_id: str, receipt_id: str, store: ObjectStore, jobs: JobStore, *,
+                    owner: str, cfg: RetentionConfig, keep_lock: Callable[[], object]) -> int:
     chain = ReceiptLedger(jobs.redis)
     requested_s = time.time()
     count = 0
@@ -82,6 +96,8 @@ def delete_account(account_id: str, receipt_id: str, store: ObjectStore, jobs: J
                      account_id=account_id, requested_s=requested_s)
         jobs.remove_output(out)
         count += 1
+        if count % 100 == 0:
+            keep_lock()
     for key in store.list_keys(f"{OUTPUT_PREFIX}{account_digest(account_id)}/"):
         uri = object_uri(store, key)
         delete_verified(store, key)

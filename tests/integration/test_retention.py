@@ -183,3 +183,17 @@ def test_account_deletion_removes_everything_and_is_resumable(store, jobs):
     assert jobs.get_job(other.job_id).status == "succeeded"
     # Running it again (a retry after a crash) is harmless.
     assert delete_account("acct-del", receipt_id, store, jobs, owner="t", cfg=CFG) == 0
+
+
+def test_two_actors_deleting_one_account_do_not_double_delete(store, jobs):
+    job = make_job(store, jobs, account="acct-race", finished=True)
+    for _ in range(5):
+        make_output(store, jobs, job)
+    receipt_id = request_account_deletion("acct-race", jobs)
+    jobs.redis.set(f"eph:deletion:{receipt_id}:lock", "other-actor", px=5000)
+    assert delete_account("acct-race", receipt_id, store, jobs, owner="t", cfg=CFG) == 0
+    assert len(jobs.list_outputs("acct-race")) == 5  # the lock holder does the work
+    jobs.redis.delete(f"eph:deletion:{receipt_id}:lock")
+    delete_account("acct-race", receipt_id, store, jobs, owner="t", cfg=CFG)
+    objects = ReceiptLedger(jobs.redis).get_request(receipt_id)["objects"]
+    assert sum(o["object_class"] == "output" for o in objects) == 5
