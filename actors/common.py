@@ -5,13 +5,13 @@ from __future__ import annotations
 import redis
 
 from pipeline.config import Settings
-from pipeline.storage import ObjectStore, open_store
+from pipeline.storage import StoreSet, open_stores
 
 
-def open_backends(settings: Settings) -> tuple[redis.Redis, ObjectStore]:
+def open_backends(settings: Settings) -> tuple[redis.Redis, StoreSet]:
     if settings.service.redis_url is None:
         raise ValueError("redis_url must be resolved before actors start (see serve.launcher)")
-    return redis.Redis.from_url(settings.service.redis_url), open_store(settings.service.store_url)
+    return redis.Redis.from_url(settings.service.redis_url), open_stores(settings.storage)
 
 
 def pin_torch_threads(settings: Settings) -> None:

@@ -21,7 +21,7 @@ class DiffusionDeployment:
         diffusers_logging.disable_progress_bar()
         pin_torch_threads(settings)
         self.settings = settings
-        client, self.store = open_backends(settings)
+        client, self.stores = open_backends(settings)
         self.jobs = JobStore(client)
         self.generator = load_generator(
             resolve_path(settings.models.diffusion_model_dir),
@@ -32,4 +32,4 @@ class DiffusionDeployment:
     def run_batch(self, items: list[WorkItem]) -> list[StageResult]:
         from pipeline.stages import diffusion_stage
 
-        return diffusion_stage(items, self.store, self.jobs, self.generator, self.settings)
+        return diffusion_stage(items, self.stores, self.jobs, self.generator, self.settings)

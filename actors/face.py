@@ -18,7 +18,7 @@ class FaceDeployment:
 
         pin_torch_threads(settings)
         self.settings = settings
-        client, self.store = open_backends(settings)
+        client, self.stores = open_backends(settings)
         self.ledger = RetentionLedger(client)
         runtime = select_runtime(settings.models)
         self.detector = MtcnnDetector(runtime, min_probability=settings.models.face_min_probability)
@@ -27,5 +27,5 @@ class FaceDeployment:
     def run_batch(self, items: list[WorkItem]) -> list[StageResult]:
         from pipeline.stages import face_stage
 
-        return face_stage(items, self.store, self.ledger, self.detector, self.embedder,
+        return face_stage(items, self.stores, self.ledger, self.detector, self.embedder,
                           self.settings.retention)

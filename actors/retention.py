@@ -27,7 +27,7 @@ class RetentionDeployment:
         from pipeline.jobs import JobStore
 
         self.settings = settings
-        client, self.store = open_backends(settings)
+        client, self.stores = open_backends(settings)
         self.jobs = JobStore(client)
         self.owner = f"retention-{os.getpid()}"
         self._background: asyncio.Task | None = None
@@ -55,7 +55,7 @@ class RetentionDeployment:
     def sweep(self) -> int:
         from pipeline.retention import note_purges, sweep_due
 
-        receipts = sweep_due(self.store, self.jobs.ledger, owner=self.owner,
+        receipts = sweep_due(self.stores, self.jobs.ledger, owner=self.owner,
                              cfg=self.settings.retention)
         note_purges(self.jobs, receipts)
         return len(receipts)
@@ -63,7 +63,7 @@ class RetentionDeployment:
     def reconcile(self) -> int:
         from pipeline.retention import note_purges, reconcile
 
-        receipts = reconcile(self.store, self.jobs.ledger, owner=self.owner,
+        receipts = reconcile(self.stores, self.jobs.ledger, owner=self.owner,
                              cfg=self.settings.retention)
         note_purges(self.jobs, receipts)
         return len(receipts)
@@ -73,7 +73,7 @@ class RetentionDeployment:
 
         done = 0
         for receipt_id, account_id in pending_account_deletions(self.jobs.redis).items():
-            done += delete_account(account_id, receipt_id, self.store, self.jobs,
+            done += delete_account(account_id, receipt_id, self.stores, self.jobs,
                                    owner=self.owner, cfg=self.settings.retention)
         return done
 
@@ -82,12 +82,12 @@ class RetentionDeployment:
         from pipeline.retention import purge_finished_job
 
         self._ensure_background()
-        return await asyncio.to_thread(purge_finished_job, job_id, self.store, self.jobs,
+        return await asyncio.to_thread(purge_finished_job, job_id, self.stores, self.jobs,
                                        owner=self.owner, cfg=self.settings.retention)
 
     async def delete_account(self, account_id: str, receipt_id: str) -> int:
         from pipeline.deletion import delete_account
 
         self._ensure_background()
-        return await asyncio.to_thread(delete_account, account_id, receipt_id, self.store,
+        return await asyncio.to_thread(delete_account, account_id, receipt_id, self.stores,
                                        self.jobs, owner=self.owner, cfg=self.settings.retention)

@@ -27,9 +27,6 @@ class ServiceConfig(_Strict):
     redis_url: str | None = Field(
         None, description="redis://host:port/db; null starts an embedded server on a free port."
     )
-    store_url: str = Field(
-        "file://./data/store", description="Object store root (file:// for the embedded store)."
-    )
     max_files_per_job: int = Field(4, gt=0, le=32, description="Most images in one request.")
     max_file_bytes: int = Field(
         20 * 1024 * 1024, gt=0, description="Largest accepted upload file, in bytes."
@@ -65,6 +62,97 @@ class ServiceConfig(_Strict):
                 f"default_resolution_px={self.default_resolution_px} is not in "
                 f"allowed_resolutions_px={self.allowed_resolutions_px}; add it or change it"
             )
+        return self
+
+
+US_AWS_REGIONS = ("us-east-1", "us-east-2", "us-west-1", "us-west-2")
+
+
+class S3Config(_Strict):
+    """An AWS S3 bucket (or an S3-protocol server on loopback in tests)."""
+
+    bucket: str = Field(min_length=3, max_length=63, description="Bucket name.")
+    region: str = Field(description="AWS region; US regions only (privacy policy).")
+    endpoint_url: str | None = Field(
+        None, description="A non-AWS S3 endpoint (tests: SeaweedFS on 127.0.0.1); null: AWS."
+    )
+    sse_c_inputs: bool = Field(
+        False, description="Also encrypt inputs and face data with SSE-C under the device key."
+    )
+    output_encryption: Literal["AES256", "aws:kms", "none"] = Field(
+        "AES256", description="Server-side encryption of outputs (server-managed key)."
+    )
+    versioned_bucket: bool = Field(
+        False, description="The bucket keeps versions: deletes then remove every version by id."
+    )
+    timeout_s: float = Field(10.0, gt=0, le=300, description="Connect/read timeout per call.")
+    max_attempts: int = Field(5, gt=0, le=20, description="Tries per call on timeouts and 5xx.")
+
+    @model_validator(mode="after")
+    def _us_only(self) -> S3Config:
+        if self.region not in US_AWS_REGIONS:
+            raise ValueError(
+                f"s3.region {self.region!r} is outside the US; the privacy policy keeps AWS "
+                f"data in the US: use one of {', '.join(US_AWS_REGIONS)}"
+            )
+        return self
+
+
+class GcsConfig(_Strict):
+    """Google Cloud Storage: one bucket per region, chosen by the user's country."""
+
+    project: str = Field(min_length=1, description="GCP project id.")
+    endpoint_url: str | None = Field(
+        None, description="A GCS-protocol endpoint (tests: an emulator on 127.0.0.1)."
+    )
+    buckets: dict[str, str] = Field(min_length=1, description="Region -> bucket name.")
+    country_regions: dict[str, str] = Field(
+        default_factory=dict, description="ISO 3166-1 alpha-2 country -> nearest region."
+    )
+    fallback_region: str = Field(description="Region for a country not in the table.")
+    csek_inputs: bool = Field(
+        False, description="Also encrypt inputs and face data with CSEK under the device key."
+    )
+    timeout_s: float = Field(10.0, gt=0, le=300, description="Timeout per call.")
+    max_attempts: int = Field(5, gt=0, le=20, description="Tries per call on timeouts and 5xx.")
+
+    @model_validator(mode="after")
+    def _regions_have_buckets(self) -> GcsConfig:
+        for where, region in [("fallback_region", self.fallback_region),
+                              *((f"country_regions.{c}", r)
+                                for c, r in self.country_regions.items())]:
+            if region not in self.buckets:
+                raise ValueError(f"gcs.{where} names region {region!r}, which has no bucket "
+                                 "in gcs.buckets; add one")
+        for country in self.country_regions:
+            if len(country) != 2 or not country.isalpha() or not country.isupper():
+                raise ValueError(f"gcs.country_regions key {country!r} is not an ISO 3166-1 "
+                                 "alpha-2 code such as 'TR'")
+        return self
+
+
+class StorageConfig(_Strict):
+    """configs/storage.yaml: where inputs (with face data) and outputs are stored."""
+
+    inputs: Literal["local", "s3", "gcs"] = Field(
+        "local", description="Store of uploads and face data during processing."
+    )
+    outputs: Literal["local", "s3"] = Field(
+        "local", description="Store of generated photos (kept until the user deletes them)."
+    )
+    local_root: str = Field("./data/store", description="Folder of the embedded local store.")
+    signed_url_ttl_s: int = Field(
+        300, gt=0, le=3600, description="Lifetime of a signed output download URL."
+    )
+    s3: S3Config | None = Field(None, description="Required when inputs or outputs is s3.")
+    gcs: GcsConfig | None = Field(None, description="Required when inputs is gcs.")
+
+    @model_validator(mode="after")
+    def _backends_configured(self) -> StorageConfig:
+        if "s3" in (self.inputs, self.outputs) and self.s3 is None:
+            raise ValueError("storage.yaml uses s3 but has no s3: section")
+        if self.inputs == "gcs" and self.gcs is None:
+            raise ValueError("storage.yaml inputs: gcs but has no gcs: section")
         return self
 
 
@@ -195,6 +283,7 @@ class Settings(_Strict):
     retention: RetentionConfig = Field(
         default_factory=RetentionConfig, description="retention.yaml"
     )
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="storage.yaml")
 
     @model_validator(mode="after")
     def _every_style_denoises(self) -> Settings:
@@ -224,7 +313,7 @@ def load_yaml(path: Path, model: type[M]) -> M:
 
 
 def load_settings(config_dir: Path | str = CONFIG_DIR) -> Settings:
-    """Load the five config files from ``config_dir``."""
+    """Load the six config files from ``config_dir``."""
     root = Path(config_dir)
     return Settings(
         service=load_yaml(root / "service.yaml", ServiceConfig),
@@ -232,6 +321,7 @@ def load_settings(config_dir: Path | str = CONFIG_DIR) -> Settings:
         models=load_yaml(root / "models.yaml", ModelsConfig),
         styles=load_yaml(root / "styles.yaml", StylesConfig),
         retention=load_yaml(root / "retention.yaml", RetentionConfig),
+        storage=load_yaml(root / "storage.yaml", StorageConfig),
     )
 
 

@@ -16,20 +16,13 @@ from pipeline.jobs import JobStore
 from pipeline.receipts import ReceiptLedger
 from pipeline.records import DeletionReceipt
 from pipeline.retention import purge_finished_job
-from pipeline.storage import (
-    OUTPUT_PREFIX,
-    ObjectStore,
-    account_digest,
-    delete_verified,
-    key_from_uri,
-    object_uri,
-)
+from pipeline.storage import OUTPUT_PREFIX, StoreSet, account_digest, delete_verified, object_uri
 
 PENDING_ACCOUNTS_KEY = "eph:deletions:pending"  # hash receipt_id -> account_id
 ACCOUNT_DELETED_REASON = "the account was deleted"
 
 
-def delete_output(account_id: str, output_id: str, store: ObjectStore, jobs: JobStore) -> str:
+def delete_output(account_id: str, output_id: str, stores: StoreSet, jobs: JobStore) -> str:
     """Delete one output now and verify it is gone; returns the receipt id.
 
     Raises NotFound if the account has no such output (another account's counts as none).
@@ -38,7 +31,7 @@ def delete_output(account_id: str, output_id: str, store: ObjectStore, jobs: Job
     chain = ReceiptLedger(jobs.redis)
     receipt_id = chain.open_request(kind="output", account_id=account_id, subject=out.uri)
     requested_s = time.time()
-    delete_verified(store, key_from_uri(store, out.uri))
+    delete_verified(*stores.locate(out.uri))
     chain.append(receipt_id, DeletionReceipt(out.uri, "output", out.job_id, time.time(), True),
                  account_id=account_id, requested_s=requested_s)
     jobs.remove_output(out)
@@ -58,7 +51,7 @@ def pending_account_deletions(client: redis.Redis) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in client.hgetall(PENDING_ACCOUNTS_KEY).items()}
 
 
-def delete_account(account_id: str, receipt_id: str, store: ObjectStore, jobs: JobStore, *,
+def delete_account(account_id: str, receipt_id: str, stores: StoreSet, jobs: JobStore, *,
                    owner: str, cfg: RetentionConfig) -> int:
     """Delete every output, index entry, job record and pending input of the account.
 
@@ -70,13 +63,13 @@ def delete_account(account_id: str, receipt_id: str, store: ObjectStore, jobs: J
     if not jobs.redis.set(lock, owner, nx=True, px=lease_ms):
         return 0  # another retention actor is on it; its lease expires if it dies
     try:
-        return _delete_account(account_id, receipt_id, store, jobs, owner=owner, cfg=cfg,
+        return _delete_account(account_id, receipt_id, stores, jobs, owner=owner, cfg=cfg,
                                keep_lock=lambda: jobs.redis.pexpire(lock, lease_ms))
     finally:
         jobs.redis.delete(lock)
 
 
-def _delete_account(account_id: str, receipt_id: str, store: ObjectStore, jobs: JobStore, *,
+def _delete_account(account_id: str, receipt_id: str, stores: StoreSet, jobs: JobStore, *,
                     owner: str, cfg: RetentionConfig, keep_lock: Callable[[], object]) -> int:
     chain = ReceiptLedger(jobs.redis)
     requested_s = time.time()
@@ -85,19 +78,20 @@ def _delete_account(account_id: str, receipt_id: str, store: ObjectStore, jobs: 
     for job_id in jobs.account_job_ids(account_id):
         if not jobs.is_finished(job_id):
             jobs.finish_job(job_id, ok=False, reason=ACCOUNT_DELETED_REASON)
-        count += purge_finished_job(job_id, store, jobs, owner=owner, cfg=cfg,
+        count += purge_finished_job(job_id, stores, jobs, owner=owner, cfg=cfg,
                                     receipt_id=receipt_id)
         if not [r for r in jobs.ledger.records_for_job(job_id) if r.object_class != "output"]:
             jobs.forget_job(job_id, account_id)
     # 2. Outputs in the index, then anything left under the account's folder.
     for out in jobs.list_outputs(account_id):
-        delete_verified(store, key_from_uri(store, out.uri))
+        delete_verified(*stores.locate(out.uri))
         chain.append(receipt_id, DeletionReceipt(out.uri, "output", out.job_id, time.time(), True),
                      account_id=account_id, requested_s=requested_s)
         jobs.remove_output(out)
         count += 1
         if count % 100 == 0:
             keep_lock()
+    store = stores.outputs
     for key in store.list_keys(f"{OUTPUT_PREFIX}{account_digest(account_id)}/"):
         uri = object_uri(store, key)
         delete_verified(store, key)

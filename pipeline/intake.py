@@ -22,8 +22,16 @@ from pipeline.errors import InvalidUpload, StorageError
 from pipeline.ingest import check_upload
 from pipeline.jobs import JobStore
 from pipeline.records import JOB_KINDS, CleanImage, JobRecord, RetentionRecord, WorkItem
+from pipeline.residency import check_country
 from pipeline.retention import deadline_for
-from pipeline.storage import ObjectStore, delete_verified, input_key, key_from_uri, object_uri
+from pipeline.storage import (
+    ObjectStore,
+    StoreSet,
+    delete_verified,
+    input_key,
+    key_from_uri,
+    object_uri,
+)
 
 ACCOUNT_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -37,6 +45,7 @@ class JobRequest:
     style: str
     resolution_px: int
     images: list[CleanImage]
+    country: str | None = None  # ISO alpha-2: picks the storage region, then forgotten
 
 
 def check_account_id(account_id: str | None) -> str:
@@ -49,9 +58,10 @@ def check_account_id(account_id: str | None) -> str:
 
 def check_job_request(*, account_id: str | None, kind: str | None, style: str | None,
                       resolution_px: int | None, files: list[bytes],
-                      settings: Settings) -> JobRequest:
+                      settings: Settings, country: str | None = None) -> JobRequest:
     """Validate every field and every file; raises InvalidUpload naming the first problem."""
     account = check_account_id(account_id)
+    user_country = check_country(country)
     if kind not in JOB_KINDS:
         raise InvalidUpload(f"kind {kind!r} is unknown; use one of {', '.join(JOB_KINDS)}",
                             status_code=422)
@@ -72,22 +82,25 @@ def check_job_request(*, account_id: str | None, kind: str | None, style: str | 
             status_code=413)
     images = [check_upload(data, index=i, limits=service) for i, data in enumerate(files, 1)]
     return JobRequest(account_id=account, kind=kind, style=style, resolution_px=resolution,
-                      images=images)
+                      images=images, country=user_country)
 
 
-def accept_job(request: JobRequest, device_key: bytes, store: ObjectStore, jobs: JobStore,
+def accept_job(request: JobRequest, device_key: bytes, stores: StoreSet, jobs: JobStore,
                settings: Settings) -> tuple[JobRecord, WorkItem]:
-    """Register the job, store its encrypted inputs, and return the record and work item.
+    """Register the job, store its encrypted inputs in the region nearest the user, and
+    return the record and work item.
 
     Raises StorageError after undoing everything if the store fails part-way.
     """
+    store = stores.for_inputs(request.country)
     job_id = uuid.uuid4().hex
     now = time.time()
     uris = [object_uri(store, input_key(job_id, uuid.uuid4().hex)) for _ in request.images]
     records = [
         RetentionRecord(uri=u, object_class="input", account_id=request.account_id,
                         job_id=job_id, created_s=now,
-                        deadline_s=deadline_for("input", now, settings.retention))
+                        deadline_s=deadline_for("input", now, settings.retention),
+                        provider=store.provider, region=store.region, bucket=store.bucket)
         for u in uris
     ]
     job = JobRecord(job_id=job_id, account_id=request.account_id, kind=request.kind,
@@ -97,7 +110,8 @@ def accept_job(request: JobRequest, device_key: bytes, store: ObjectStore, jobs:
     try:
         for uri, image in zip(uris, request.images, strict=True):
             store.put(key_from_uri(store, uri),
-                      crypto.encrypt(image.png_bytes, device_key, uri=uri))
+                      crypto.encrypt(image.png_bytes, device_key, uri=uri),
+                      customer_key=device_key)
     except StorageError:
         _undo(job_id, uris, records, store, jobs)
         raise

@@ -191,6 +191,9 @@ class JobStore:
             uri=d["uri"],
             media_type=d["media_type"],
             created_s=float(d["created_s"]),
+            provider=d.get("provider", ""),
+            region=d.get("region", ""),
+            bucket=d.get("bucket", ""),
         )
 
     def list_outputs(self, account_id: str) -> list[OutputRecord]:

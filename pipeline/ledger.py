@@ -55,6 +55,9 @@ class RetentionLedger:
                     "job_id": rec.job_id,
                     "created_s": repr(rec.created_s),
                     "deadline_s": repr(rec.deadline_s),
+                    "provider": rec.provider,
+                    "region": rec.region,
+                    "bucket": rec.bucket,
                 },
             )
             p.zadd(DUE_KEY, {rec.uri: rec.deadline_s})
@@ -75,6 +78,9 @@ class RetentionLedger:
             job_id=d["job_id"],
             created_s=float(d["created_s"]),
             deadline_s=float(d["deadline_s"]),
+            provider=d.get("provider", ""),
+            region=d.get("region", ""),
+            bucket=d.get("bucket", ""),
         )
 
     def records_for_job(self, job_id: str) -> list[RetentionRecord]:

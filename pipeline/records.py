@@ -39,6 +39,9 @@ class RetentionRecord:
     job_id: str
     created_s: float
     deadline_s: float
+    provider: str = ""  # "local" | "aws" | "gcp": where the object lives (residency)
+    region: str = ""
+    bucket: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,9 @@ class OutputRecord:
     uri: str
     media_type: str
     created_s: float
+    provider: str = ""
+    region: str = ""
+    bucket: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,6 @@ so a crash at any point leaves the record for the next sweep.
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 
@@ -18,12 +17,13 @@ from pipeline.jobs import JobStore
 from pipeline.ledger import RetentionLedger
 from pipeline.receipts import ReceiptLedger
 from pipeline.records import DeletionReceipt, RetentionRecord
+from pipeline.retry import backoff_s
 from pipeline.storage import (
     FACE_PREFIX,
     INPUT_PREFIX,
     ObjectStore,
+    StoreSet,
     delete_verified,
-    key_from_uri,
     object_uri,
 )
 
@@ -44,14 +44,9 @@ def deadline_for(object_class: str, created_s: float, cfg: RetentionConfig) -> f
     return float("inf")
 
 
-def backoff_s(attempt: int, *, base_s: float = 0.05, cap_s: float = 2.0) -> float:
-    """Exponential backoff with full jitter for retry ``attempt`` (0-based)."""
-    return random.uniform(0.0, min(cap_s, base_s * (2**attempt)))
-
-
 def purge_records(
     records: list[RetentionRecord],
-    store: ObjectStore,
+    stores: StoreSet,
     ledger: RetentionLedger,
     *,
     owner: str,
@@ -72,8 +67,8 @@ def purge_records(
             continue
         claimed_s = time.time()
         try:
-            key = key_from_uri(store, rec.uri)
-        except StorageError:  # another store's object: its own worker purges it
+            store, key = stores.locate(rec.uri)
+        except StorageError:  # no store of ours holds it: a worker configured for it purges it
             ledger.release(rec.uri)
             continue
         for attempt in range(cfg.purge_max_attempts):
@@ -98,35 +93,35 @@ def purge_records(
     return receipts
 
 
-def purge_job(job_id: str, store: ObjectStore, ledger: RetentionLedger, *, owner: str,
+def purge_job(job_id: str, stores: StoreSet, ledger: RetentionLedger, *, owner: str,
               cfg: RetentionConfig, receipt_id: str | None = None) -> list[DeletionReceipt]:
     """Purge a finished job's inputs and face data (not its outputs)."""
     records = [r for r in ledger.records_for_job(job_id) if r.object_class in PURGED_ON_EVENT]
-    return purge_records(records, store, ledger, owner=owner, cfg=cfg, receipt_id=receipt_id)
+    return purge_records(records, stores, ledger, owner=owner, cfg=cfg, receipt_id=receipt_id)
 
 
-def sweep_due(store: ObjectStore, ledger: RetentionLedger, *, owner: str, cfg: RetentionConfig,
+def sweep_due(stores: StoreSet, ledger: RetentionLedger, *, owner: str, cfg: RetentionConfig,
               now_s: float | None = None, limit: int = 500) -> list[DeletionReceipt]:
     """Purge every object whose hard-ceiling deadline has passed."""
     now = time.time() if now_s is None else now_s
     records = [r for r in (ledger.get(u) for u in ledger.due_uris(now, limit)) if r is not None]
-    return purge_records(records, store, ledger, owner=owner, cfg=cfg)
+    return purge_records(records, stores, ledger, owner=owner, cfg=cfg)
 
 
-def purge_finished_job(job_id: str, store: ObjectStore, jobs: JobStore, *, owner: str,
+def purge_finished_job(job_id: str, stores: StoreSet, jobs: JobStore, *, owner: str,
                        cfg: RetentionConfig, receipt_id: str | None = None) -> int:
     """Purge a succeeded or failed job's inputs and face data and note it on the job.
 
     Once nothing of the job's inputs and face data is left in the ledger, the job record
     gets ``inputs_purged_s``. Returns how many objects this call verified gone.
     """
-    receipts = purge_job(job_id, store, jobs.ledger, owner=owner, cfg=cfg, receipt_id=receipt_id)
+    receipts = purge_job(job_id, stores, jobs.ledger, owner=owner, cfg=cfg, receipt_id=receipt_id)
     note_purges(jobs, receipts, also_check=[job_id])
     return len(receipts)
 
 
 def note_purges(jobs: JobStore, receipts: list[DeletionReceipt], *,
-                also_check: list[str] = ()) -> None:
+                also_check: tuple[str, ...] | list[str] = ()) -> None:
     """Record on each affected job how many inputs were verified gone, and when all were."""
     by_job: dict[str, int] = {job_id: 0 for job_id in also_check}
     for receipt in receipts:
@@ -142,7 +137,7 @@ def note_purges(jobs: JobStore, receipts: list[DeletionReceipt], *,
 RECONCILE_RECEIPT_ID = "reconcile"
 
 
-def reconcile(store: ObjectStore, ledger: RetentionLedger, *, owner: str, cfg: RetentionConfig,
+def reconcile(stores: StoreSet, ledger: RetentionLedger, *, owner: str, cfg: RetentionConfig,
               now_s: float | None = None) -> list[DeletionReceipt]:
     """Delete every input or face-data object with no live record or past its deadline.
 
@@ -152,13 +147,22 @@ def reconcile(store: ObjectStore, ledger: RetentionLedger, *, owner: str, cfg: R
     now = time.time() if now_s is None else now_s
     chain = ReceiptLedger(ledger.redis)
     receipts: list[DeletionReceipt] = []
+    for store in stores.all():
+        receipts += _reconcile_store(store, stores, ledger, chain, owner=owner, cfg=cfg, now_s=now)
+    return receipts
+
+
+def _reconcile_store(store: ObjectStore, stores: StoreSet, ledger: RetentionLedger,
+                     chain: ReceiptLedger, *, owner: str, cfg: RetentionConfig,
+                     now_s: float) -> list[DeletionReceipt]:
+    receipts: list[DeletionReceipt] = []
     for prefix in (INPUT_PREFIX, FACE_PREFIX):
         for key in store.list_keys(prefix):
             uri = object_uri(store, key)
             rec = ledger.get(uri)
             if rec is not None:
-                if rec.deadline_s <= now:
-                    receipts += purge_records([rec], store, ledger, owner=owner, cfg=cfg)
+                if rec.deadline_s <= now_s:
+                    receipts += purge_records([rec], stores, ledger, owner=owner, cfg=cfg)
                 continue
             try:
                 delete_verified(store, key)
@@ -167,6 +171,6 @@ def reconcile(store: ObjectStore, ledger: RetentionLedger, *, owner: str, cfg: R
                 continue
             receipt = DeletionReceipt(uri=uri, object_class="orphan", job_id="",
                                       deleted_at_s=time.time(), verified_gone=True)
-            chain.append(RECONCILE_RECEIPT_ID, receipt, account_id="", requested_s=now)
+            chain.append(RECONCILE_RECEIPT_ID, receipt, account_id="", requested_s=now_s)
             receipts.append(receipt)
     return receipts

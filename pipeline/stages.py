@@ -23,7 +23,14 @@ from pipeline.jobs import JobStore
 from pipeline.ledger import RetentionLedger
 from pipeline.records import FaceBatch, OutputRecord, RetentionRecord, StageResult, WorkItem
 from pipeline.retention import deadline_for
-from pipeline.storage import ObjectStore, face_key, key_from_uri, object_uri, output_key
+from pipeline.storage import (
+    ObjectStore,
+    StoreSet,
+    face_key,
+    key_from_uri,
+    object_uri,
+    output_key,
+)
 
 
 class _ItemFailed(Exception):
@@ -33,20 +40,21 @@ class _ItemFailed(Exception):
         self.retryable = retryable
 
 
-def _read_plain(store: ObjectStore, uri: str, key: bytes) -> bytes:
+def _read_plain(stores: StoreSet, uri: str, key: bytes) -> bytes:
     try:
-        return crypto.decrypt(store.get(key_from_uri(store, uri)), key, uri=uri)
+        store, object_key = stores.locate(uri)
+        return crypto.decrypt(store.get(object_key, customer_key=key), key, uri=uri)
     except WrongKey as exc:
         raise _ItemFailed(str(exc), retryable=False) from None
     except StorageError:
         raise _ItemFailed("the object store is unavailable", retryable=True) from None
 
 
-def _read_images(store: ObjectStore, item: WorkItem) -> list[np.ndarray]:
-    return [decode_clean_png(_read_plain(store, u, item.device_key)) for u in item.input_uris]
+def _read_images(stores: StoreSet, item: WorkItem) -> list[np.ndarray]:
+    return [decode_clean_png(_read_plain(stores, u, item.device_key)) for u in item.input_uris]
 
 
-def face_stage(items: list[WorkItem], store: ObjectStore, ledger: RetentionLedger,
+def face_stage(items: list[WorkItem], stores: StoreSet, ledger: RetentionLedger,
                detector: FaceDetector, embedder: FaceEmbedder,
                retention: RetentionConfig) -> list[StageResult]:
     """Detect, align and embed the face in every input of every job in one batch.
@@ -60,7 +68,7 @@ def face_stage(items: list[WorkItem], store: ObjectStore, ledger: RetentionLedge
     owners: list[tuple[WorkItem, int]] = []
     for item in items:
         try:
-            for index, image in enumerate(_read_images(store, item), start=1):
+            for index, image in enumerate(_read_images(stores, item), start=1):
                 images.append(image)
                 owners.append((item, index))
         except _ItemFailed as exc:
@@ -85,7 +93,7 @@ def face_stage(items: list[WorkItem], store: ObjectStore, ledger: RetentionLedge
             continue
         identity = mean_identity(per_job[item.job_id])
         try:
-            uri = _put_encrypted(store, ledger, item, identity.tobytes(), retention)
+            uri = _put_face_data(stores, ledger, item, identity.tobytes(), retention)
         except StorageError:
             results[item.job_id] = StageResult(item.job_id, ok=False, retryable=True,
                                                reason="the object store is unavailable")
@@ -94,14 +102,18 @@ def face_stage(items: list[WorkItem], store: ObjectStore, ledger: RetentionLedge
     return [results[item.job_id] for item in items]
 
 
-def _put_encrypted(store: ObjectStore, ledger: RetentionLedger, item: WorkItem, plain: bytes,
+def _put_face_data(stores: StoreSet, ledger: RetentionLedger, item: WorkItem, plain: bytes,
                    retention: RetentionConfig) -> str:
+    """Store face data encrypted, beside the job's inputs (same region), record first."""
+    store, _ = stores.locate(item.input_uris[0])
     uri = object_uri(store, face_key(item.job_id, uuid.uuid4().hex))
     now = time.time()
-    ledger.register([RetentionRecord(uri=uri, object_class="face_data",
-                                     account_id=item.account_id, job_id=item.job_id,
-                                     created_s=now, deadline_s=deadline_for("face_data", now, retention))])
-    store.put(key_from_uri(store, uri), crypto.encrypt(plain, item.device_key, uri=uri))
+    ledger.register([RetentionRecord(
+        uri=uri, object_class="face_data", account_id=item.account_id, job_id=item.job_id,
+        created_s=now, deadline_s=deadline_for("face_data", now, retention),
+        provider=store.provider, region=store.region, bucket=store.bucket)])
+    store.put(key_from_uri(store, uri), crypto.encrypt(plain, item.device_key, uri=uri),
+              customer_key=item.device_key)
     return uri
 
 
@@ -114,7 +126,7 @@ def generation_params(item: WorkItem, settings: Settings) -> GenerationParams:
     )
 
 
-def diffusion_stage(items: list[WorkItem], store: ObjectStore, jobs: JobStore,
+def diffusion_stage(items: list[WorkItem], stores: StoreSet, jobs: JobStore,
                     generator: DiffusionGenerator, settings: Settings) -> list[StageResult]:
     """Generate for a batch of jobs sharing one batch key, then run the output stage.
 
@@ -130,10 +142,10 @@ def diffusion_stage(items: list[WorkItem], store: ObjectStore, jobs: JobStore,
             if item.kind == "ai_photo":
                 if item.face_uri is None:
                     raise _ItemFailed("face stage did not run", retryable=False)
-                raw = _read_plain(store, item.face_uri, item.device_key)
+                raw = _read_plain(stores, item.face_uri, item.device_key)
                 sources.append((item, np.frombuffer(raw, dtype=np.float32).reshape(FACE_EMBEDDING_DIM)))
             else:
-                sources.extend((item, image) for image in _read_images(store, item))
+                sources.extend((item, image) for image in _read_images(stores, item))
         except _ItemFailed as exc:
             failed[item.job_id] = StageResult(item.job_id, ok=False, reason=exc.reason,
                                               retryable=exc.retryable)
@@ -157,7 +169,7 @@ def diffusion_stage(items: list[WorkItem], store: ObjectStore, jobs: JobStore,
             results.append(StageResult(item.job_id, ok=False, reason="the job already ended"))
             continue
         try:
-            output_ids = store_outputs(item, per_job[item.job_id], store, jobs,
+            output_ids = store_outputs(item, per_job[item.job_id], stores.outputs, jobs,
                                        settings.service.output_format)
         except StorageError:
             results.append(StageResult(item.job_id, ok=False, retryable=True,
@@ -182,7 +194,9 @@ def store_outputs(item: WorkItem, images: list[np.ndarray], store: ObjectStore, 
             store.put(key, data)
             written.append(OutputRecord(output_id=output_id, account_id=item.account_id,
                                         job_id=item.job_id, uri=object_uri(store, key),
-                                        media_type=media_type, created_s=time.time()))
+                                        media_type=media_type, created_s=time.time(),
+                                        provider=store.provider, region=store.region,
+                                        bucket=store.bucket))
     except StorageError:
         for out in written:
             store.delete(key_from_uri(store, out.uri))

@@ -1,8 +1,12 @@
 """Object stores behind one interface, and the one place object URIs are parsed.
 
-An object URI is ``<store_url>/<key>``. Keys never carry personal data: inputs and face
-data live under ``inputs/<job_id>/`` and ``face/<job_id>/``, outputs under
+An object URI is ``<store.url>/<key>``: ``file:///root/key``, ``s3://bucket/key`` or
+``gs://bucket/key``. Keys never carry personal data: inputs and face data live under
+``inputs/<job_id>/`` and ``face/<job_id>/``, outputs under
 ``outputs/<account_digest>/<output_id>``, where ids are random and the digest is a hash.
+
+A ``StoreSet`` holds every configured store: input stores by region (the user's country
+picks one), the output store, and ``locate(uri)`` to find the store of any object.
 """
 
 from __future__ import annotations
@@ -10,9 +14,11 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
+from pipeline.config import StorageConfig, resolve_path
 from pipeline.errors import StorageError
 
 INPUT_PREFIX = "inputs/"
@@ -21,15 +27,24 @@ OUTPUT_PREFIX = "outputs/"
 
 
 class ObjectStore(Protocol):
-    """What every backend provides. Writes are all-or-nothing: no partial object is visible."""
+    """What every backend provides. Writes are all-or-nothing: no partial object is visible.
+
+    ``customer_key`` is the device key of an input or face-data object; a backend configured
+    for it also encrypts server-side with it (SSE-C, CSEK), else ignores it. Every failure
+    is a StorageError after the backend's own retries.
+    """
 
     url: str
+    provider: str  # "local" | "aws" | "gcp"
+    region: str
+    bucket: str
 
-    def put(self, key: str, data: bytes) -> None: ...
-    def get(self, key: str) -> bytes: ...
+    def put(self, key: str, data: bytes, *, customer_key: bytes | None = None) -> None: ...
+    def get(self, key: str, *, customer_key: bytes | None = None) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
     def list_keys(self, prefix: str) -> list[str]: ...
+    def signed_url(self, key: str, ttl_s: int) -> str | None: ...
 
 
 def object_uri(store: ObjectStore, key: str) -> str:
@@ -79,11 +94,15 @@ class LocalObjectStore:
     never leaves a partial object under its real key.
     """
 
+    provider = "local"
+    region = "local"
+
     def __init__(self, url: str) -> None:
         if not url.startswith("file://"):
-            raise ValueError(f"store_url {url!r} is not a file:// URL")
-        self.url = url.rstrip("/")
+            raise ValueError(f"local store URL {url!r} is not a file:// URL")
         self.root = Path(url[len("file://") :]).resolve()
+        self.url = f"file://{self.root}"
+        self.bucket = self.root.name
         self._tmp = self.root / ".tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
 
@@ -92,7 +111,7 @@ class LocalObjectStore:
             raise StorageError(f"invalid object key {key!r}")
         return self.root / key
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes, *, customer_key: bytes | None = None) -> None:
         path = self._path(key)
         try:
             fd, tmp = tempfile.mkstemp(dir=self._tmp)
@@ -115,7 +134,7 @@ class LocalObjectStore:
         except OSError as exc:
             raise StorageError(f"local store write failed: {exc.strerror}") from None
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, *, customer_key: bytes | None = None) -> bytes:
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError:
@@ -139,6 +158,9 @@ class LocalObjectStore:
             except OSError:
                 break
 
+    def signed_url(self, key: str, ttl_s: int) -> str | None:
+        return None  # a local folder has no URLs: the API serves the bytes itself
+
     def list_keys(self, prefix: str) -> list[str]:
         keys = []
         for path in self.root.rglob("*"):
@@ -150,7 +172,62 @@ class LocalObjectStore:
 
 
 def open_store(url: str) -> ObjectStore:
-    """The store for a configured URL. Only file:// is built in so far."""
+    """A single local store by URL (tools and tests)."""
     if url.startswith("file://"):
         return LocalObjectStore(url)
-    raise ValueError(f"store_url {url!r}: only file:// stores are supported in this build")
+    raise ValueError(f"store URL {url!r}: only file:// can be opened by URL; configure "
+                     "S3 and GCS in storage.yaml")
+
+
+class StoreSet:
+    """Every configured store, and which one to use for what."""
+
+    def __init__(self, input_stores: Mapping[str, ObjectStore], outputs: ObjectStore,
+                 route: Callable[[str | None], str]) -> None:
+        self.input_stores = input_stores  # region -> store
+        self.outputs = outputs
+        self._route = route
+
+    @classmethod
+    def single(cls, store: ObjectStore) -> StoreSet:
+        """Everything in one store (the embedded default, tools, tests)."""
+        return cls({store.region: store}, store, lambda country: store.region)
+
+    def for_inputs(self, country: str | None) -> ObjectStore:
+        """The input store of the region nearest ``country`` (fallback when unknown)."""
+        return self.input_stores[self._route(country)]
+
+    def all(self) -> list[ObjectStore]:
+        unique: dict[str, ObjectStore] = {s.url: s for s in self.input_stores.values()}
+        unique.setdefault(self.outputs.url, self.outputs)
+        return list(unique.values())
+
+    def locate(self, uri: str) -> tuple[ObjectStore, str]:
+        """The store holding ``uri`` and the object's key there."""
+        for store in sorted(self.all(), key=lambda s: len(s.url), reverse=True):
+            if uri.startswith(store.url.rstrip("/") + "/"):
+                return store, key_from_uri(store, uri)
+        raise StorageError("object URI belongs to no configured store")
+
+
+def open_stores(cfg: StorageConfig) -> StoreSet:
+    """Build the configured stores (network clients are created here, once per process)."""
+    local = LocalObjectStore(f"file://{resolve_path(cfg.local_root)}") if "local" in (
+        cfg.inputs, cfg.outputs) else None
+    s3 = None
+    if cfg.s3 is not None and "s3" in (cfg.inputs, cfg.outputs):
+        from pipeline.s3_store import S3ObjectStore
+
+        s3 = S3ObjectStore(cfg.s3)
+    outputs: ObjectStore = s3 if cfg.outputs == "s3" else local  # type: ignore[assignment]
+    if cfg.inputs == "gcs":
+        from pipeline.gcs_store import open_gcs_stores
+        from pipeline.residency import region_for_country
+
+        gcs_cfg = cfg.gcs
+        if gcs_cfg is None:
+            raise ValueError("storage.yaml inputs: gcs but has no gcs: section")
+        return StoreSet(open_gcs_stores(gcs_cfg), outputs,
+                        lambda country: region_for_country(country, gcs_cfg))
+    inputs: ObjectStore = s3 if cfg.inputs == "s3" else local  # type: ignore[assignment]
+    return StoreSet({inputs.region: inputs}, outputs, lambda country: inputs.region)

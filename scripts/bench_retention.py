@@ -40,14 +40,14 @@ from pipeline.config import load_settings  # noqa: E402
 from pipeline.jobs import JobStore  # noqa: E402
 from pipeline.metrics import percentile  # noqa: E402
 from pipeline.records import OutputRecord  # noqa: E402
-from pipeline.storage import object_uri, open_store, output_key  # noqa: E402
+from pipeline.storage import object_uri, open_stores, output_key  # noqa: E402
 from serve.launcher import start_service  # noqa: E402
 
 
 def bench_settings(root: Path):
     base = load_settings()
     return base.model_copy(update={
-        "service": base.service.model_copy(update={"store_url": f"file://{root / 'store'}"}),
+        "storage": base.storage.model_copy(update={"local_root": str(root / "store")}),
         "models": base.models.model_copy(update={
             "diffusion_model_dir": str(root / "models"), "num_inference_steps": 2}),
         "retention": base.retention.model_copy(update={"sweep_interval_s": 1.0}),
@@ -92,7 +92,7 @@ def purge_lags(client: httpx.Client, num_jobs: int) -> dict:
 
 
 def seed_outputs(service, account: str, count: int) -> None:
-    store = open_store(service.settings.service.store_url)
+    store = open_stores(service.settings.storage).outputs
     jobs = JobStore(redis.Redis.from_url(service.settings.service.redis_url))
     png = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 100, 50)).save(png, format="PNG")

@@ -100,9 +100,9 @@ def bench_settings(base: Settings, root: Path, name: str, batch: int) -> Setting
                              max_inflight_batches=1)
     return base.model_copy(update={
         "service": base.service.model_copy(update={
-            "store_url": f"file://{root / name / 'store'}",
             "redis_url": None,  # embedded Redis, started by the launcher under the workdir
         }),
+        "storage": base.storage.model_copy(update={"local_root": str(root / name / "store")}),
         "models": base.models.model_copy(update={
             "diffusion_model_dir": str(root / "models" / "tiny-sd"),
         }),
@@ -231,14 +231,15 @@ def load_stages(settings: Settings, redis_url: str, kind: str) -> Stages:
     from pipeline.jobs import JobStore
     from pipeline.ledger import RetentionLedger
     from pipeline.runtime import select_runtime
-    from pipeline.storage import LocalObjectStore
+    from pipeline.storage import LocalObjectStore, StoreSet
 
     diffusers_logging.disable_progress_bar()  # as the diffusion actor does
     diffusers_logging.set_verbosity_error()
     torch.set_num_threads(settings.models.torch_num_threads)  # as each actor does
     client = redis.Redis.from_url(redis_url)
     runtime = select_runtime(settings.models)
-    stages = Stages(settings=settings, store=LocalObjectStore(settings.service.store_url),
+    stages = Stages(settings=settings, store=StoreSet.single(LocalObjectStore(
+                        f"file://{settings.storage.local_root}")),
                     jobs=JobStore(client), ledger=RetentionLedger(client),
                     generator=load_generator(Path(settings.models.diffusion_model_dir), runtime,
                                              build_tiny_if_missing=True))
@@ -273,7 +274,8 @@ def run_chunk(stages: Stages, chunk: list) -> list[str]:
         results = face_stage(chunk, stages.store, stages.ledger, stages.detector,
                              stages.embedder, stages.settings.retention)
         failures += [r.reason for r in results if not r.ok]
-        chunk = [replace(it, face_uri=r.face_uri) for it, r in zip(chunk, results) if r.ok]
+        chunk = [replace(it, face_uri=r.face_uri) for it, r in zip(chunk, results, strict=True)
+                 if r.ok]
     if chunk:
         results = diffusion_stage(chunk, stages.store, stages.jobs, stages.generator,
                                   stages.settings)

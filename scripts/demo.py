@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline import crypto  # noqa: E402
 from pipeline.config import load_settings  # noqa: E402
-from pipeline.storage import key_from_uri, open_store  # noqa: E402
+from pipeline.storage import open_stores  # noqa: E402
 from serve.launcher import start_service  # noqa: E402
 
 GPS_LATITUDE = (41.0, 0.0, 59.0)  # the demo's own tag, easy to search for
@@ -89,7 +89,7 @@ def main() -> int:
     started = time.monotonic()
     with start_service(settings, workdir=REPO / "data") as service:
         print(f"service up at {service.base_url} in {time.monotonic() - started:.1f} s", flush=True)
-        store = open_store(service.settings.service.store_url)
+        stores = open_stores(service.settings.storage)
         import redis
 
         jobs_redis = redis.Redis.from_url(service.settings.service.redis_url)
@@ -104,7 +104,7 @@ def main() -> int:
                 if response.status_code != 202:
                     raise RuntimeError(f"submit failed: {response.status_code} {response.text}")
                 job.job_id = response.json()["job_id"]
-                job.stripped = check_stored_inputs(store, jobs_redis, job.job_id, key)
+                job.stripped = check_stored_inputs(stores, jobs_redis, job.job_id, key)
             final = {job.job_id: wait_for(client, job.job_id) for job in jobs}
             rows, purged, total = [], 0, 0
             for job in jobs:
@@ -118,7 +118,7 @@ def main() -> int:
                     path.write_bytes(r.content)
                     Image.open(path).load()  # the output decodes
                     saved.append(path.relative_to(REPO).as_posix())
-                gone = inputs_gone(store, jobs_redis, job.job_id)
+                gone = inputs_gone(stores, jobs_redis, job.job_id)
                 ok = gone and view["num_inputs_purged_verified"] == view["num_inputs"]
                 total += view["num_inputs"]
                 purged += view["num_inputs"] if ok else 0
@@ -133,7 +133,7 @@ def main() -> int:
         return 0 if purged == total else 1
 
 
-def check_stored_inputs(store, jobs_redis, job_id: str, key: bytes) -> str:
+def check_stored_inputs(stores, jobs_redis, job_id: str, key: bytes) -> str:
     """As the device: decrypt what the service stored and look for any metadata."""
     import json
 
@@ -141,7 +141,8 @@ def check_stored_inputs(store, jobs_redis, job_id: str, key: bytes) -> str:
     verdicts = []
     for uri in uris:
         try:
-            blob = store.get(key_from_uri(store, uri))
+            store, object_key = stores.locate(uri)
+            blob = store.get(object_key, customer_key=key)
         except Exception:
             verdicts.append("purged before check")
             continue
@@ -150,9 +151,10 @@ def check_stored_inputs(store, jobs_redis, job_id: str, key: bytes) -> str:
     return ", ".join(verdicts)
 
 
-def inputs_gone(store, jobs_redis, job_id: str) -> bool:
-    """Independent check: no input or face-data object of the job is left in the store."""
-    leftovers = store.list_keys(f"inputs/{job_id}/") + store.list_keys(f"face/{job_id}/")
+def inputs_gone(stores, jobs_redis, job_id: str) -> bool:
+    """Independent check: no input or face-data object of the job is left in any store."""
+    leftovers = [k for store in stores.all() for prefix in ("inputs/", "face/")
+                 for k in store.list_keys(f"{prefix}{job_id}/")]
     return not leftovers and not jobs_redis.scard(f"eph:ret:job:{job_id}")
 
 

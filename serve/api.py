@@ -18,15 +18,15 @@ from starlette.datastructures import UploadFile
 
 from pipeline.config import Settings
 from pipeline.crypto import check_device_key
+from pipeline.deletion import delete_output, request_account_deletion
 from pipeline.errors import EphemeraError, Forbidden, InvalidUpload, NotFound, StorageError
 from pipeline.intake import accept_job, check_account_id, check_job_request
 from pipeline.jobs import JobStore
-from pipeline.records import JobRecord
-from pipeline.deletion import delete_output, request_account_deletion
 from pipeline.metrics import render_prometheus, retention_metrics
 from pipeline.receipts import ReceiptLedger
+from pipeline.records import JobRecord
 from pipeline.retention import purge_finished_job
-from pipeline.storage import key_from_uri, open_store
+from pipeline.storage import open_stores
 
 # Starlette spools uploads over 1 MiB to a temporary file on disk. Plaintext photos must
 # never touch disk, so keep every part in memory (the request size is capped below).
@@ -95,7 +95,7 @@ class ApiDeployment:
         self._background: set[asyncio.Task] = set()
         self.redis = redis.Redis.from_url(settings.service.redis_url)
         self.jobs = JobStore(self.redis)
-        self.store = open_store(settings.service.store_url)
+        self.stores = open_stores(settings.storage)
         limits = settings.service
         self.max_request_bytes = limits.max_files_per_job * limits.max_file_bytes + (1 << 20)
 
@@ -133,15 +133,16 @@ class ApiDeployment:
         job_request = await asyncio.to_thread(
             check_job_request, account_id=_text(form.get("account_id")),
             kind=_text(form.get("kind")), style=_text(form.get("style")),
-            resolution_px=resolution_px, files=files, settings=self.settings)
+            resolution_px=resolution_px, files=files, settings=self.settings,
+            country=_text(form.get("country")))
         del files, uploads
-        job, item = await asyncio.to_thread(accept_job, job_request, device_key, self.store,
+        job, item = await asyncio.to_thread(accept_job, job_request, device_key, self.stores,
                                             self.jobs, self.settings)
         try:
             await self.scheduler.submit.remote(item)
         except Exception:
             self.jobs.finish_job(job.job_id, ok=False, reason="the scheduler is unavailable")
-            await asyncio.to_thread(purge_finished_job, job.job_id, self.store, self.jobs,
+            await asyncio.to_thread(purge_finished_job, job.job_id, self.stores, self.jobs,
                                     owner="api", cfg=self.settings.retention)
             raise StorageError("the scheduler is unavailable; try again shortly") from None
         return JSONResponse({"job_id": job.job_id, "status": "queued",
@@ -164,18 +165,32 @@ class ApiDeployment:
     def get_output(self, account_id: str, output_id: str) -> Response:
         check_account_id(account_id)
         out = self.jobs.get_output(account_id, output_id)
+        store, key = self.stores.locate(out.uri)
         try:
-            data = self.store.get(key_from_uri(self.store, out.uri))
+            data = store.get(key)
         except StorageError:
             raise NotFound(f"output {output_id} not found for this account") from None
         return Response(content=data, media_type=out.media_type,
                         headers={"Cache-Control": "private, no-store"})
 
+    @app.get("/v1/accounts/{account_id}/outputs/{output_id}/url")
+    def get_output_url(self, account_id: str, output_id: str) -> dict:
+        """A short-lived signed download URL, where the output store can sign one."""
+        check_account_id(account_id)
+        out = self.jobs.get_output(account_id, output_id)
+        store, key = self.stores.locate(out.uri)
+        ttl_s = self.settings.storage.signed_url_ttl_s
+        url = store.signed_url(key, ttl_s)
+        if url is None:
+            raise NotFound("this output store does not sign URLs; download the output from "
+                           f"/v1/accounts/{account_id}/outputs/{output_id}")
+        return {"url": url, "expires_in_s": ttl_s}
+
     @app.delete("/v1/accounts/{account_id}/outputs/{output_id}")
     def delete_output(self, account_id: str, output_id: str) -> dict:
         """Deleted and verified before this returns; the receipt lists the object."""
         check_account_id(account_id)
-        receipt_id = delete_output(account_id, output_id, self.store, self.jobs)
+        receipt_id = delete_output(account_id, output_id, self.stores, self.jobs)
         return {"receipt_id": receipt_id, "status": "complete",
                 "receipt_url": f"/v1/deletions/{receipt_id}"}
 

@@ -4,6 +4,7 @@
   ephemera retention sweep [--redis-url URL]           purge every object past its deadline
   ephemera retention reconcile [--redis-url URL]       delete orphans of crashes from the store
   ephemera retention verify-ledger [--redis-url URL]   detect tampering with deletion receipts
+  ephemera storage check [--config-dir DIR]            check every bucket's settings
   ephemera config check [--config-dir DIR]             validate the YAML files and exit
 """
 
@@ -39,15 +40,16 @@ def _backends(args: argparse.Namespace):
     import redis
 
     from pipeline.jobs import JobStore
-    from pipeline.storage import open_store
+    from pipeline.storage import StoreSet, open_store, open_stores
 
     settings = load_settings(args.config_dir)
     redis_url = args.redis_url or settings.service.redis_url
     if redis_url is None:
         raise ValueError("no Redis to talk to: give --redis-url, or set redis_url in "
                          "service.yaml (the embedded one lives only while the service runs)")
-    store = open_store(args.store_url or settings.service.store_url)
-    return settings, JobStore(redis.Redis.from_url(redis_url)), store
+    stores = (StoreSet.single(open_store(args.store_url)) if args.store_url
+              else open_stores(settings.storage))
+    return settings, JobStore(redis.Redis.from_url(redis_url)), stores
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -84,7 +86,23 @@ def _verify_ledger(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     settings = load_settings(args.config_dir)
-    print(f"configs OK: {len(settings.styles.styles)} styles, store {settings.service.store_url}")
+    print(f"configs OK: {len(settings.styles.styles)} styles, inputs on "
+          f"{settings.storage.inputs}, outputs on {settings.storage.outputs}")
+    return 0
+
+
+def _storage_check(args: argparse.Namespace) -> int:
+    from pipeline.posture import check_storage
+    from pipeline.storage import open_stores
+
+    settings = load_settings(args.config_dir)
+    stores = open_stores(settings.storage)
+    problems = check_storage(settings.storage, stores)
+    for problem in problems:
+        print(f"FAIL {problem}")
+    if problems:
+        return 1
+    print(f"storage OK: {len(stores.all())} store(s) checked")
     return 0
 
 
@@ -107,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         action.add_argument("--redis-url", help="overrides service.yaml redis_url")
         action.add_argument("--store-url", help="overrides service.yaml store_url")
         action.set_defaults(func=func)
+    storage = sub.add_parser("storage", help="object stores")
+    storage_sub = storage.add_subparsers(dest="action", required=True)
+    storage_sub.add_parser("check", help="check every bucket's posture").set_defaults(
+        func=_storage_check)
     config = sub.add_parser("config", help="configuration")
     config_sub = config.add_subparsers(dest="action", required=True)
     config_sub.add_parser("check", help="validate configs").set_defaults(func=_check)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from pipeline.config import Settings
+from pipeline.config import Settings, resolve_path
 from pipeline.redis_server import RedisServer, free_port
 
 
@@ -26,13 +26,12 @@ def resolve_settings(settings: Settings, *, workdir: Path) -> tuple[Settings, Re
     if redis_url is None:
         server = RedisServer(workdir / "redis").start()
         redis_url = server.url
-    store_url = service.store_url
-    if store_url.startswith("file://") and not store_url.startswith("file:///"):
-        store_url = "file://" + str(Path(store_url[len("file://"):]).resolve())
     port = service.http_port or free_port()
-    resolved = service.model_copy(update={"redis_url": redis_url, "store_url": store_url,
-                                          "http_port": port})
-    return settings.model_copy(update={"service": resolved}), server
+    resolved = service.model_copy(update={"redis_url": redis_url, "http_port": port})
+    # Actors may run in another working directory: pin the local store's folder.
+    storage = settings.storage.model_copy(
+        update={"local_root": str(resolve_path(settings.storage.local_root).resolve())})
+    return settings.model_copy(update={"service": resolved, "storage": storage}), server
 
 
 @dataclass
@@ -74,6 +73,7 @@ def start_service(settings: Settings, *, workdir: Path, startup_timeout_s: float
     from serve.app import build_app
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throwaway local cluster
+    refuse_bad_buckets(settings)
     workdir.mkdir(parents=True, exist_ok=True)
     settings, redis_server = resolve_settings(settings, workdir=workdir)
     service = settings.service
@@ -108,6 +108,17 @@ def start_service(settings: Settings, *, workdir: Path, startup_timeout_s: float
         raise
     return Service(settings=settings, base_url=base_url, redis_server=redis_server,
                    spill_dir=spill_dir)
+
+
+def refuse_bad_buckets(settings: Settings) -> None:
+    """Refuse to start on a bucket whose settings would break a privacy promise."""
+    from pipeline.posture import check_storage
+    from pipeline.storage import open_stores
+
+    problems = check_storage(settings.storage, open_stores(settings.storage))
+    if problems:
+        raise ValueError("refusing to start; fix the storage buckets:\n  "
+                         + "\n  ".join(str(p) for p in problems))
 
 
 def memory_spill_dir(root: str) -> Path:

@@ -44,7 +44,6 @@ def test_settings(tmp_path_factory, redis_server, face_weights_path):
     return base.model_copy(update={
         "service": base.service.model_copy(update={
             "redis_url": redis_server.url,
-            "store_url": f"file://{root / 'store'}",
             "max_files_per_job": 3,
             "max_file_bytes": 3 * 1024 * 1024,
             "ray_object_store_mb": 150,  # small, so a test can fill it
@@ -58,6 +57,7 @@ def test_settings(tmp_path_factory, redis_server, face_weights_path):
             "diffusion": base.batching.diffusion.model_copy(update={"max_wait_ms": 400.0}),
         }),
         "retention": base.retention.model_copy(update={"sweep_interval_s": 1.0}),
+        "storage": base.storage.model_copy(update={"local_root": str(root / "store")}),
     })
 
 
@@ -72,7 +72,7 @@ def service(test_settings, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def store_root(service) -> Path:
-    return Path(service.settings.service.store_url[len("file://"):])
+    return Path(service.settings.storage.local_root)
 
 
 @pytest.fixture()

@@ -8,7 +8,6 @@ Run with ``pytest -m faults``; they run after every other test of a session (con
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,7 @@ from pipeline import crypto
 from pipeline.config import RetentionConfig
 from pipeline.ledger import RetentionLedger
 from pipeline.retention import reconcile
-from pipeline.storage import open_store
+from pipeline.storage import open_stores
 from tests.integration.helpers import encode_image, submit, windows
 
 pytestmark = pytest.mark.faults
@@ -75,7 +74,7 @@ def assert_clean(service, store_root: Path, views: list[dict]) -> None:
         assert not list((store_root / "face" / view["job_id"]).rglob("*.bin"))
     settings = service.settings
     ledger = RetentionLedger(redis_lib.Redis.from_url(settings.service.redis_url))
-    receipts = reconcile(open_store(settings.service.store_url), ledger, owner="test",
+    receipts = reconcile(open_stores(settings.storage), ledger, owner="test",
                          cfg=RetentionConfig())
     assert [r for r in receipts if r.object_class == "orphan"] == []
 

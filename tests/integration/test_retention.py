@@ -21,6 +21,7 @@ from pipeline.redis_server import RedisServer
 from pipeline.retention import purge_finished_job, reconcile
 from pipeline.storage import (
     LocalObjectStore,
+    StoreSet,
     face_key,
     input_key,
     key_from_uri,
@@ -87,7 +88,7 @@ def test_records_survive_kill_9_and_restart_then_every_input_is_purged(private_r
     for job in made:
         assert after_jobs.ledger.records_for_job(job.job_id) == before[job.job_id]
         after_jobs.finish_job(job.job_id, ok=False, reason="test")
-        purge_finished_job(job.job_id, store, after_jobs, owner="t", cfg=CFG)
+        purge_finished_job(job.job_id, StoreSet.single(store), after_jobs, owner="t", cfg=CFG)
     assert store.list_keys("inputs/") == [] and store.list_keys("face/") == []
     assert after_jobs.ledger.count() == 0
 
@@ -95,7 +96,7 @@ def test_records_survive_kill_9_and_restart_then_every_input_is_purged(private_r
 def test_every_purge_is_chained_and_tampering_is_detected(store, jobs, private_redis):
     for _ in range(3):
         job = make_job(store, jobs, finished=True)
-        purge_finished_job(job.job_id, store, jobs, owner="t", cfg=CFG)
+        purge_finished_job(job.job_id, StoreSet.single(store), jobs, owner="t", cfg=CFG)
     client = jobs.redis
     entries = [json.loads(e) for e in client.lrange(CHAIN_KEY, 0, -1)]
     assert len(entries) == 9 and verify_chain(client) == []
@@ -120,7 +121,7 @@ def test_every_purge_is_chained_and_tampering_is_detected(store, jobs, private_r
 
 def test_truncating_the_chain_is_detected(store, jobs):
     job = make_job(store, jobs, finished=True)
-    purge_finished_job(job.job_id, store, jobs, owner="t", cfg=CFG)
+    purge_finished_job(job.job_id, StoreSet.single(store), jobs, owner="t", cfg=CFG)
     jobs.redis.rpop(CHAIN_KEY)
     assert any("truncated" in p for p in verify_chain(jobs.redis))
 
@@ -133,13 +134,13 @@ def test_reconciler_deletes_orphans_and_overdue_objects_only(store, jobs, privat
     for rec in jobs.ledger.records_for_job(overdue.job_id):
         jobs.ledger.redis.zadd("eph:ret:due", {rec.uri: 0}, xx=True)
         jobs.ledger.redis.hset(f"eph:ret:rec:{rec.uri}", "deadline_s", "0")
-    receipts = reconcile(store, jobs.ledger, owner="t", cfg=CFG)
+    receipts = reconcile(StoreSet.single(store), jobs.ledger, owner="t", cfg=CFG)
     assert sum(r.object_class == "orphan" for r in receipts) == 1
     assert not store.exists(orphan_key)
     assert store.list_keys(f"inputs/{overdue.job_id}/") == []
     assert len(store.list_keys(f"inputs/{live.job_id}/")) == 2  # in use: untouched
     # A second pass finds nothing; the CLI runs the same pass.
-    assert reconcile(store, jobs.ledger, owner="t", cfg=CFG) == []
+    assert reconcile(StoreSet.single(store), jobs.ledger, owner="t", cfg=CFG) == []
     assert cli(["retention", "reconcile", "--redis-url", private_redis.url,
                 "--store-url", store.url]) == 0
 
@@ -148,8 +149,8 @@ def test_delete_output_is_verified_and_receipted(store, jobs):
     job = make_job(store, jobs, finished=True)
     keep, gone = make_output(store, jobs, job), make_output(store, jobs, job)
     with pytest.raises(NotFound):
-        delete_output("someone-else", gone.output_id, store, jobs)
-    receipt_id = delete_output(job.account_id, gone.output_id, store, jobs)
+        delete_output("someone-else", gone.output_id, StoreSet.single(store), jobs)
+    receipt_id = delete_output(job.account_id, gone.output_id, StoreSet.single(store), jobs)
     assert not store.exists(key_from_uri(store, gone.uri))
     assert [o.output_id for o in jobs.list_outputs(job.account_id)] == [keep.output_id]
     request = ReceiptLedger(jobs.redis).get_request(receipt_id)
@@ -166,7 +167,7 @@ def test_account_deletion_removes_everything_and_is_resumable(store, jobs):
     receipt_id = request_account_deletion("acct-del", jobs)
     assert ReceiptLedger(jobs.redis).get_request(receipt_id)["status"] == "pending"
 
-    delete_account("acct-del", receipt_id, store, jobs, owner="t", cfg=CFG)
+    delete_account("acct-del", receipt_id, StoreSet.single(store), jobs, owner="t", cfg=CFG)
     request = ReceiptLedger(jobs.redis).get_request(receipt_id)
     assert request["status"] == "complete"
     classes = sorted(o["object_class"] for o in request["objects"])
@@ -182,7 +183,7 @@ def test_account_deletion_removes_everything_and_is_resumable(store, jobs):
     assert store.exists(key_from_uri(store, other_out.uri))
     assert jobs.get_job(other.job_id).status == "succeeded"
     # Running it again (a retry after a crash) is harmless.
-    assert delete_account("acct-del", receipt_id, store, jobs, owner="t", cfg=CFG) == 0
+    assert delete_account("acct-del", receipt_id, StoreSet.single(store), jobs, owner="t", cfg=CFG) == 0
 
 
 def test_two_actors_deleting_one_account_do_not_double_delete(store, jobs):
@@ -191,9 +192,9 @@ def test_two_actors_deleting_one_account_do_not_double_delete(store, jobs):
         make_output(store, jobs, job)
     receipt_id = request_account_deletion("acct-race", jobs)
     jobs.redis.set(f"eph:deletion:{receipt_id}:lock", "other-actor", px=5000)
-    assert delete_account("acct-race", receipt_id, store, jobs, owner="t", cfg=CFG) == 0
+    assert delete_account("acct-race", receipt_id, StoreSet.single(store), jobs, owner="t", cfg=CFG) == 0
     assert len(jobs.list_outputs("acct-race")) == 5  # the lock holder does the work
     jobs.redis.delete(f"eph:deletion:{receipt_id}:lock")
-    delete_account("acct-race", receipt_id, store, jobs, owner="t", cfg=CFG)
+    delete_account("acct-race", receipt_id, StoreSet.single(store), jobs, owner="t", cfg=CFG)
     objects = ReceiptLedger(jobs.redis).get_request(receipt_id)["objects"]
     assert sum(o["object_class"] == "output" for o in objects) == 5

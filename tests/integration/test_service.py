@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import PIL
 import pytest
 import skimage.data
 from PIL import Image
@@ -177,7 +178,8 @@ BAD_REQUESTS = {
     "truncated jpeg": (dict(files=[_GOOD[: len(_GOOD) // 2]]), 422, "truncated"),
     "text named .jpg": (dict(files=[b"hello, this is not a photo\n" * 20]), 415, "not a readable image"),
     "20000x20000 png": (dict(files=[_png_header_only(20000, 20000)]), 413, "pixels"),
-    "file over the size limit": (dict(files=[b"\xff\xd8" + b"\x00" * (3 * 1024 * 1024 + 10)]), 413, "over the limit"),
+    "file over the size limit": (
+        dict(files=[b"\xff\xd8" + b"\x00" * (3 * 1024 * 1024 + 10)]), 413, "over the limit"),
     "too many files": (dict(files=[_GOOD] * 4), 413, "at most 3"),
     "unknown style": (dict(files=[_GOOD], style="vaporwave"), 422, "style"),
     "unknown kind": (dict(files=[_GOOD], kind="deepfake"), 422, "kind"),
@@ -220,24 +222,25 @@ def test_bad_input_is_rejected_and_changes_nothing(case, client, store_root, red
 def test_nothing_plaintext_in_any_input_object_while_stored(service, store_root):
     """Every object under inputs/ is Ephemera ciphertext, never an image (checked on a
     fresh upload, before the pipeline purges it)."""
-    from pipeline.intake import accept_job, check_job_request
-    from pipeline.jobs import JobStore
-    from pipeline.storage import open_store
-
     import redis as redis_lib
 
+    from pipeline.intake import accept_job, check_job_request
+    from pipeline.jobs import JobStore
+    from pipeline.storage import open_stores
+
     settings = service.settings
-    store = open_store(settings.service.store_url)
+    stores = open_stores(settings.storage)
+    store = stores.outputs
     jobs = JobStore(redis_lib.Redis.from_url(settings.service.redis_url))
     request = check_job_request(account_id="acct-direct", kind="art_style", style="comic",
                                 resolution_px=None, files=[jpeg_with_gps(ASTRONAUT)],
                                 settings=settings)
     key = crypto.new_device_key()
-    job, _ = accept_job(request, key, store, jobs, settings)
+    job, _ = accept_job(request, key, stores, jobs, settings)
     try:
-        blob = (store_root / job.input_uris[0][len(settings.service.store_url) + 1:]).read_bytes()
+        blob = (store_root / job.input_uris[0][len(store.url) + 1:]).read_bytes()
         assert blob.startswith(crypto.MAGIC)
-        with pytest.raises(Exception):
+        with pytest.raises(PIL.UnidentifiedImageError):
             _decodes(blob)
         plain = crypto.decrypt(blob, key, uri=job.input_uris[0])
         decoded = _decodes(plain)
@@ -247,7 +250,7 @@ def test_nothing_plaintext_in_any_input_object_while_stored(service, store_root)
         from pipeline.retention import purge_finished_job
 
         jobs.finish_job(job.job_id, ok=False, reason="test cleanup")
-        purge_finished_job(job.job_id, store, jobs, owner="test", cfg=settings.retention)
+        purge_finished_job(job.job_id, stores, jobs, owner="test", cfg=settings.retention)
 
 
 # -- user deletion and metrics -------------------------------------------------------

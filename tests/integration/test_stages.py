@@ -20,7 +20,7 @@ from pipeline.jobs import JobStore
 from pipeline.records import RetentionRecord, WorkItem
 from pipeline.retention import purge_finished_job, purge_records, sweep_due
 from pipeline.stages import face_stage
-from pipeline.storage import LocalObjectStore, input_key, key_from_uri, object_uri
+from pipeline.storage import LocalObjectStore, StoreSet, input_key, key_from_uri, object_uri
 from tests.integration.helpers import files_under, find_needles, redis_values, windows
 
 FAST = RetentionConfig(lease_s=5, purge_max_attempts=3)
@@ -85,7 +85,7 @@ def test_face_stage_stores_only_encrypted_face_data_then_purge_removes_it(
     ]
     embedder = KnownEmbedder()
     detector = MtcnnDetector(select_runtime(ModelsConfig()), min_probability=0.9)
-    face_ok, cat = face_stage(items, store, jobs.ledger, detector, embedder, FAST)
+    face_ok, cat = face_stage(items, StoreSet.single(store), jobs.ledger, detector, embedder, FAST)
 
     assert face_ok.ok and face_ok.face_uri is not None
     assert not cat.ok and "no human face" in cat.reason and not cat.retryable
@@ -104,7 +104,7 @@ def test_face_stage_stores_only_encrypted_face_data_then_purge_removes_it(
     store.delete("inputs/leak/plain.bin")
 
     for job_id in (face_job, cat_job):
-        purge_finished_job(job_id, store, jobs, owner="t", cfg=FAST)
+        purge_finished_job(job_id, StoreSet.single(store), jobs, owner="t", cfg=FAST)
         assert jobs.ledger.records_for_job(job_id) == []
     assert not store.exists(key_from_uri(store, face_ok.face_uri))
     assert store.list_keys(f"inputs/{face_job}/") == store.list_keys(f"face/{face_job}/") == []
@@ -115,15 +115,15 @@ def test_purge_is_idempotent_and_claims_are_exclusive(store, jobs):
     uri = _store_input(store, jobs, job_id, skimage.data.coffee(), key)
     record = jobs.ledger.get(uri)
     assert jobs.ledger.try_claim(uri, "other-worker", lease_s=5)
-    assert purge_records([record], store, jobs.ledger, owner="me", cfg=FAST) == []  # skipped
+    assert purge_records([record], StoreSet.single(store), jobs.ledger, owner="me", cfg=FAST) == []  # skipped
     assert store.exists(key_from_uri(store, uri))
     jobs.ledger.release(uri)
-    receipts = purge_records([record], store, jobs.ledger, owner="me", cfg=FAST)
+    receipts = purge_records([record], StoreSet.single(store), jobs.ledger, owner="me", cfg=FAST)
     assert [r.verified_gone for r in receipts] == [True]
     assert not store.exists(key_from_uri(store, uri)) and jobs.ledger.get(uri) is None
     # Again, with the object already gone and its record re-added: still counts as purged.
     jobs.ledger.register([record])
-    assert len(purge_records([record], store, jobs.ledger, owner="me", cfg=FAST)) == 1
+    assert len(purge_records([record], StoreSet.single(store), jobs.ledger, owner="me", cfg=FAST)) == 1
 
 
 class FlakyStore(LocalObjectStore):
@@ -144,19 +144,19 @@ def test_store_errors_are_retried_then_left_for_the_sweep(tmp_path, jobs):
     key, job_id = crypto.new_device_key(), uuid.uuid4().hex
     flaky = FlakyStore(f"file://{tmp_path / 'flaky'}", failures=2)
     uri = _store_input(flaky, jobs, job_id, skimage.data.coffee(), key)
-    assert len(purge_records([jobs.ledger.get(uri)], flaky, jobs.ledger, owner="me",
+    assert len(purge_records([jobs.ledger.get(uri)], StoreSet.single(flaky), jobs.ledger, owner="me",
                              cfg=FAST, sleep=lambda s: None)) == 1
     assert not flaky.exists(key_from_uri(flaky, uri))
 
     down = FlakyStore(f"file://{tmp_path / 'down'}", failures=100)
     uri = _store_input(down, jobs, job_id, skimage.data.coffee(), key)
     record = jobs.ledger.get(uri)
-    assert purge_records([record], down, jobs.ledger, owner="me", cfg=FAST,
+    assert purge_records([record], StoreSet.single(down), jobs.ledger, owner="me", cfg=FAST,
                          sleep=lambda s: None) == []
     assert jobs.ledger.get(uri) == record  # kept: the sweep will retry it
     jobs.ledger.release(uri)
     down.failures = 0
-    assert len(purge_records([record], down, jobs.ledger, owner="me", cfg=FAST)) == 1
+    assert len(purge_records([record], StoreSet.single(down), jobs.ledger, owner="me", cfg=FAST)) == 1
 
 
 def test_sweep_purges_only_objects_past_their_deadline(store, jobs):
@@ -164,11 +164,11 @@ def test_sweep_purges_only_objects_past_their_deadline(store, jobs):
     now = time.time()
     overdue = _store_input(store, jobs, job_id, skimage.data.coffee(), key, deadline_s=now - 1)
     later = _store_input(store, jobs, job_id, skimage.data.coffee(), key, deadline_s=now + 3600)
-    receipts = sweep_due(store, jobs.ledger, owner="sweeper", cfg=FAST, now_s=now)
+    receipts = sweep_due(StoreSet.single(store), jobs.ledger, owner="sweeper", cfg=FAST, now_s=now)
     assert overdue in [r.uri for r in receipts] and later not in [r.uri for r in receipts]
     assert not store.exists(key_from_uri(store, overdue))
     assert store.exists(key_from_uri(store, later))
     # A finished job's inputs become due at once, so a lost purge call waits seconds, not days.
     jobs.ledger.expedite_job(job_id, ("input",), now_s=now)
-    sweep_due(store, jobs.ledger, owner="sweeper", cfg=FAST, now_s=now + 0.001)
+    sweep_due(StoreSet.single(store), jobs.ledger, owner="sweeper", cfg=FAST, now_s=now + 0.001)
     assert not store.exists(key_from_uri(store, later))

@@ -9,7 +9,7 @@ from pipeline import crypto
 from pipeline.errors import InvalidUpload, StorageError
 from pipeline.ingest import decode_clean_png
 from pipeline.intake import accept_job, check_account_id, check_job_request
-from pipeline.storage import LocalObjectStore, key_from_uri
+from pipeline.storage import LocalObjectStore, StoreSet, key_from_uri
 from tests.unit.factories import MemoryJobStore, encode, make_settings, photo
 
 SETTINGS = make_settings()
@@ -32,7 +32,7 @@ class FailingPuts(LocalObjectStore):
         super().__init__(url)
         self.num_ok = num_ok
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes, *, customer_key: bytes | None = None) -> None:
         if self.num_ok == 0:
             raise StorageError("store unavailable")
         self.num_ok -= 1
@@ -84,7 +84,7 @@ def test_accepted_job_stores_only_ciphertext_after_registering(tmp_path):
     request = request_for(num_files=2)
     key = crypto.new_device_key()
 
-    job, item = accept_job(request, key, store, jobs, SETTINGS)
+    job, item = accept_job(request, key, StoreSet.single(store), jobs, SETTINGS)
 
     assert jobs.store_keys_at_create == []  # records first, objects after
     assert set(jobs.records) == set(job.input_uris) == set(item.input_uris)
@@ -101,7 +101,8 @@ def test_accepted_job_keys_carry_no_account_id(tmp_path):
     store = LocalObjectStore(f"file://{tmp_path / 'store'}")
     request = request_for(account_id="alice-smith")
 
-    job, _ = accept_job(request, crypto.new_device_key(), store, MemoryJobStore(store), SETTINGS)
+    job, _ = accept_job(request, crypto.new_device_key(), StoreSet.single(store),
+                        MemoryJobStore(store), SETTINGS)
 
     assert all("alice" not in uri for uri in job.input_uris)
     assert all(k.startswith(f"inputs/{job.job_id}/") for k in store.list_keys(""))
@@ -112,7 +113,8 @@ def test_failed_write_deletes_what_was_written_and_discards_the_job(tmp_path):
     jobs = MemoryJobStore(store)
 
     with pytest.raises(StorageError):
-        accept_job(request_for(num_files=3), crypto.new_device_key(), store, jobs, SETTINGS)
+        accept_job(request_for(num_files=3), crypto.new_device_key(), StoreSet.single(store),
+                   jobs, SETTINGS)
 
     assert store.list_keys("") == []
     assert len(jobs.discarded) == 1

@@ -149,5 +149,5 @@ def test_output_key_hides_the_account_id():
 
 def test_open_store_refuses_unknown_schemes(tmp_path):
     assert isinstance(open_store(f"file://{tmp_path}"), LocalObjectStore)
-    with pytest.raises(ValueError, match="store_url"):
+    with pytest.raises(ValueError, match="storage.yaml"):
         open_store("s3://bucket")
