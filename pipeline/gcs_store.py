@@ -1,7 +1,7 @@
 """Google Cloud Storage (google-cloud-storage): one bucket per region.
 
 Retries timeouts, 429 and 5xx with exponential backoff and full jitter, then raises
-StorageError. A single-request upload is atomic, so a failed write leaves no partial
+StorageError (the client library's own retry is turned off so this one is the only one). A single-request upload is atomic, so a failed write leaves no partial
 object. Inputs and face data may also carry CSEK under the device key.
 """
 
@@ -16,7 +16,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import storage
 
 from pipeline.config import GcsConfig
-from pipeline.errors import StorageError
+from pipeline.errors import StorageError, WrongKey
 from pipeline.retry import backoff_s
 
 T = TypeVar("T")
@@ -70,29 +70,37 @@ class GcsObjectStore:
         blob = self._blob(key, customer_key)
         try:
             self._call("put", lambda: blob.upload_from_string(
-                data, content_type="application/octet-stream", timeout=self.cfg.timeout_s))
+                data, content_type="application/octet-stream", timeout=self.cfg.timeout_s,
+                retry=None))
         except gexc.GoogleAPICallError as exc:
             raise StorageError(f"GCS put refused ({exc.code})") from None
 
     def get(self, key: str, *, customer_key: bytes | None = None) -> bytes:
         blob = self._blob(key, customer_key)
         try:
-            return self._call("get", lambda: blob.download_as_bytes(timeout=self.cfg.timeout_s))
+            return self._call("get", lambda: blob.download_as_bytes(
+                timeout=self.cfg.timeout_s, retry=None))
         except gexc.NotFound:
             raise StorageError("object not found") from None
+        except gexc.BadRequest as exc:
+            if self.cfg.csek_inputs and customer_key:
+                raise WrongKey("the stored object did not decrypt with this device key (CSEK);"
+                               " upload again from the device that holds the key") from None
+            raise StorageError(f"GCS get refused ({exc.code})") from None
         except gexc.GoogleAPICallError as exc:
             raise StorageError(f"GCS get refused ({exc.code})") from None
 
     def exists(self, key: str) -> bool:
         try:
             return self._call("head", lambda: self._bucket.blob(key).exists(
-                timeout=self.cfg.timeout_s))
+                timeout=self.cfg.timeout_s, retry=None))
         except gexc.GoogleAPICallError as exc:
             raise StorageError(f"GCS head refused ({exc.code})") from None
 
     def delete(self, key: str) -> None:
         try:
-            self._call("delete", lambda: self._bucket.blob(key).delete(timeout=self.cfg.timeout_s))
+            self._call("delete", lambda: self._bucket.blob(key).delete(
+                timeout=self.cfg.timeout_s, retry=None))
         except gexc.NotFound:
             return  # already gone: deletes are idempotent
         except gexc.GoogleAPICallError as exc:
@@ -100,7 +108,7 @@ class GcsObjectStore:
 
     def list_keys(self, prefix: str) -> list[str]:
         return sorted(self._call("list", lambda: [
-            b.name for b in self.client.list_blobs(self.bucket, prefix=prefix,
+            b.name for b in self.client.list_blobs(self.bucket, prefix=prefix, retry=None,
                                                    timeout=self.cfg.timeout_s)]))
 
     def signed_url(self, key: str, ttl_s: int) -> str | None:

@@ -18,7 +18,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.config import S3Config
-from pipeline.errors import StorageError
+from pipeline.errors import StorageError, WrongKey
 from pipeline.retry import backoff_s
 
 T = TypeVar("T")
@@ -87,6 +87,9 @@ class S3ObjectStore:
         except ClientError as exc:
             if _code(exc) in ("NoSuchKey", "404"):
                 raise StorageError("object not found") from None
+            if self._sse_c(customer_key) and _status(exc) in (400, 403):
+                raise WrongKey("the stored object did not decrypt with this device key "
+                               "(SSE-C); upload again from the device that holds the key") from None
             raise StorageError(f"S3 get refused ({_code(exc)})") from None
 
     def exists(self, key: str) -> bool:

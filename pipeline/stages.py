@@ -8,6 +8,7 @@ media never enter Ray's object store (which could spill them to disk).
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 
@@ -32,6 +33,8 @@ from pipeline.storage import (
     output_key,
 )
 
+log = logging.getLogger(__name__)
+
 
 class _ItemFailed(Exception):
     def __init__(self, reason: str, *, retryable: bool) -> None:
@@ -46,7 +49,8 @@ def _read_plain(stores: StoreSet, uri: str, key: bytes) -> bytes:
         return crypto.decrypt(store.get(object_key, customer_key=key), key, uri=uri)
     except WrongKey as exc:
         raise _ItemFailed(str(exc), retryable=False) from None
-    except StorageError:
+    except StorageError as exc:
+        log.warning("reading a job object failed: %s", exc)  # the error names no content
         raise _ItemFailed("the object store is unavailable", retryable=True) from None
 
 
@@ -171,7 +175,8 @@ def diffusion_stage(items: list[WorkItem], stores: StoreSet, jobs: JobStore,
         try:
             output_ids = store_outputs(item, per_job[item.job_id], stores.outputs, jobs,
                                        settings.service.output_format)
-        except StorageError:
+        except StorageError as exc:
+            log.warning("storing outputs failed: %s", exc)
             results.append(StageResult(item.job_id, ok=False, retryable=True,
                                        reason="the object store is unavailable"))
             continue

@@ -75,6 +75,30 @@ def store_root(service) -> Path:
     return Path(service.settings.storage.local_root)
 
 
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on loopback, and fake credentials in the environment
+    (inherited by Ray workers started later)."""
+    import os
+
+    from tests.integration.object_servers import FAKE_AWS_ENV, SeaweedS3
+
+    for name, value in FAKE_AWS_ENV.items():
+        os.environ.setdefault(name, value)
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    from tests.integration.object_servers import GcsEmulator
+
+    server = GcsEmulator().start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture()
 def client(service):
     with httpx.Client(base_url=service.base_url, timeout=120.0) as c:
