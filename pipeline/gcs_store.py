@@ -1,8 +1,9 @@
 """Google Cloud Storage (google-cloud-storage): one bucket per region.
 
 Retries timeouts, 429 and 5xx with exponential backoff and full jitter, then raises
-StorageError (the client library's own retry is turned off so this one is the only one). A single-request upload is atomic, so a failed write leaves no partial
-object. Inputs and face data may also carry CSEK under the device key.
+StorageError (the client library's own retry is turned off, so this is the only one).
+An upload is atomic (a resumable one is only visible once finalised), so a failed write
+leaves no partial object. Inputs and face data may also carry CSEK under the device key.
 """
 
 from __future__ import annotations
