@@ -22,7 +22,8 @@ class FaceDeployment:
         self.ledger = RetentionLedger(client)
         runtime = select_runtime(settings.models)
         self.detector = MtcnnDetector(runtime, min_probability=settings.models.face_min_probability)
-        self.embedder = FacenetEmbedder(runtime, weights=settings.models.face_embedder_weights)
+        self.embedder = FacenetEmbedder(runtime, weights=settings.models.face_embedder_weights,
+                                        storage=settings.storage)
 
     def run_batch(self, items: list[WorkItem]) -> list[StageResult]:
         from pipeline.stages import face_stage

@@ -217,7 +217,8 @@ class ModelsConfig(_Strict):
     )
     num_inference_steps: int = Field(10, gt=0, le=200, description="Denoising steps.")
     face_embedder_weights: str = Field(
-        "random", description="'random' (demo/tests) or a path to InceptionResnetV1 weights."
+        "random", description="'random' (demo/tests), or InceptionResnetV1 weights: a file "
+        "path or an s3:// / gs:// object."
     )
     face_min_probability: float = Field(
         0.9, gt=0, le=1, description="MTCNN confidence below which a face is ignored."

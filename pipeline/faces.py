@@ -1,22 +1,23 @@
 """Face stage: detect and align faces (MTCNN, real pretrained weights shipped inside
 facenet-pytorch), then embed them with an InceptionResnetV1 identity network (512-d).
 
-The embedder's weights come from a configured file; ``random`` builds the real architecture
+The embedder's weights come from a configured file or bucket object; ``random`` builds the real architecture
 with random weights for the demo and tests (the pretrained ones are not shipped in any
 package and cannot be downloaded here).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.config import StorageConfig
 from pipeline.records import EmbeddingBatch, FaceBatch
 from pipeline.runtime import Runtime
+from pipeline.weights import load_state_dict
 
 CROP_SIZE_PX = 160
 
@@ -65,19 +66,16 @@ class MtcnnDetector:
 class FacenetEmbedder:
     """InceptionResnetV1 (FaceNet) identity embeddings."""
 
-    def __init__(self, runtime: Runtime, *, weights: str) -> None:
+    def __init__(self, runtime: Runtime, *, weights: str,
+                 storage: StorageConfig | None = None) -> None:
+        """``weights``: 'random', a state_dict file, or s3:// / gs:// object (read with the
+        clients of ``storage``)."""
         from facenet_pytorch import InceptionResnetV1
 
         self.runtime = runtime
         model = InceptionResnetV1(pretrained=None, classify=False)
         if weights != "random":
-            path = Path(weights)
-            if not path.is_file():
-                raise ValueError(
-                    f"face_embedder_weights {weights!r} is not a file; give a state_dict "
-                    "path or 'random'"
-                )
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_state_dict(weights, storage or StorageConfig())
             model.load_state_dict({k: v for k, v in state.items() if not k.startswith("logits")})
         self.model = model.eval().to(runtime.device)
 

@@ -198,3 +198,35 @@ def test_two_actors_deleting_one_account_do_not_double_delete(store, jobs):
     delete_account("acct-race", receipt_id, StoreSet.single(store), jobs, owner="t", cfg=CFG)
     objects = ReceiptLedger(jobs.redis).get_request(receipt_id)["objects"]
     assert sum(o["object_class"] == "output" for o in objects) == 5
+
+
+def test_outputs_are_never_purged_by_time(store, jobs):
+    """Uninstalling or waiting deletes nothing: outputs have no deadline, and neither the
+    sweep nor the reconciler touches them, even ten years on."""
+    from pipeline.retention import sweep_due
+
+    job = make_job(store, jobs, finished=True)
+    purge_finished_job(job.job_id, StoreSet.single(store), jobs, owner="t", cfg=CFG)
+    out = make_output(store, jobs, job)
+    ten_years_s = time.time() + 10 * 365 * 86400
+    sweep_due(StoreSet.single(store), jobs.ledger, owner="t", cfg=CFG, now_s=ten_years_s)
+    reconcile(StoreSet.single(store), jobs.ledger, owner="t", cfg=CFG, now_s=ten_years_s)
+    assert store.exists(key_from_uri(store, out.uri))
+    assert [o.output_id for o in jobs.list_outputs(job.account_id)] == [out.output_id]
+
+
+def test_embedded_redis_falls_back_to_valkey_when_redis_server_is_absent(tmp_path,
+                                                                          monkeypatch):
+    import shutil
+
+    from pipeline import redis_server as module
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert module.find_server_binary().endswith("valkey-server")
+    server = RedisServer(tmp_path / "valkey").start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        client.zadd("k", {"a": 1.0})
+        assert client.zrange("k", 0, -1) == [b"a"]
+    finally:
+        server.stop()

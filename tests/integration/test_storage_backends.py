@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import redis
 import skimage.data
+import torch
 
 from pipeline import crypto
 from pipeline.config import GcsConfig, S3Config, StorageConfig, load_settings
@@ -435,3 +436,26 @@ def test_gcs_5xx_is_retried_then_fails_clearly(failing_server):
     with pytest.raises(StorageError, match="after 3 attempts"):
         store.exists("inputs/j/x.bin")
     assert len(sleeps) == 2
+
+
+def test_face_embedder_weights_load_from_a_bucket(seaweed, gcs_emulator, face_weights_path):
+    """models.yaml face_embedder_weights may name an s3:// or gs:// object."""
+    from pipeline.config import ModelsConfig
+    from pipeline.faces import FacenetEmbedder
+    from pipeline.runtime import select_runtime
+
+    runtime = select_runtime(ModelsConfig())
+    blob = face_weights_path.read_bytes()
+    s3_bucket, gcs_bucket = _name("weights"), _name("weights")
+    make_s3_bucket(seaweed.client(), s3_bucket, lifecycle=False)
+    seaweed.client().put_object(Bucket=s3_bucket, Key="facenet/v1.pt", Body=blob)
+    gcs_emulator.client().create_bucket(gcs_bucket).blob("facenet/v1.pt").upload_from_string(blob)
+    storage = StorageConfig(s3=s3_config(seaweed, "any"),
+                            gcs=gcs_config(gcs_emulator, {r: "any" for r in REGIONS}))
+    crops = torch.rand(2, 3, 160, 160)
+    expected = FacenetEmbedder(runtime, weights=str(face_weights_path)).embed(crops)
+    for location in (f"s3://{s3_bucket}/facenet/v1.pt", f"gs://{gcs_bucket}/facenet/v1.pt"):
+        loaded = FacenetEmbedder(runtime, weights=location, storage=storage).embed(crops)
+        np.testing.assert_array_equal(loaded, expected)
+    with pytest.raises(StorageError):
+        FacenetEmbedder(runtime, weights=f"s3://{s3_bucket}/missing.pt", storage=storage)
