@@ -1,6 +1,6 @@
 # Two entry points, each doing all the set-up on a fresh machine:
 #   make demo   - create .venv if missing, install, run the end-to-end demo
-#   make test   - same install, run the whole test suite
+#   make test   - same install, lint (ruff, mypy on pipeline/), run the whole test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -23,6 +23,8 @@ demo: install
 	$(BIN)/python scripts/demo.py
 
 test: install
+	$(BIN)/ruff check pipeline serve actors scripts tests
+	$(BIN)/mypy pipeline
 	$(BIN)/python -m pytest -q
 
 lint: install
@@ -31,6 +33,7 @@ lint: install
 
 bench: install
 	$(BIN)/python scripts/bench_service.py
+	$(BIN)/python scripts/bench_retention.py
 
 clean:
 	rm -rf data out bench-out models
