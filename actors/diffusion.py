@@ -30,6 +30,8 @@ class DiffusionDeployment:
         )
 
     def run_batch(self, items: list[WorkItem]) -> list[StageResult]:
-        from pipeline.stages import diffusion_stage
+        from pipeline.stages import diffusion_stage, run_isolating_failures
 
-        return diffusion_stage(items, self.stores, self.jobs, self.generator, self.settings)
+        return run_isolating_failures(
+            lambda batch: diffusion_stage(batch, self.stores, self.jobs, self.generator,
+                                          self.settings), items)

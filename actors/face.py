@@ -26,7 +26,8 @@ class FaceDeployment:
                                         storage=settings.storage)
 
     def run_batch(self, items: list[WorkItem]) -> list[StageResult]:
-        from pipeline.stages import face_stage
+        from pipeline.stages import face_stage, run_isolating_failures
 
-        return face_stage(items, self.stores, self.ledger, self.detector, self.embedder,
-                          self.settings.retention)
+        return run_isolating_failures(
+            lambda batch: face_stage(batch, self.stores, self.ledger, self.detector,
+                                     self.embedder, self.settings.retention), items)

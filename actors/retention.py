@@ -39,15 +39,19 @@ class RetentionDeployment:
     async def _forever(self) -> None:
         last_reconcile = 0.0
         while True:
-            try:
-                await asyncio.to_thread(self.sweep)
-                await asyncio.to_thread(self.resume_account_deletions)
-                if time.time() - last_reconcile >= self.settings.retention.reconcile_interval_s:
-                    await asyncio.to_thread(self.reconcile)
-                    last_reconcile = time.time()
-            except Exception:  # Redis or the store is down: try again next round
-                log.exception("retention round failed; retrying")
+            # Each pass on its own: one failing pass never starves the others.
+            await self._guarded("sweep", self.sweep)
+            await self._guarded("account deletions", self.resume_account_deletions)
+            if time.time() - last_reconcile >= self.settings.retention.reconcile_interval_s:
+                await self._guarded("reconcile", self.reconcile)
+                last_reconcile = time.time()
             await asyncio.sleep(self.settings.retention.sweep_interval_s)
+
+    async def _guarded(self, name: str, work) -> None:
+        try:
+            await asyncio.to_thread(work)
+        except Exception:  # Redis or the store is down: try again next round
+            log.exception("retention %s failed; retrying next round", name)
 
     async def check_health(self) -> None:
         self._ensure_background()  # Serve calls this periodically: work starts with the replica
@@ -73,8 +77,11 @@ class RetentionDeployment:
 
         done = 0
         for receipt_id, account_id in pending_account_deletions(self.jobs.redis).items():
-            done += delete_account(account_id, receipt_id, self.stores, self.jobs,
-                                   owner=self.owner, cfg=self.settings.retention)
+            try:
+                done += delete_account(account_id, receipt_id, self.stores, self.jobs,
+                                       owner=self.owner, cfg=self.settings.retention)
+            except Exception:  # this account waits for the next round; others go on
+                log.exception("deleting an account failed; retrying next round")
         return done
 
     async def purge_job(self, job_id: str) -> int:
@@ -84,6 +91,13 @@ class RetentionDeployment:
         self._ensure_background()
         return await asyncio.to_thread(purge_finished_job, job_id, self.stores, self.jobs,
                                        owner=self.owner, cfg=self.settings.retention)
+
+    async def discard_outputs(self, account_id: str, output_ids: list[str]) -> int:
+        """Delete outputs written by an abandoned attempt of a job (never shown to anyone)."""
+        from pipeline.deletion import discard_outputs
+
+        return await asyncio.to_thread(discard_outputs, account_id, output_ids, self.stores,
+                                       self.jobs)
 
     async def delete_account(self, account_id: str, receipt_id: str) -> int:
         from pipeline.deletion import delete_account

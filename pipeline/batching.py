@@ -8,7 +8,7 @@ batch when it holds ``max_batch_size`` jobs, or when its oldest job has waited
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -35,6 +35,18 @@ class BatchQueue(Generic[T]):
 
     def add(self, item: T, key: Hashable, now_s: float) -> None:
         self._groups.setdefault(key, []).append(_Waiting(item, now_s))
+
+    def remove(self, predicate: Callable[[T], bool]) -> int:
+        """Drop waiting items for which ``predicate`` is true; returns how many."""
+        removed = 0
+        for key in list(self._groups):
+            kept = [w for w in self._groups[key] if not predicate(w.item)]
+            removed += len(self._groups[key]) - len(kept)
+            if kept:
+                self._groups[key] = kept
+            else:
+                del self._groups[key]
+        return removed
 
     def __len__(self) -> int:
         return sum(len(g) for g in self._groups.values())

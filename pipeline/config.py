@@ -24,6 +24,10 @@ class ServiceConfig(_Strict):
 
     http_host: str = Field("127.0.0.1", description="Address Serve's HTTP proxy binds to.")
     http_port: int = Field(0, ge=0, le=65535, description="HTTP port; 0 picks a free one.")
+    api_token_env: str | None = Field(
+        None, description="Name of an environment variable holding the bearer token the app "
+        "backend must send (Authorization: Bearer ...); null: no token (loopback demo only)."
+    )
     redis_url: str | None = Field(
         None, description="redis://host:port/db; null starts an embedded server on a free port."
     )
@@ -52,7 +56,7 @@ class ServiceConfig(_Strict):
         "allocations, so nothing from the object store ever reaches a disk."
     )
     job_timeout_s: float = Field(
-        600.0, gt=0, description="A job not finished this long after acceptance fails."
+        600.0, gt=0, le=86400, description="A job not finished this long after acceptance fails."
     )
 
     @model_validator(mode="after")
@@ -185,7 +189,7 @@ class BatchingConfig(_Strict):
         10.0, gt=0, le=1000, description="How often the scheduler checks for ready batches."
     )
     stage_timeout_s: float = Field(
-        300.0, gt=0, description="A batch call not answered in this time counts as a crash."
+        120.0, gt=0, le=3600, description="A batch call not answered in this time counts as a crash."
     )
 
 
@@ -285,6 +289,19 @@ class Settings(_Strict):
         default_factory=RetentionConfig, description="retention.yaml"
     )
     storage: StorageConfig = Field(default_factory=StorageConfig, description="storage.yaml")
+
+    @model_validator(mode="after")
+    def _timeouts_fit(self) -> Settings:
+        job_s, ceiling_s = self.service.job_timeout_s, self.retention.input_ceiling_h * 3600
+        if job_s >= ceiling_s:
+            raise ValueError(f"service.yaml job_timeout_s {job_s} must be shorter than "
+                             f"retention.yaml input_ceiling_h ({ceiling_s} s), or the sweep "
+                             "would delete the inputs of running jobs")
+        tries_s = self.batching.stage_timeout_s * self.batching.max_attempts
+        if tries_s > job_s:
+            raise ValueError(f"batching.yaml stage_timeout_s x max_attempts ({tries_s} s) "
+                             f"exceeds service.yaml job_timeout_s ({job_s} s); lower one")
+        return self
 
     @model_validator(mode="after")
     def _every_style_denoises(self) -> Settings:

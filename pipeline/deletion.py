@@ -7,12 +7,14 @@ Only an explicit request deletes anything: uninstalling the app sends none.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 
 import redis
 
 from pipeline.config import RetentionConfig
-from pipeline.jobs import JobStore
+from pipeline.errors import NotFound
+from pipeline.jobs import JobStore, account_tombstone_key
 from pipeline.receipts import ReceiptLedger
 from pipeline.records import DeletionReceipt
 from pipeline.retention import purge_finished_job
@@ -39,10 +41,38 @@ def delete_output(account_id: str, output_id: str, stores: StoreSet, jobs: JobSt
     return receipt_id
 
 
+def discard_outputs(account_id: str, output_ids: list[str], stores: StoreSet,
+                    jobs: JobStore) -> int:
+    """Delete outputs of an abandoned attempt (a late answer after a retry); how many."""
+    count = 0
+    for output_id in output_ids:
+        try:
+            delete_output(account_id, output_id, stores, jobs)
+            count += 1
+        except NotFound:
+            continue
+    return count
+
+
+TOMBSTONE_AFTER_S = 86400  # no new job for a deleted account id for a day after
+
+
 def request_account_deletion(account_id: str, jobs: JobStore) -> str:
-    """Record the request durably (a retention actor carries it out); returns the receipt id."""
-    receipt_id = ReceiptLedger(jobs.redis).open_request(
-        kind="account", account_id=account_id, subject=f"account:{account_id}")
+    """Record the request durably (a retention actor carries it out); returns the receipt id.
+
+    Sets the account's tombstone first, so no new job or output can appear for it. A second
+    request while one is pending returns the pending receipt.
+    """
+    chain = ReceiptLedger(jobs.redis)
+    tombstone = account_tombstone_key(account_id)
+    receipt_id = chain.new_request_id()
+    if not jobs.redis.set(tombstone, receipt_id, nx=True):
+        existing = (jobs.redis.get(tombstone) or b"").decode()
+        if existing and existing in pending_account_deletions(jobs.redis):
+            return existing
+        jobs.redis.set(tombstone, receipt_id)
+    chain.open_request(kind="account", account_id=account_id,
+                       subject=f"account:{account_id}", receipt_id=receipt_id)
     jobs.redis.hset(PENDING_ACCOUNTS_KEY, receipt_id, account_id)
     return receipt_id
 
@@ -51,22 +81,30 @@ def pending_account_deletions(client: redis.Redis) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in client.hgetall(PENDING_ACCOUNTS_KEY).items()}
 
 
+_RELEASE_IF_OWNER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 def delete_account(account_id: str, receipt_id: str, stores: StoreSet, jobs: JobStore, *,
                    owner: str, cfg: RetentionConfig) -> int:
     """Delete every output, index entry, job record and pending input of the account.
 
     Idempotent and resumable: a crash part-way leaves the request pending, and running it
-    again finishes the work. Returns the number of objects verified gone by this call.
+    again finishes the work. One worker per account at a time (a leased lock, renewed as it
+    goes). Returns the number of objects verified gone by this call.
     """
-    lock = f"eph:deletion:{receipt_id}:lock"
+    lock = f"eph:acct:{account_id}:deletion-lock"
+    token = f"{owner}:{uuid.uuid4().hex}"
     lease_ms = max(1, int(cfg.lease_s * 1000))
-    if not jobs.redis.set(lock, owner, nx=True, px=lease_ms):
+    if not jobs.redis.set(lock, token, nx=True, px=lease_ms):
         return 0  # another retention actor is on it; its lease expires if it dies
     try:
         return _delete_account(account_id, receipt_id, stores, jobs, owner=owner, cfg=cfg,
                                keep_lock=lambda: jobs.redis.pexpire(lock, lease_ms))
     finally:
-        jobs.redis.delete(lock)
+        jobs.redis.register_script(_RELEASE_IF_OWNER)(keys=[lock], args=[token])
 
 
 def _delete_account(account_id: str, receipt_id: str, stores: StoreSet, jobs: JobStore, *,
@@ -75,24 +113,25 @@ def _delete_account(account_id: str, receipt_id: str, stores: StoreSet, jobs: Jo
     requested_s = time.time()
     count = 0
     # 1. Jobs: end the running ones, purge their inputs and face data, drop their records.
+    #    (The tombstone already stops their outputs from being indexed.)
     for job_id in jobs.account_job_ids(account_id):
-        if not jobs.is_finished(job_id):
-            jobs.finish_job(job_id, ok=False, reason=ACCOUNT_DELETED_REASON)
+        keep_lock()
+        jobs.finish_job(job_id, ok=False, reason=ACCOUNT_DELETED_REASON)
         count += purge_finished_job(job_id, stores, jobs, owner=owner, cfg=cfg,
                                     receipt_id=receipt_id)
         if not [r for r in jobs.ledger.records_for_job(job_id) if r.object_class != "output"]:
             jobs.forget_job(job_id, account_id)
     # 2. Outputs in the index, then anything left under the account's folder.
     for out in jobs.list_outputs(account_id):
+        keep_lock()
         delete_verified(*stores.locate(out.uri))
         chain.append(receipt_id, DeletionReceipt(out.uri, "output", out.job_id, time.time(), True),
                      account_id=account_id, requested_s=requested_s)
         jobs.remove_output(out)
         count += 1
-        if count % 100 == 0:
-            keep_lock()
     store = stores.outputs
     for key in store.list_keys(f"{OUTPUT_PREFIX}{account_digest(account_id)}/"):
+        keep_lock()
         uri = object_uri(store, key)
         delete_verified(store, key)
         chain.append(receipt_id, DeletionReceipt(uri, "output", "", time.time(), True),
@@ -101,5 +140,6 @@ def _delete_account(account_id: str, receipt_id: str, stores: StoreSet, jobs: Jo
     done = not jobs.account_job_ids(account_id) and not jobs.list_outputs(account_id)
     if done:
         jobs.redis.hdel(PENDING_ACCOUNTS_KEY, receipt_id)
+        jobs.redis.expire(account_tombstone_key(account_id), TOMBSTONE_AFTER_S)
     chain.close_request(receipt_id, complete=done)
     return count

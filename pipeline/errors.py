@@ -21,6 +21,14 @@ class Forbidden(EphemeraError):
     """The caller may not touch this object (HTTP 403)."""
 
 
+class Unauthorized(EphemeraError):
+    """The caller did not present the service's API token (HTTP 401)."""
+
+
+class Unavailable(EphemeraError):
+    """A part of the service is down; nothing was changed; retry later (HTTP 503)."""
+
+
 class StorageError(EphemeraError):
     """The object store failed; the operation may be retried (HTTP 503)."""
 

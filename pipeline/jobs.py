@@ -14,7 +14,7 @@ import time
 
 import redis
 
-from pipeline.errors import NotFound
+from pipeline.errors import InvalidUpload, NotFound
 from pipeline.ledger import RetentionLedger
 from pipeline.records import JobRecord, OutputRecord, RetentionRecord
 
@@ -26,6 +26,30 @@ _INT_FIELDS = (
     "resolution_px", "num_inputs_purged_verified", "attempts", "face_batch_size",
     "diffusion_batch_size",
 )
+
+
+# Conditional writes run as one script, so a record deleted meanwhile (account deletion)
+# is never recreated half-empty by a late update.
+_UPDATE_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+if ARGV[1] == '1' then redis.call('SREM', KEYS[2], ARGV[2]) end
+return 1
+"""
+_FINISH_ONCE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if (not status) or status == 'succeeded' or status == 'failed' then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('SREM', KEYS[2], ARGV[1])
+return 1
+"""
+_RECORD_PURGE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, ''} end
+redis.call('HINCRBY', KEYS[1], 'num_inputs_purged_verified', ARGV[1])
+local first = 0
+if ARGV[2] == '1' then first = redis.call('HSETNX', KEYS[1], 'inputs_purged_s', ARGV[3]) end
+return {first, redis.call('HGET', KEYS[1], 'finished_s') or ''}
+"""
 
 
 def _job_key(job_id: str) -> str:
@@ -44,6 +68,16 @@ def _account_jobs_key(account_id: str) -> str:
     return f"eph:acct:{account_id}:jobs"
 
 
+def account_tombstone_key(account_id: str) -> str:
+    """Set while (and for a day after) an account is deleted: no new job or output."""
+    return f"eph:acct:{account_id}:deleting"
+
+
+def _flat(fields: dict[str, object]) -> list[str]:
+    """HSET arguments for a script: field, value, field, value, ..."""
+    return [x for k, v in fields.items() for x in (k, _encode(v))]
+
+
 def _encode(value: object) -> str:
     if isinstance(value, (list, tuple)):
         return json.dumps(list(value))
@@ -56,19 +90,35 @@ class JobStore:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self.ledger = RetentionLedger(client)
+        self._update_if_exists = client.register_script(_UPDATE_IF_EXISTS)
+        self._finish_once = client.register_script(_FINISH_ONCE)
+        self._record_purge = client.register_script(_RECORD_PURGE)
 
     def create_job(self, job: JobRecord, records: list[RetentionRecord]) -> None:
         """Register the job and its objects' retention records in one MULTI.
 
         Called before any object is written, so an object never exists without a record.
+        Refused (InvalidUpload) while the account is being deleted.
         """
-        p = self.redis.pipeline(transaction=True)
         fields = {k: getattr(job, k) for k in job.__slots__ if getattr(job, k) is not None}
-        p.hset(_job_key(job.job_id), mapping={k: _encode(v) for k, v in fields.items()})
-        p.sadd(ACTIVE_KEY, job.job_id)
-        p.sadd(_account_jobs_key(job.account_id), job.job_id)
-        self.ledger.register(records, pipe=p)
-        p.execute()
+        tombstone = account_tombstone_key(job.account_id)
+        with self.redis.pipeline(transaction=True) as p:
+            while True:
+                try:
+                    p.watch(tombstone)
+                    if p.exists(tombstone):
+                        raise InvalidUpload("this account is being deleted; no new jobs are "
+                                            "accepted for it", status_code=409)
+                    p.multi()
+                    p.hset(_job_key(job.job_id),
+                           mapping={k: _encode(v) for k, v in fields.items()})
+                    p.sadd(ACTIVE_KEY, job.job_id)
+                    p.sadd(_account_jobs_key(job.account_id), job.job_id)
+                    self.ledger.register(records, pipe=p)
+                    p.execute()
+                    return
+                except redis.WatchError:
+                    continue
 
     def discard_job(self, job_id: str, records: list[RetentionRecord]) -> None:
         """Undo ``create_job`` once the job's objects are verified gone (failed ingest)."""
@@ -92,18 +142,17 @@ class JobStore:
             d[name] = float(str(d[name])) if d.get(name) else None
         for name in _INT_FIELDS:
             d[name] = int(str(d.get(name) or 0))
-        return JobRecord(**d)  # type: ignore[arg-type]
+        try:
+            return JobRecord(**d)  # type: ignore[arg-type]
+        except TypeError:  # a record being deleted right now
+            raise NotFound(f"job {job_id} not found") from None
 
     def update_job(self, job_id: str, **fields: object) -> None:
         """Set some fields; a terminal status also removes the job from the active set."""
-        if not self.redis.exists(_job_key(job_id)):
-            return  # forgotten (account deleted): never recreate a partial record
         fields["updated_s"] = time.time()
-        p = self.redis.pipeline(transaction=True)
-        p.hset(_job_key(job_id), mapping={k: _encode(v) for k, v in fields.items()})
-        if fields.get("status") in ("succeeded", "failed"):
-            p.srem(ACTIVE_KEY, job_id)
-        p.execute()
+        terminal = "1" if fields.get("status") in ("succeeded", "failed") else "0"
+        self._update_if_exists(keys=[_job_key(job_id), ACTIVE_KEY],
+                               args=[terminal, job_id, *_flat(fields)])
 
     def finish_job(
         self, job_id: str, *, ok: bool, reason: str = "", output_ids: tuple[str, ...] = ()
@@ -113,30 +162,21 @@ class JobStore:
         A job that already ended keeps its first outcome; its inputs are made due either way.
         """
         now = time.time()
-        if self.is_finished(job_id):
-            self.ledger.expedite_job(job_id, ("input", "face_data"), now)
-            return
-        fields: dict[str, object] = {"status": "succeeded" if ok else "failed", "finished_s": now}
+        fields: dict[str, object] = {"status": "succeeded" if ok else "failed",
+                                     "finished_s": now, "updated_s": now}
         if ok:
             fields.update(succeeded_s=now, output_ids=list(output_ids))
         else:
             fields["reason"] = reason
-        self.update_job(job_id, **fields)
+        self._finish_once(keys=[_job_key(job_id), ACTIVE_KEY], args=[job_id, *_flat(fields)])
         self.ledger.expedite_job(job_id, ("input", "face_data"), now)
 
     def record_purge(self, job_id: str, *, num_inputs_verified: int, complete: bool) -> None:
         """Count inputs verified gone; stamp ``inputs_purged_s`` once all are gone."""
-        key = _job_key(job_id)
-        if not self.redis.exists(key):
-            return
         now = time.time()
-        p = self.redis.pipeline(transaction=True)
-        p.hincrby(key, "num_inputs_purged_verified", num_inputs_verified)
-        if complete:
-            p.hsetnx(key, "inputs_purged_s", repr(now))
-        p.hget(key, "finished_s")
-        results = p.execute()
-        first_complete, finished = complete and bool(results[1]), results[-1]
+        first_complete, finished = self._record_purge(
+            keys=[_job_key(job_id)],
+            args=[num_inputs_verified, "1" if complete else "0", repr(now)])
         if first_complete and finished:
             lag_s = now - float(finished)
             p = self.redis.pipeline(transaction=True)
@@ -172,11 +212,28 @@ class JobStore:
     def active_job_ids(self) -> list[str]:
         return sorted(j.decode() for j in self.redis.smembers(ACTIVE_KEY))
 
-    def add_output(self, out: OutputRecord) -> None:
-        p = self.redis.pipeline(transaction=True)
-        p.hset(_output_key(out.output_id), mapping={k: _encode(getattr(out, k)) for k in out.__slots__})
-        p.zadd(_account_outputs_key(out.account_id), {out.output_id: out.created_s})
-        p.execute()
+    def add_output(self, out: OutputRecord, pending: RetentionRecord) -> bool:
+        """Index an output and drop its pending retention record, in one MULTI.
+
+        Refused (False) if the job is gone or the account is being deleted: the caller
+        then deletes the object. The pending record's deadline purges it if nobody does.
+        """
+        job, tombstone = _job_key(out.job_id), account_tombstone_key(out.account_id)
+        with self.redis.pipeline(transaction=True) as p:
+            while True:
+                try:
+                    p.watch(job, tombstone)
+                    if p.exists(tombstone) or not p.exists(job):
+                        return False
+                    p.multi()
+                    p.hset(_output_key(out.output_id),
+                           mapping={k: _encode(getattr(out, k)) for k in out.__slots__})
+                    p.zadd(_account_outputs_key(out.account_id), {out.output_id: out.created_s})
+                    self.ledger.complete(pending, pipe=p)
+                    p.execute()
+                    return True
+                except redis.WatchError:
+                    continue
 
     def get_output(self, account_id: str, output_id: str) -> OutputRecord:
         """An output of this account; another account's output is reported as not found."""
@@ -198,4 +255,10 @@ class JobStore:
 
     def list_outputs(self, account_id: str) -> list[OutputRecord]:
         ids = [i.decode() for i in self.redis.zrange(_account_outputs_key(account_id), 0, -1)]
-        return [self.get_output(account_id, i) for i in ids]
+        found = []
+        for output_id in ids:
+            try:
+                found.append(self.get_output(account_id, output_id))
+            except NotFound:  # deleted between the two reads
+                continue
+        return found

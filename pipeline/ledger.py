@@ -23,6 +23,14 @@ CREATED_KEY = "eph:ret:created"  # + ":<class>": zset uri -> created_s (oldest-a
 PURGE_FAILURES_KEY = "eph:metrics:purge_failures"
 
 
+_EXPEDITE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'deadline_s', ARGV[2])
+redis.call('ZADD', KEYS[2], 'XX', ARGV[2], ARGV[1])
+return 1
+"""
+
+
 def _rec_key(uri: str) -> str:
     return f"eph:ret:rec:{uri}"
 
@@ -40,6 +48,7 @@ class RetentionLedger:
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
+        self._expedite = client.register_script(_EXPEDITE)
 
     def register(self, records: list[RetentionRecord], pipe: redis.client.Pipeline | None = None) -> None:
         """Add records; with ``pipe`` they join the caller's MULTI instead of their own."""
@@ -102,25 +111,27 @@ class RetentionLedger:
     def release(self, uri: str) -> None:
         self.redis.delete(_lease_key(uri))
 
-    def complete(self, rec: RetentionRecord) -> None:
-        """Drop a record whose object is verified gone (one MULTI)."""
-        p = self.redis.pipeline(transaction=True)
+    def complete(self, rec: RetentionRecord, pipe: redis.client.Pipeline | None = None) -> None:
+        """Drop a record whose object is verified gone (or indexed, for an output)."""
+        p = self.redis.pipeline(transaction=True) if pipe is None else pipe
         p.delete(_rec_key(rec.uri))
         p.zrem(DUE_KEY, rec.uri)
         p.zrem(f"{CREATED_KEY}:{rec.object_class}", rec.uri)
         p.srem(_job_key(rec.job_id), rec.uri)
         p.delete(_lease_key(rec.uri))
-        p.execute()
+        if pipe is None:
+            p.execute()
+
+    def defer(self, uri: str, until_s: float) -> None:
+        """Push a record the sweep could not purge to later, so it does not block others."""
+        self.redis.zadd(DUE_KEY, {uri: until_s}, xx=True)
 
     def expedite_job(self, job_id: str, classes: tuple[str, ...], now_s: float) -> None:
         """Make a finished job's objects of ``classes`` due now, so a lost purge call is
         picked up by the next sweep instead of waiting for the hard ceiling."""
         for rec in self.records_for_job(job_id):
             if rec.object_class in classes and rec.deadline_s > now_s:
-                p = self.redis.pipeline(transaction=True)
-                p.zadd(DUE_KEY, {rec.uri: now_s}, xx=True)
-                p.hset(_rec_key(rec.uri), "deadline_s", repr(now_s))
-                p.execute()
+                self._expedite(keys=[_rec_key(rec.uri), DUE_KEY], args=[rec.uri, repr(now_s)])
 
     def note_purge_failure(self) -> None:
         self.redis.incr(PURGE_FAILURES_KEY)

@@ -59,14 +59,24 @@ class ReceiptLedger:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
 
-    def open_request(self, *, kind: str, account_id: str, subject: str) -> str:
-        """Start a deletion request (``kind``: output | account | job_purge); its id."""
-        receipt_id = uuid.uuid4().hex
-        self.redis.hset(f"eph:deletion:{receipt_id}", mapping={
-            "receipt_id": receipt_id, "kind": kind, "account_id": account_id,
-            "subject_sha256": uri_digest(subject), "requested_s": repr(time.time()),
-            "status": "pending",
-        })
+    @staticmethod
+    def new_request_id() -> str:
+        return uuid.uuid4().hex
+
+    def open_request(self, *, kind: str, account_id: str, subject: str,
+                     receipt_id: str | None = None) -> str:
+        """Start a deletion request (``kind``: output | account | job_purge); its id.
+
+        Idempotent for a given ``receipt_id``: an existing request is left as it is.
+        """
+        receipt_id = receipt_id or self.new_request_id()
+        key = f"eph:deletion:{receipt_id}"
+        if self.redis.hsetnx(key, "receipt_id", receipt_id):
+            self.redis.hset(key, mapping={
+                "kind": kind, "account_id": account_id,
+                "subject_sha256": uri_digest(subject), "requested_s": repr(time.time()),
+                "status": "pending",
+            })
         return receipt_id
 
     def close_request(self, receipt_id: str, *, complete: bool) -> None:

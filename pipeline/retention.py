@@ -21,6 +21,7 @@ from pipeline.retry import backoff_s
 from pipeline.storage import (
     FACE_PREFIX,
     INPUT_PREFIX,
+    LocalObjectStore,
     ObjectStore,
     StoreSet,
     delete_verified,
@@ -28,6 +29,8 @@ from pipeline.storage import (
 )
 
 PURGED_ON_EVENT = ("input", "face_data")
+FOREIGN_RETRY_S = 3600.0  # a record of a store this worker does not have
+TEMPORARY_FILE_MAX_AGE_S = 600.0  # a local write takes milliseconds; older ones are debris
 
 
 def purge_receipt_id(job_id: str) -> str:
@@ -70,6 +73,7 @@ def purge_records(
             store, key = stores.locate(rec.uri)
         except StorageError:  # no store of ours holds it: a worker configured for it purges it
             ledger.release(rec.uri)
+            ledger.defer(rec.uri, time.time() + FOREIGN_RETRY_S)
             continue
         for attempt in range(cfg.purge_max_attempts):
             try:
@@ -77,6 +81,8 @@ def purge_records(
             except StorageError:
                 if attempt + 1 == cfg.purge_max_attempts:
                     ledger.note_purge_failure()
+                    # Retry after the lease; meanwhile other due records get their turn.
+                    ledger.defer(rec.uri, time.time() + cfg.lease_s)
                     break
                 sleep(backoff_s(attempt))
                 continue
@@ -115,8 +121,16 @@ def purge_finished_job(job_id: str, stores: StoreSet, jobs: JobStore, *, owner: 
     Once nothing of the job's inputs and face data is left in the ledger, the job record
     gets ``inputs_purged_s``. Returns how many objects this call verified gone.
     """
+    if receipt_id is None:  # the service's own purge: a receipt the API can show
+        job_account = jobs.redis.hget(f"eph:job:{job_id}", "account_id")
+        receipt_id = ReceiptLedger(jobs.redis).open_request(
+            kind="job_purge", account_id=(job_account or b"").decode(), subject=job_id,
+            receipt_id=purge_receipt_id(job_id))
     receipts = purge_job(job_id, stores, jobs.ledger, owner=owner, cfg=cfg, receipt_id=receipt_id)
     note_purges(jobs, receipts, also_check=[job_id])
+    if receipt_id == purge_receipt_id(job_id):
+        left = [r for r in jobs.ledger.records_for_job(job_id) if r.object_class in PURGED_ON_EVENT]
+        ReceiptLedger(jobs.redis).close_request(receipt_id, complete=not left)
     return len(receipts)
 
 
@@ -148,6 +162,8 @@ def reconcile(stores: StoreSet, ledger: RetentionLedger, *, owner: str, cfg: Ret
     chain = ReceiptLedger(ledger.redis)
     receipts: list[DeletionReceipt] = []
     for store in stores.all():
+        if isinstance(store, LocalObjectStore):
+            store.clean_temporary(older_than_s=TEMPORARY_FILE_MAX_AGE_S)
         receipts += _reconcile_store(store, stores, ledger, chain, owner=owner, cfg=cfg, now_s=now)
     return receipts
 

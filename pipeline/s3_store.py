@@ -99,7 +99,7 @@ class S3ObjectStore:
         except ClientError as exc:
             if _status(exc) == 404:
                 return False
-            if _status(exc) == 400:  # an SSE-C object exists but needs its key to HEAD
+            if _status(exc) == 400 and self.cfg.sse_c_inputs:  # SSE-C: HEAD needs the key
                 return True
             raise StorageError(f"S3 head refused ({_code(exc)})") from None
 
@@ -113,11 +113,20 @@ class S3ObjectStore:
 
     def _delete_versions(self, key: str) -> None:
         """On a versioned bucket a plain DELETE only adds a marker: remove every version."""
-        listing: dict = self._call("list versions", lambda: self.client.list_object_versions(
-            Bucket=self.bucket, Prefix=key))
-        for entry in listing.get("Versions", []) + listing.get("DeleteMarkers", []):
-            if entry["Key"] == key:
-                self._delete_version(key, entry["VersionId"])
+        marker: dict = {}
+        while True:
+            listing = self._list_versions(key, marker)
+            for entry in listing.get("Versions", []) + listing.get("DeleteMarkers", []):
+                if entry["Key"] == key:
+                    self._delete_version(key, entry["VersionId"])
+            if not listing.get("IsTruncated"):
+                return
+            marker = {"KeyMarker": listing["NextKeyMarker"],
+                      "VersionIdMarker": listing["NextVersionIdMarker"]}
+
+    def _list_versions(self, key: str, marker: dict) -> dict:
+        return self._call("list versions", lambda: self.client.list_object_versions(
+            Bucket=self.bucket, Prefix=key, **marker))
 
     def _delete_version(self, key: str, version_id: str) -> None:
         self._call("delete version", lambda: self.client.delete_object(

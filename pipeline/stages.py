@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from pipeline.retention import deadline_for
 from pipeline.storage import (
     ObjectStore,
     StoreSet,
+    delete_verified,
     face_key,
     key_from_uri,
     object_uri,
@@ -56,6 +58,26 @@ def _read_plain(stores: StoreSet, uri: str, key: bytes) -> bytes:
 
 def _read_images(stores: StoreSet, item: WorkItem) -> list[np.ndarray]:
     return [decode_clean_png(_read_plain(stores, u, item.device_key)) for u in item.input_uris]
+
+
+def run_isolating_failures(stage: Callable[[list[WorkItem]], list[StageResult]],
+                           items: list[WorkItem]) -> list[StageResult]:
+    """Run ``stage`` on the batch; if it raises, run each job alone, so one bad photo fails
+    only its own job (as retryable: the scheduler's attempt count still bounds it)."""
+    try:
+        return stage(items)
+    except Exception:
+        if len(items) == 1:
+            raise
+    results = []
+    for item in items:
+        try:
+            results += stage([item])
+        except Exception as exc:
+            log.warning("a job failed alone in its stage: %s", type(exc).__name__)
+            results.append(StageResult(item.job_id, ok=False, retryable=True,
+                                       reason="this photo could not be processed"))
+    return results
 
 
 def face_stage(items: list[WorkItem], stores: StoreSet, ledger: RetentionLedger,
@@ -175,6 +197,9 @@ def diffusion_stage(items: list[WorkItem], stores: StoreSet, jobs: JobStore,
         try:
             output_ids = store_outputs(item, per_job[item.job_id], stores.outputs, jobs,
                                        settings.service.output_format)
+        except JobEnded:
+            results.append(StageResult(item.job_id, ok=False, reason="the job already ended"))
+            continue
         except StorageError as exc:
             log.warning("storing outputs failed: %s", exc)
             results.append(StageResult(item.job_id, ok=False, retryable=True,
@@ -184,28 +209,56 @@ def diffusion_stage(items: list[WorkItem], stores: StoreSet, jobs: JobStore,
     return results
 
 
+class JobEnded(Exception):
+    """The job ended or its account was deleted while its outputs were being written."""
+
+
+PENDING_OUTPUT_TTL_S = 3600.0  # an output written but never indexed is purged after this
+
+
 def store_outputs(item: WorkItem, images: list[np.ndarray], store: ObjectStore, jobs: JobStore,
                   output_format: str) -> list[str]:
     """Output stage: encode, store under the account, add to the account's output index.
 
-    All or nothing per job: if a write fails, the outputs already written are deleted.
+    Each output gets a pending retention record before it is written, dropped when it is
+    indexed, so no output object exists unaccounted for. All or nothing per job: if a
+    write fails, or the job or account was deleted meanwhile, what was written is deleted.
     """
-    written: list[OutputRecord] = []
+    written: list[tuple[OutputRecord, RetentionRecord]] = []
     try:
         for image in images:
             data, media_type = encode_output(image, output_format)
             output_id = uuid.uuid4().hex
             key = output_key(item.account_id, output_id, output_format)
+            now = time.time()
+            out = OutputRecord(output_id=output_id, account_id=item.account_id,
+                               job_id=item.job_id, uri=object_uri(store, key),
+                               media_type=media_type, created_s=now, provider=store.provider,
+                               region=store.region, bucket=store.bucket)
+            pending = RetentionRecord(uri=out.uri, object_class="output",
+                                      account_id=item.account_id, job_id=item.job_id,
+                                      created_s=now, deadline_s=now + PENDING_OUTPUT_TTL_S,
+                                      provider=store.provider, region=store.region,
+                                      bucket=store.bucket)
+            jobs.ledger.register([pending])
+            written.append((out, pending))
             store.put(key, data)
-            written.append(OutputRecord(output_id=output_id, account_id=item.account_id,
-                                        job_id=item.job_id, uri=object_uri(store, key),
-                                        media_type=media_type, created_s=time.time(),
-                                        provider=store.provider, region=store.region,
-                                        bucket=store.bucket))
+        indexed = [out.output_id for out, pending in written if jobs.add_output(out, pending)]
     except StorageError:
-        for out in written:
-            store.delete(key_from_uri(store, out.uri))
+        _drop_outputs(written, store, jobs)
         raise
-    for out in written:
-        jobs.add_output(out)
-    return [out.output_id for out in written]
+    if len(indexed) != len(written):  # the job or the account was deleted meanwhile
+        _drop_outputs(written, store, jobs)
+        raise JobEnded()
+    return indexed
+
+
+def _drop_outputs(written: list[tuple[OutputRecord, RetentionRecord]], store: ObjectStore,
+                  jobs: JobStore) -> None:
+    for out, pending in written:
+        jobs.remove_output(out)
+        try:
+            delete_verified(store, key_from_uri(store, out.uri))
+        except StorageError:
+            continue  # the pending record stays: the sweep deletes it at its deadline
+        jobs.ledger.complete(pending)

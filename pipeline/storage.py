@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
@@ -160,6 +161,16 @@ class LocalObjectStore:
 
     def signed_url(self, key: str, ttl_s: int) -> str | None:
         return None  # a local folder has no URLs: the API serves the bytes itself
+
+    def clean_temporary(self, older_than_s: float) -> int:
+        """Delete half-written temporary files a crash left behind; how many."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for path in self._tmp.iterdir():
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def list_keys(self, prefix: str) -> list[str]:
         keys = []

@@ -39,7 +39,7 @@ from pipeline import crypto  # noqa: E402
 from pipeline.config import load_settings  # noqa: E402
 from pipeline.jobs import JobStore  # noqa: E402
 from pipeline.metrics import percentile  # noqa: E402
-from pipeline.records import OutputRecord  # noqa: E402
+from pipeline.records import JobRecord, OutputRecord, RetentionRecord  # noqa: E402
 from pipeline.storage import object_uri, open_stores, output_key  # noqa: E402
 from serve.launcher import start_service  # noqa: E402
 
@@ -96,12 +96,20 @@ def seed_outputs(service, account: str, count: int) -> None:
     jobs = JobStore(redis.Redis.from_url(service.settings.service.redis_url))
     png = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 100, 50)).save(png, format="PNG")
+    now = time.time()
+    job = JobRecord(job_id=uuid.uuid4().hex, account_id=account, kind="art_style",
+                    style="comic", resolution_px=64, status="succeeded", created_s=now,
+                    updated_s=now, input_uris=[])
+    jobs.create_job(job, [])
     for _ in range(count):
         output_id = uuid.uuid4().hex
         key = output_key(account, output_id, "png")
+        out = OutputRecord(output_id, account, job.job_id, object_uri(store, key),
+                           "image/png", time.time())
+        pending = RetentionRecord(out.uri, "output", account, job.job_id, now, now + 3600)
+        jobs.ledger.register([pending])  # as the output stage does: record, write, index
         store.put(key, png.getvalue())
-        jobs.add_output(OutputRecord(output_id, account, "seeded", object_uri(store, key),
-                                     "image/png", time.time()))
+        jobs.add_output(out, pending)
 
 
 def account_deletion(client: httpx.Client, service, num_outputs: int) -> dict:

@@ -8,6 +8,9 @@ when the job ends.
 
 
 import asyncio
+import hashlib
+import hmac
+import os
 
 import redis
 import starlette.formparsers
@@ -19,7 +22,15 @@ from starlette.datastructures import UploadFile
 from pipeline.config import Settings
 from pipeline.crypto import check_device_key
 from pipeline.deletion import delete_output, request_account_deletion
-from pipeline.errors import EphemeraError, Forbidden, InvalidUpload, NotFound, StorageError
+from pipeline.errors import (
+    EphemeraError,
+    Forbidden,
+    InvalidUpload,
+    NotFound,
+    StorageError,
+    Unauthorized,
+    Unavailable,
+)
 from pipeline.intake import accept_job, check_account_id, check_job_request
 from pipeline.jobs import JobStore
 from pipeline.metrics import render_prometheus, retention_metrics
@@ -40,9 +51,11 @@ def _status_for(exc: EphemeraError) -> int:
         return exc.status_code
     if isinstance(exc, NotFound):
         return 404
+    if isinstance(exc, Unauthorized):
+        return 401
     if isinstance(exc, Forbidden):
         return 403
-    if isinstance(exc, StorageError):
+    if isinstance(exc, (StorageError, Unavailable)):
         return 503
     return 500
 
@@ -57,6 +70,17 @@ async def _redis_error(request: Request, exc: redis.RedisError) -> JSONResponse:
 async def _domain_error(request: Request, exc: EphemeraError) -> JSONResponse:
     return JSONResponse({"error": type(exc).__name__, "detail": str(exc)},
                         status_code=_status_for(exc))
+
+
+def _expected_token_digest(settings: Settings) -> bytes | None:
+    name = settings.service.api_token_env
+    if name is None:
+        return None
+    token = os.environ.get(name, "")
+    if len(token) < 16:
+        raise ValueError(f"service.yaml api_token_env names {name}, which holds no token of "
+                         "at least 16 characters; set it or set api_token_env: null")
+    return hashlib.sha256(token.encode()).digest()
 
 
 def _text(value: object) -> str | None:
@@ -98,6 +122,17 @@ class ApiDeployment:
         self.stores = open_stores(settings.storage)
         limits = settings.service
         self.max_request_bytes = limits.max_files_per_job * limits.max_file_bytes + (1 << 20)
+        self._token_sha256 = _expected_token_digest(settings)
+
+    def _authorize(self, request: Request) -> None:
+        """The app backend authenticates users; it authenticates itself with a bearer token."""
+        if self._token_sha256 is None:
+            return
+        header = request.headers.get("authorization", "")
+        sent = header[len("Bearer "):] if header.startswith("Bearer ") else ""
+        digest = hashlib.sha256(sent.encode()).digest()
+        if not sent or not hmac.compare_digest(digest, self._token_sha256):
+            raise Unauthorized("missing or wrong API token; send Authorization: Bearer <token>")
 
     @app.get("/healthz")
     def healthz(self) -> dict:
@@ -105,13 +140,17 @@ class ApiDeployment:
         return {"status": "ok"}
 
     @app.get("/metrics")
-    def metrics(self) -> Response:
+    def metrics(self, request: Request) -> Response:
+        self._authorize(request)
         return Response(render_prometheus(retention_metrics(self.jobs)),
                         media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/jobs", status_code=202)
     async def create_job(self, request: Request) -> JSONResponse:
-        declared = int(request.headers.get("content-length") or 0)
+        self._authorize(request)
+        if "content-length" not in request.headers:  # a chunked body could be unbounded
+            raise InvalidUpload("send the upload with a Content-Length header", status_code=411)
+        declared = int(request.headers["content-length"])
         if declared > self.max_request_bytes:
             raise InvalidUpload(
                 f"request is {declared} bytes, over the limit of {self.max_request_bytes}",
@@ -136,24 +175,33 @@ class ApiDeployment:
             resolution_px=resolution_px, files=files, settings=self.settings,
             country=_text(form.get("country")))
         del files, uploads
+        # Shielded: a client that disconnects now must not leave a job registered but
+        # never queued; the accept-and-submit step always runs to its end.
+        job_id = await asyncio.shield(self._accept_and_submit(job_request, device_key))
+        return JSONResponse({"job_id": job_id, "status": "queued",
+                             "status_url": f"/v1/jobs/{job_id}"}, status_code=202)
+
+    async def _accept_and_submit(self, job_request, device_key: bytes) -> str:
         job, item = await asyncio.to_thread(accept_job, job_request, device_key, self.stores,
                                             self.jobs, self.settings)
         try:
             await self.scheduler.submit.remote(item)
         except Exception:
-            self.jobs.finish_job(job.job_id, ok=False, reason="the scheduler is unavailable")
+            await asyncio.to_thread(self.jobs.finish_job, job.job_id, ok=False,
+                                    reason="the scheduler was unavailable; please try again")
             await asyncio.to_thread(purge_finished_job, job.job_id, self.stores, self.jobs,
                                     owner="api", cfg=self.settings.retention)
-            raise StorageError("the scheduler is unavailable; try again shortly") from None
-        return JSONResponse({"job_id": job.job_id, "status": "queued",
-                             "status_url": f"/v1/jobs/{job.job_id}"}, status_code=202)
+            raise Unavailable("the scheduler is unavailable; try again shortly") from None
+        return job.job_id
 
     @app.get("/v1/jobs/{job_id}")
-    def get_job(self, job_id: str) -> dict:
+    def get_job(self, request: Request, job_id: str) -> dict:
+        self._authorize(request)
         return job_view(self.jobs.get_job(job_id))
 
     @app.get("/v1/accounts/{account_id}/outputs")
-    def list_outputs(self, account_id: str) -> dict:
+    def list_outputs(self, request: Request, account_id: str) -> dict:
+        self._authorize(request)
         check_account_id(account_id)
         outputs = self.jobs.list_outputs(account_id)
         return {"account_id": account_id, "outputs": [
@@ -162,20 +210,19 @@ class ApiDeployment:
             for o in outputs]}
 
     @app.get("/v1/accounts/{account_id}/outputs/{output_id}")
-    def get_output(self, account_id: str, output_id: str) -> Response:
+    def get_output(self, request: Request, account_id: str, output_id: str) -> Response:
+        self._authorize(request)
         check_account_id(account_id)
         out = self.jobs.get_output(account_id, output_id)
         store, key = self.stores.locate(out.uri)
-        try:
-            data = store.get(key)
-        except StorageError:
-            raise NotFound(f"output {output_id} not found for this account") from None
+        data = store.get(key)  # a store outage is a 503, not a 404
         return Response(content=data, media_type=out.media_type,
                         headers={"Cache-Control": "private, no-store"})
 
     @app.get("/v1/accounts/{account_id}/outputs/{output_id}/url")
-    def get_output_url(self, account_id: str, output_id: str) -> dict:
+    def get_output_url(self, request: Request, account_id: str, output_id: str) -> dict:
         """A short-lived signed download URL, where the output store can sign one."""
+        self._authorize(request)
         check_account_id(account_id)
         out = self.jobs.get_output(account_id, output_id)
         store, key = self.stores.locate(out.uri)
@@ -187,16 +234,18 @@ class ApiDeployment:
         return {"url": url, "expires_in_s": ttl_s}
 
     @app.delete("/v1/accounts/{account_id}/outputs/{output_id}")
-    def delete_output(self, account_id: str, output_id: str) -> dict:
+    def delete_output(self, request: Request, account_id: str, output_id: str) -> dict:
         """Deleted and verified before this returns; the receipt lists the object."""
+        self._authorize(request)
         check_account_id(account_id)
         receipt_id = delete_output(account_id, output_id, self.stores, self.jobs)
         return {"receipt_id": receipt_id, "status": "complete",
                 "receipt_url": f"/v1/deletions/{receipt_id}"}
 
     @app.delete("/v1/accounts/{account_id}", status_code=202)
-    async def delete_account(self, account_id: str) -> JSONResponse:
+    async def delete_account(self, request: Request, account_id: str) -> JSONResponse:
         """Recorded durably at once, carried out by a retention actor within seconds."""
+        self._authorize(request)
         check_account_id(account_id)
         receipt_id = await asyncio.to_thread(request_account_deletion, account_id, self.jobs)
         task = asyncio.get_running_loop().create_task(self._delete_account(account_id, receipt_id))
@@ -212,6 +261,7 @@ class ApiDeployment:
             pass  # still pending in Redis: the retention actors' next round resumes it
 
     @app.get("/v1/deletions/{receipt_id}")
-    def get_deletion(self, receipt_id: str) -> dict:
+    def get_deletion(self, request: Request, receipt_id: str) -> dict:
+        self._authorize(request)
         return ReceiptLedger(self.redis).get_request(receipt_id)
 

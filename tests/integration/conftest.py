@@ -13,6 +13,9 @@ import torch
 from pipeline.config import load_settings
 from pipeline.redis_server import RedisServer
 
+API_TOKEN_ENV = "EPHEMERA_TEST_API_TOKEN"
+API_TOKEN = "test-token-" + "0123456789abcdef"
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory) -> RedisServer:
@@ -47,6 +50,7 @@ def test_settings(tmp_path_factory, redis_server, face_weights_path):
             "max_files_per_job": 3,
             "max_file_bytes": 3 * 1024 * 1024,
             "ray_object_store_mb": 150,  # small, so a test can fill it
+            "api_token_env": API_TOKEN_ENV,
         }),
         "models": base.models.model_copy(update={
             "diffusion_model_dir": str(root / "models" / "tiny-sd"),
@@ -63,8 +67,11 @@ def test_settings(tmp_path_factory, redis_server, face_weights_path):
 
 @pytest.fixture(scope="session")
 def service(test_settings, tmp_path_factory):
+    import os
+
     from serve.launcher import start_service
 
+    os.environ[API_TOKEN_ENV] = API_TOKEN  # inherited by the Ray workers started below
     svc = start_service(test_settings, workdir=tmp_path_factory.mktemp("work"))
     yield svc
     svc.stop()
@@ -101,5 +108,7 @@ def gcs_emulator():
 
 @pytest.fixture()
 def client(service):
-    with httpx.Client(base_url=service.base_url, timeout=120.0) as c:
+    """The app backend: it sends the service's API token with every call."""
+    with httpx.Client(base_url=service.base_url, timeout=120.0,
+                      headers={"Authorization": f"Bearer {API_TOKEN}"}) as c:
         yield c

@@ -74,7 +74,10 @@ def make_output(store, jobs, job: JobRecord) -> OutputRecord:
     store.put(key, b"\x89PNG fake output")
     out = OutputRecord(output_id, job.account_id, job.job_id, object_uri(store, key),
                        "image/png", time.time())
-    jobs.add_output(out)
+    pending = RetentionRecord(out.uri, "output", job.account_id, job.job_id, out.created_s,
+                              out.created_s + 3600)
+    jobs.ledger.register([pending])
+    assert jobs.add_output(out, pending)
     return out
 
 
@@ -191,10 +194,11 @@ def test_two_actors_deleting_one_account_do_not_double_delete(store, jobs):
     for _ in range(5):
         make_output(store, jobs, job)
     receipt_id = request_account_deletion("acct-race", jobs)
-    jobs.redis.set(f"eph:deletion:{receipt_id}:lock", "other-actor", px=5000)
+    assert request_account_deletion("acct-race", jobs) == receipt_id  # one pending request
+    jobs.redis.set("eph:acct:acct-race:deletion-lock", "other-actor", px=5000)
     assert delete_account("acct-race", receipt_id, StoreSet.single(store), jobs, owner="t", cfg=CFG) == 0
     assert len(jobs.list_outputs("acct-race")) == 5  # the lock holder does the work
-    jobs.redis.delete(f"eph:deletion:{receipt_id}:lock")
+    jobs.redis.delete("eph:acct:acct-race:deletion-lock")
     delete_account("acct-race", receipt_id, StoreSet.single(store), jobs, owner="t", cfg=CFG)
     objects = ReceiptLedger(jobs.redis).get_request(receipt_id)["objects"]
     assert sum(o["object_class"] == "output" for o in objects) == 5
@@ -230,3 +234,36 @@ def test_embedded_redis_falls_back_to_valkey_when_redis_server_is_absent(tmp_pat
         assert client.zrange("k", 0, -1) == [b"a"]
     finally:
         server.stop()
+
+
+def test_late_outputs_for_a_deleted_account_are_refused_and_removed(store, jobs):
+    """A diffusion call that finishes after the account's deletion began leaves nothing."""
+    import numpy as np
+
+    from pipeline.records import WorkItem
+    from pipeline.stages import JobEnded, store_outputs
+
+    job = make_job(store, jobs, account="acct-late")
+    item = WorkItem(job_id=job.job_id, account_id="acct-late", kind="art_style", style="comic",
+                    resolution_px=64, input_uris=tuple(job.input_uris),
+                    device_key=crypto.new_device_key(), seed=1)
+    request_account_deletion("acct-late", jobs)
+    with pytest.raises(JobEnded):
+        store_outputs(item, [np.zeros((64, 64, 3), np.uint8)], store, jobs, "png")
+    assert store.list_keys("outputs/") == [] and jobs.list_outputs("acct-late") == []
+    assert [r for r in jobs.ledger.records_for_job(job.job_id) if r.object_class == "output"] == []
+
+
+def test_an_indexed_output_keeps_no_retention_record(store, jobs):
+    import numpy as np
+
+    from pipeline.records import WorkItem
+    from pipeline.stages import store_outputs
+
+    job = make_job(store, jobs, account="acct-idx")
+    item = WorkItem(job_id=job.job_id, account_id="acct-idx", kind="art_style", style="comic",
+                    resolution_px=64, input_uris=tuple(job.input_uris),
+                    device_key=crypto.new_device_key(), seed=1)
+    [output_id] = store_outputs(item, [np.zeros((64, 64, 3), np.uint8)], store, jobs, "png")
+    assert [o.output_id for o in jobs.list_outputs("acct-idx")] == [output_id]
+    assert [r for r in jobs.ledger.records_for_job(job.job_id) if r.object_class == "output"] == []

@@ -304,3 +304,45 @@ def test_metrics_export_purge_lag_and_oldest_input(client):
     assert float(values["ephemera_purge_lag_samples"]) >= 1
     assert 0 <= float(values["ephemera_purge_lag_p99_s"]) < 30
     assert "ephemera_oldest_input_age_s" in values and "ephemera_purge_failures_total" in values
+
+
+def test_calls_without_the_api_token_are_refused_and_change_nothing(service, store_root,
+                                                                     redis_client):
+    import httpx
+
+    _wait_quiet(redis_client)
+    before = _snapshot(store_root, redis_client)
+    with httpx.Client(base_url=service.base_url, timeout=60) as anonymous:
+        assert anonymous.get("/healthz").status_code == 200  # liveness needs no token
+        response = submit(anonymous, [_GOOD], key=_KEY)
+        assert response.status_code == 401 and "token" in response.json()["detail"]
+        wrong = anonymous.post("/v1/jobs", headers={"Authorization": "Bearer wrong-token-xyz",
+                                                    **key_header(_KEY)},
+                               files=[("files", ("a.jpg", _GOOD, "image/jpeg"))],
+                               data={"kind": "ai_photo", "style": "portrait",
+                                     "account_id": "acct-1"})
+        assert wrong.status_code == 401
+        for path in ("/v1/accounts/acct-1/outputs", "/v1/jobs/x", "/metrics"):
+            assert anonymous.get(path).status_code == 401
+        assert anonymous.delete("/v1/accounts/acct-1").status_code == 401
+    assert _snapshot(store_root, redis_client) == before
+
+
+def test_chunked_upload_without_length_is_refused(client, redis_client, store_root):
+    _wait_quiet(redis_client)
+    before = _snapshot(store_root, redis_client)
+
+    def chunks():
+        yield b"--x\r\n"
+
+    response = client.post("/v1/jobs", content=chunks(), headers={
+        **key_header(_KEY), "Content-Type": "multipart/form-data; boundary=x"})
+    assert response.status_code == 411
+    assert _snapshot(store_root, redis_client) == before
+
+
+def test_a_deleted_account_accepts_no_new_job(client):
+    _generate(client, "acct-tomb")
+    assert client.delete("/v1/accounts/acct-tomb").status_code == 202
+    response = submit(client, [_GOOD], key=_KEY, account_id="acct-tomb")
+    assert response.status_code == 409 and "being deleted" in response.json()["detail"]

@@ -111,3 +111,11 @@ def test_reconfigure_changes_the_batch_size_and_wait():
 
     queue.reconfigure(StageBatchConfig(max_batch_size=2, max_wait_ms=0))
     assert queue.pop_ready(now_s=0.0) == [["a3"]]
+
+
+def test_remove_drops_a_finished_jobs_items_from_every_group():
+    queue = make_queue(max_batch_size=8, max_wait_ms=0)
+    fill(queue, A, ["a1", "gone"], now_s=0.0)
+    fill(queue, B, ["gone"], now_s=0.0)
+    assert queue.remove(lambda item: item == "gone") == 2
+    assert queue.pop_ready(now_s=1.0) == [["a1"]]

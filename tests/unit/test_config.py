@@ -15,6 +15,7 @@ from pipeline.config import (
     ModelsConfig,
     RetentionConfig,
     ServiceConfig,
+    Settings,
     load_settings,
     resolve_path,
 )
@@ -22,7 +23,8 @@ from pipeline.config import (
 CONFIG_MODELS = [
     config.ServiceConfig, config.StageBatchConfig, config.BatchingConfig,
     config.StageResourcesConfig, config.ModelsConfig, config.StyleConfig,
-    config.StylesConfig, config.RetentionConfig, config.Settings,
+    config.StylesConfig, config.RetentionConfig, config.Settings, config.S3Config,
+    config.GcsConfig, config.StorageConfig,
 ]
 
 
@@ -132,3 +134,14 @@ def test_resolve_path_is_relative_to_the_repository():
 def test_literal_choices_are_enforced():
     with pytest.raises(ValidationError, match="device"):
         ModelsConfig(device="tpu")  # type: ignore[arg-type]
+
+
+def test_timeouts_must_fit_the_retention_ceiling_and_the_attempts():
+    base = load_settings()
+    with pytest.raises(ValidationError, match="job_timeout_s"):
+        Settings(**{**base.model_dump(), "service": {**base.service.model_dump(),
+                                                     "job_timeout_s": 86400},
+                    "retention": {**base.retention.model_dump(), "input_ceiling_h": 1}})
+    with pytest.raises(ValidationError, match="stage_timeout_s"):
+        Settings(**{**base.model_dump(), "batching": {**base.batching.model_dump(),
+                                                      "stage_timeout_s": 600}})
