@@ -29,16 +29,16 @@ def check_device_key(header_value: str | None) -> bytes:
     if not header_value:
         raise InvalidUpload(
             "header X-Device-Key is missing; send 32 random bytes, base64-encoded",
-            status_code=400,
+            problem="malformed",
         )
     try:
         key = base64.b64decode(header_value.strip(), validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidUpload("header X-Device-Key is not valid base64", status_code=400) from None
+        raise InvalidUpload("header X-Device-Key is not valid base64", problem="malformed") from None
     if len(key) != KEY_BYTES:
         raise InvalidUpload(
             f"header X-Device-Key decodes to {len(key)} bytes; it must be {KEY_BYTES}",
-            status_code=400,
+            problem="malformed",
         )
     return key
 

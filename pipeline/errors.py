@@ -1,16 +1,23 @@
 """Domain exceptions. ``serve/`` maps them to HTTP status codes; nothing else does."""
 
+from typing import Literal
+
 
 class EphemeraError(Exception):
     """Base class: the message is safe to show a client (no secrets, no media)."""
 
 
-class InvalidUpload(EphemeraError):
-    """The request or one of its files is unacceptable (HTTP 400/413/415/422)."""
+Problem = Literal["malformed", "too_large", "unsupported_media", "invalid", "conflict",
+                  "length_required"]
 
-    def __init__(self, message: str, *, status_code: int = 422) -> None:
+
+class InvalidUpload(EphemeraError):
+    """The request or one of its files is unacceptable; ``problem`` says how (serve/ maps
+    it to an HTTP status)."""
+
+    def __init__(self, message: str, *, problem: Problem = "invalid") -> None:
         super().__init__(message)
-        self.status_code = status_code
+        self.problem = problem
 
 
 class NotFound(EphemeraError):

@@ -30,11 +30,11 @@ def check_upload(data: bytes, *, index: int, limits: ServiceConfig) -> CleanImag
     """
     where = f"file {index}"
     if not data:
-        raise InvalidUpload(f"{where} is empty; select a JPEG, PNG or WebP photo", status_code=400)
+        raise InvalidUpload(f"{where} is empty; select a JPEG, PNG or WebP photo", problem="malformed")
     if len(data) > limits.max_file_bytes:
         raise InvalidUpload(
             f"{where} is {len(data)} bytes, over the limit of {limits.max_file_bytes} bytes",
-            status_code=413,
+            problem="too_large",
         )
     try:
         with warnings.catch_warnings():
@@ -43,15 +43,15 @@ def check_upload(data: bytes, *, index: int, limits: ServiceConfig) -> CleanImag
             image_format = image.format or ""
             width, height = image.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InvalidUpload(f"{where} declares too many pixels to decode", status_code=413) from None
+        raise InvalidUpload(f"{where} declares too many pixels to decode", problem="too_large") from None
     except Exception:
         raise InvalidUpload(
-            f"{where} is not a readable image; send JPEG, PNG or WebP", status_code=415
+            f"{where} is not a readable image; send JPEG, PNG or WebP", problem="unsupported_media"
         ) from None
     if image_format not in ALLOWED_FORMATS:
         raise InvalidUpload(
             f"{where} is {image_format or 'an unknown format'}; send JPEG, PNG or WebP",
-            status_code=415,
+            problem="unsupported_media",
         )
     # Check the declared size before decoding a single pixel: a 20000x20000 PNG is tiny on
     # the wire and 1.2 GB in memory.
@@ -59,16 +59,16 @@ def check_upload(data: bytes, *, index: int, limits: ServiceConfig) -> CleanImag
         raise InvalidUpload(
             f"{where} is {width}x{height} pixels, over the limit of "
             f"{limits.max_image_pixels} pixels",
-            status_code=413,
+            problem="too_large",
         )
     if min(width, height) < limits.min_image_side_px:
         raise InvalidUpload(
             f"{where} is {width}x{height} pixels; each side must be at least "
             f"{limits.min_image_side_px}",
-            status_code=422,
+            problem="invalid",
         )
     if image_format != "MPO" and getattr(image, "n_frames", 1) > 1:
-        raise InvalidUpload(f"{where} is animated; send a still photo", status_code=415)
+        raise InvalidUpload(f"{where} is animated; send a still photo", problem="unsupported_media")
     try:
         image.seek(0)
         image.load()  # raises on truncated or corrupt data (LOAD_TRUNCATED_IMAGES is off)
@@ -76,7 +76,7 @@ def check_upload(data: bytes, *, index: int, limits: ServiceConfig) -> CleanImag
         pixels = np.asarray(upright.convert("RGB"), dtype=np.uint8)
     except Exception:
         raise InvalidUpload(
-            f"{where} is truncated or corrupt; upload the complete file", status_code=422
+            f"{where} is truncated or corrupt; upload the complete file", problem="invalid"
         ) from None
     return CleanImage(
         png_bytes=encode_png(pixels),

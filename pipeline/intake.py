@@ -51,7 +51,7 @@ class JobRequest:
 def check_account_id(account_id: str | None) -> str:
     if not account_id or not ACCOUNT_ID_PATTERN.fullmatch(account_id):
         raise InvalidUpload(
-            "account_id must be 1-64 characters of letters, digits, '_' or '-'", status_code=422
+            "account_id must be 1-64 characters of letters, digits, '_' or '-'", problem="invalid"
         )
     return account_id
 
@@ -64,22 +64,22 @@ def check_job_request(*, account_id: str | None, kind: str | None, style: str | 
     user_country = check_country(country)
     if kind not in JOB_KINDS:
         raise InvalidUpload(f"kind {kind!r} is unknown; use one of {', '.join(JOB_KINDS)}",
-                            status_code=422)
+                            problem="invalid")
     if style not in settings.styles.styles:
         known = ", ".join(sorted(settings.styles.styles))
-        raise InvalidUpload(f"style {style!r} is unknown; use one of {known}", status_code=422)
+        raise InvalidUpload(f"style {style!r} is unknown; use one of {known}", problem="invalid")
     service = settings.service
     resolution = service.default_resolution_px if resolution_px is None else resolution_px
     if resolution not in service.allowed_resolutions_px:
         raise InvalidUpload(
             f"resolution_px {resolution} is not offered; use one of "
-            f"{service.allowed_resolutions_px}", status_code=422)
+            f"{service.allowed_resolutions_px}", problem="invalid")
     if not files:
-        raise InvalidUpload("no files were sent; select at least one photo", status_code=400)
+        raise InvalidUpload("no files were sent; select at least one photo", problem="malformed")
     if len(files) > service.max_files_per_job:
         raise InvalidUpload(
             f"{len(files)} files were sent; at most {service.max_files_per_job} per job",
-            status_code=413)
+            problem="too_large")
     images = [check_upload(data, index=i, limits=service) for i, data in enumerate(files, 1)]
     return JobRequest(account_id=account, kind=kind, style=style, resolution_px=resolution,
                       images=images, country=user_country)

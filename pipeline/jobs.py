@@ -108,7 +108,7 @@ class JobStore:
                     p.watch(tombstone)
                     if p.exists(tombstone):
                         raise InvalidUpload("this account is being deleted; no new jobs are "
-                                            "accepted for it", status_code=409)
+                                            "accepted for it", problem="conflict")
                     p.multi()
                     p.hset(_job_key(job.job_id),
                            mapping={k: _encode(v) for k, v in fields.items()})

@@ -17,7 +17,7 @@ def check_country(value: str | None) -> str | None:
     code = value.strip().upper()
     if len(code) != 2 or not code.isascii() or not code.isalpha():
         raise InvalidUpload("country must be an ISO 3166-1 alpha-2 code such as 'TR' or 'US'",
-                            status_code=422)
+                            problem="invalid")
     return code
 
 

@@ -22,15 +22,7 @@ from starlette.datastructures import UploadFile
 from pipeline.config import Settings
 from pipeline.crypto import check_device_key
 from pipeline.deletion import delete_output, request_account_deletion
-from pipeline.errors import (
-    EphemeraError,
-    Forbidden,
-    InvalidUpload,
-    NotFound,
-    StorageError,
-    Unauthorized,
-    Unavailable,
-)
+from pipeline.errors import EphemeraError, InvalidUpload, NotFound, Unauthorized, Unavailable
 from pipeline.intake import accept_job, check_account_id, check_job_request
 from pipeline.jobs import JobStore
 from pipeline.metrics import render_prometheus, retention_metrics
@@ -38,26 +30,13 @@ from pipeline.receipts import ReceiptLedger
 from pipeline.records import JobRecord
 from pipeline.retention import purge_finished_job
 from pipeline.storage import open_stores
+from serve.errors import http_status
 
 # Starlette spools uploads over 1 MiB to a temporary file on disk. Plaintext photos must
 # never touch disk, so keep every part in memory (the request size is capped below).
 starlette.formparsers.MultiPartParser.spool_max_size = 1 << 40
 
 app = FastAPI(title="Ephemera", version="0.1.0")
-
-
-def _status_for(exc: EphemeraError) -> int:
-    if isinstance(exc, InvalidUpload):
-        return exc.status_code
-    if isinstance(exc, NotFound):
-        return 404
-    if isinstance(exc, Unauthorized):
-        return 401
-    if isinstance(exc, Forbidden):
-        return 403
-    if isinstance(exc, (StorageError, Unavailable)):
-        return 503
-    return 500
 
 
 @app.exception_handler(redis.RedisError)
@@ -69,7 +48,7 @@ async def _redis_error(request: Request, exc: redis.RedisError) -> JSONResponse:
 @app.exception_handler(EphemeraError)
 async def _domain_error(request: Request, exc: EphemeraError) -> JSONResponse:
     return JSONResponse({"error": type(exc).__name__, "detail": str(exc)},
-                        status_code=_status_for(exc))
+                        status_code=http_status(exc))
 
 
 def _expected_token_digest(settings: Settings) -> bytes | None:
@@ -149,18 +128,18 @@ class ApiDeployment:
     async def create_job(self, request: Request) -> JSONResponse:
         self._authorize(request)
         if "content-length" not in request.headers:  # a chunked body could be unbounded
-            raise InvalidUpload("send the upload with a Content-Length header", status_code=411)
+            raise InvalidUpload("send the upload with a Content-Length header", problem="length_required")
         declared = int(request.headers["content-length"])
         if declared > self.max_request_bytes:
             raise InvalidUpload(
                 f"request is {declared} bytes, over the limit of {self.max_request_bytes}",
-                status_code=413)
+                problem="too_large")
         device_key = check_device_key(request.headers.get("x-device-key"))
         try:
             form = await request.form(max_files=64, max_fields=32)
         except Exception:
             raise InvalidUpload("body must be multipart/form-data with files in 'files'",
-                                status_code=400) from None
+                                problem="malformed") from None
         uploads = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
         files = [await f.read() for f in uploads]
         await form.close()
@@ -168,7 +147,7 @@ class ApiDeployment:
         try:
             resolution_px = int(resolution) if resolution not in (None, "") else None
         except (TypeError, ValueError):
-            raise InvalidUpload("resolution_px must be an integer", status_code=422) from None
+            raise InvalidUpload("resolution_px must be an integer", problem="invalid") from None
         job_request = await asyncio.to_thread(
             check_job_request, account_id=_text(form.get("account_id")),
             kind=_text(form.get("kind")), style=_text(form.get("style")),

@@ -8,6 +8,7 @@ import pytest
 
 from pipeline import crypto
 from pipeline.errors import InvalidUpload, WrongKey
+from serve.errors import http_status
 from tests.unit.factories import encode, photo
 
 URI = "file:///store/inputs/job1/a.bin"
@@ -91,7 +92,7 @@ def test_bad_header_is_refused_without_echoing_it(header):
     with pytest.raises(InvalidUpload) as info:
         crypto.check_device_key(header)
 
-    assert info.value.status_code == 400
+    assert http_status(info.value) == 400
     message = str(info.value)
     assert "X-Device-Key" in message
     if header and header.strip():

@@ -10,6 +10,7 @@ from pipeline.errors import InvalidUpload, StorageError
 from pipeline.ingest import decode_clean_png
 from pipeline.intake import accept_job, check_account_id, check_job_request
 from pipeline.storage import LocalObjectStore, StoreSet, key_from_uri
+from serve.errors import http_status
 from tests.unit.factories import MemoryJobStore, encode, make_settings, photo
 
 SETTINGS = make_settings()
@@ -48,7 +49,7 @@ def test_good_account_ids_pass(account_id):
 def test_bad_account_ids_are_refused(account_id):
     with pytest.raises(InvalidUpload) as info:
         check_account_id(account_id)
-    assert info.value.status_code == 422
+    assert http_status(info.value) == 422
 
 
 def test_account_id_with_trailing_newline_is_refused():
@@ -74,7 +75,7 @@ def test_valid_request_gets_the_default_resolution_and_clean_images():
 def test_bad_request_is_refused_naming_the_problem(overrides, status, field):
     with pytest.raises(InvalidUpload) as info:
         request_for(**overrides)
-    assert info.value.status_code == status
+    assert http_status(info.value) == status
     assert field in str(info.value)
 
 

@@ -1,0 +1,34 @@
+"""Domain errors -> HTTP status codes: the only place that mapping lives. No Ray import."""
+
+from pipeline.errors import (
+    EphemeraError,
+    Forbidden,
+    InvalidUpload,
+    NotFound,
+    StorageError,
+    Unauthorized,
+    Unavailable,
+)
+
+HTTP_STATUS_BY_PROBLEM = {
+    "malformed": 400,
+    "conflict": 409,
+    "length_required": 411,
+    "too_large": 413,
+    "unsupported_media": 415,
+    "invalid": 422,
+}
+
+
+def http_status(exc: EphemeraError) -> int:
+    if isinstance(exc, InvalidUpload):
+        return HTTP_STATUS_BY_PROBLEM[exc.problem]
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, Unauthorized):
+        return 401
+    if isinstance(exc, Forbidden):
+        return 403
+    if isinstance(exc, (StorageError, Unavailable)):
+        return 503
+    return 500
