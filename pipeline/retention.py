@@ -68,6 +68,9 @@ def purge_records(
     for rec in records:
         if not ledger.try_claim(rec.uri, owner, cfg.lease_s):
             continue
+        if ledger.get(rec.uri) is None:  # purged by another worker since it was read
+            ledger.release(rec.uri)
+            continue
         claimed_s = time.time()
         try:
             store, key = stores.locate(rec.uri)

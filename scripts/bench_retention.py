@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -85,7 +86,11 @@ def purge_lags(client: httpx.Client, num_jobs: int) -> dict:
     lags = [v["inputs_purged_s"] - v["finished_s"] for v in views.values()]
     ok = sum(v["status"] == "succeeded" and v["num_inputs_purged_verified"] == v["num_inputs"]
              for v in views.values())
-    return {"jobs": num_jobs, "succeeded_and_purged": ok,
+    problems = Counter(f"{v['status']}: {v['reason']} (purged {v['num_inputs_purged_verified']}"
+                       f"/{v['num_inputs']})" for v in views.values()
+                       if v["status"] != "succeeded"
+                       or v["num_inputs_purged_verified"] != v["num_inputs"])
+    return {"jobs": num_jobs, "succeeded_and_purged": ok, "problems": dict(problems),
             "burst_wall_s": time.monotonic() - started,
             "purge_lag_p50_s": percentile(lags, 50), "purge_lag_p99_s": percentile(lags, 99),
             "purge_lag_max_s": max(lags)}
@@ -146,6 +151,8 @@ def main() -> int:
     print(f"{'account outputs deleted (verified)':<44}{deletion['verified_gone']:>8}/{deletion['outputs']}")
     print(f"{'account deletion elapsed_s':<44}{deletion['elapsed_s']:>12.2f}")
     print(f"{'account deletion objects/s':<44}{deletion['objects_per_s']:>12.0f}")
+    for problem, count in lag["problems"].items():
+        print(f"  {count} jobs: {problem}")
     out = REPO / "bench-out"
     out.mkdir(exist_ok=True)
     (out / "bench_retention.json").write_text(json.dumps({"purge": lag, "deletion": deletion},

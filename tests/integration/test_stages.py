@@ -172,3 +172,12 @@ def test_sweep_purges_only_objects_past_their_deadline(store, jobs):
     jobs.ledger.expedite_job(job_id, ("input",), now_s=now)
     sweep_due(StoreSet.single(store), jobs.ledger, owner="sweeper", cfg=FAST, now_s=now + 0.001)
     assert not store.exists(key_from_uri(store, later))
+
+
+def test_a_stale_copy_of_a_purged_record_is_not_purged_or_counted_again(store, jobs):
+    """Two retention workers reading the same due list: the second finds the record gone."""
+    key, job_id = crypto.new_device_key(), uuid.uuid4().hex
+    uri = _store_input(store, jobs, job_id, skimage.data.coffee(), key)
+    stale = jobs.ledger.get(uri)
+    assert len(purge_records([stale], StoreSet.single(store), jobs.ledger, owner="a", cfg=FAST)) == 1
+    assert purge_records([stale], StoreSet.single(store), jobs.ledger, owner="b", cfg=FAST) == []
