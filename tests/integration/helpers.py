@@ -91,3 +91,17 @@ def windows(data: bytes, size: int = 48, count: int = 4) -> list[bytes]:
     """A few slices from the middle of ``data``: enough to spot any copy of it."""
     step = max(1, (len(data) - size) // (count + 1))
     return [data[step * (i + 1): step * (i + 1) + size] for i in range(count)]
+
+
+def replica_pid(deployment: str) -> int:
+    """The OS process of the (single) replica of ``deployment`` in the ephemera app."""
+    import os
+
+    import ray
+
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == "serve" and entry["name"].startswith(
+                f"SERVE_REPLICA::ephemera#{deployment}#"):
+            actor = ray.get_actor(entry["name"], namespace="serve")
+            return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+    raise AssertionError(f"no replica of {deployment}")

@@ -24,21 +24,11 @@ from pipeline.config import RetentionConfig
 from pipeline.ledger import RetentionLedger
 from pipeline.retention import reconcile
 from pipeline.storage import open_stores
-from tests.integration.helpers import encode_image, submit, windows
+from tests.integration.helpers import encode_image, replica_pid, submit, windows
 
 pytestmark = pytest.mark.faults
 
 PHOTO = encode_image(skimage.data.astronaut(), "PNG")
-
-
-def replica_pid(deployment: str) -> int:
-    """The OS process of the (single) replica of ``deployment`` in the ephemera app."""
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["namespace"] == "serve" and entry["name"].startswith(
-                f"SERVE_REPLICA::ephemera#{deployment}#"):
-            actor = ray.get_actor(entry["name"], namespace="serve")
-            return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
-    raise AssertionError(f"no replica of {deployment}")
 
 
 def submit_many(client, count: int, *, kind: str = "art_style") -> list[str]:

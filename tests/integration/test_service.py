@@ -346,3 +346,30 @@ def test_a_deleted_account_accepts_no_new_job(client):
     assert client.delete("/v1/accounts/acct-tomb").status_code == 202
     response = submit(client, [_GOOD], key=_KEY, account_id="acct-tomb")
     assert response.status_code == 409 and "being deleted" in response.json()["detail"]
+
+
+def test_batch_size_changes_on_redeploy(client, service, redis_client):
+    """Operators edit batching.yaml and redeploy: the scheduler gets the new values through
+    Serve's user_config and reconfigure()."""
+    from ray import serve
+
+    from pipeline.config import StageBatchConfig
+    from serve.app import build_app
+
+    _wait_quiet(redis_client)  # a redeploy from Python restarts the scheduler
+    one_at_a_time = service.settings.batching.model_copy(update={
+        "diffusion": StageBatchConfig(max_batch_size=1, max_wait_ms=400.0)})
+    serve.run(build_app(service.settings.model_copy(update={"batching": one_at_a_time})),
+              name="ephemera", route_prefix="/")
+    try:
+        files, key = [encode_image(ASTRONAUT, "PNG")], crypto.new_device_key()
+        with ThreadPoolExecutor(3) as pool:
+            responses = list(pool.map(lambda _: submit(client, files, key=key,
+                                                       kind="art_style", style="comic"),
+                                      range(3)))
+        views = [wait_finished(client, r.json()["job_id"]) for r in responses]
+        assert [v["batch_sizes"]["diffusion"] for v in views] == [1, 1, 1]
+        assert all(v["status"] == "succeeded" for v in views)
+    finally:
+        _wait_quiet(redis_client)
+        serve.run(build_app(service.settings), name="ephemera", route_prefix="/")
