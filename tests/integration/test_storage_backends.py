@@ -4,11 +4,13 @@ pipeline path per backend, data residency, posture checks, retries, keys."""
 from __future__ import annotations
 
 import http.server
+import io
 import threading
 import uuid
 
 import httpx
 import numpy as np
+import PIL.Image
 import pytest
 import redis
 import skimage.data
@@ -26,7 +28,7 @@ from pipeline.retention import purge_finished_job, reconcile
 from pipeline.s3_store import S3ObjectStore
 from pipeline.stages import diffusion_stage, face_stage
 from pipeline.storage import StoreSet
-from tests.integration.helpers import encode_image
+from tests.integration.helpers import encode_image, windows
 from tests.integration.object_servers import make_gcs_bucket, make_s3_bucket
 
 pytestmark = pytest.mark.storage
@@ -133,7 +135,13 @@ def test_pipeline_path_per_backend(stores, jobs, models):
     assert (record.provider, record.region, record.bucket) == (
         input_store.provider, input_store.region, input_store.bucket)
     stored = _raw_get(input_store, input_key)
-    assert stored.startswith(crypto.MAGIC) and b"JFIF" not in stored and b"PNG" not in stored
+    # Ciphertext: not an image, and no 48-byte run of the upload or of its clean re-encoding
+    # (short markers like b"PNG" occur by chance in ~500 kB of random bytes).
+    assert stored.startswith(crypto.MAGIC)
+    with pytest.raises(PIL.UnidentifiedImageError):
+        PIL.Image.open(io.BytesIO(stored))
+    clean = request.images[0].png_bytes
+    assert not [w for w in windows(ASTRONAUT) + windows(clean) if w in stored]
 
     [face] = face_stage([item], stores, jobs.ledger, detector, embedder, settings.retention)
     assert face.ok, face.reason
