@@ -1,6 +1,6 @@
 """Object stores behind one interface, and the one place object URIs are parsed.
 
-An object URI is ``<store.url>/<key>``: ``file:///root/key``, ``s3://bucket/key`` or
+An object URI is ``<store.url>/<key>``: ``file:///srv/store/key``, ``s3://bucket/key`` or
 ``gs://bucket/key``. Keys never carry personal data: inputs and face data live under
 ``inputs/<job_id>/`` and ``face/<job_id>/``, outputs under
 ``outputs/<account_digest>/<output_id>``, where ids are random and the digest is a hash.
