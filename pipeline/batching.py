@@ -68,9 +68,3 @@ class BatchQueue(Generic[T]):
                 if not group:
                     del self._groups[key]
         return batches
-
-    def next_due_s(self) -> float | None:
-        """When the oldest waiting job's batch becomes due (None if empty)."""
-        if not self._groups:
-            return None
-        return min(g[0].enqueued_s for g in self._groups.values()) + self.cfg.max_wait_ms / 1000.0

@@ -100,10 +100,6 @@ class RetentionLedger:
         """URIs whose deadline has passed, oldest deadline first."""
         return [u.decode() for u in self.redis.zrangebyscore(DUE_KEY, "-inf", now_s, 0, limit)]
 
-    def oldest_deadline_s(self) -> float | None:
-        first = self.redis.zrange(DUE_KEY, 0, 0, withscores=True)
-        return float(first[0][1]) if first else None
-
     def try_claim(self, uri: str, owner: str, lease_s: float) -> bool:
         """Claim ``uri`` for one worker; False if another holds a live lease (SET NX PX)."""
         return bool(self.redis.set(_lease_key(uri), owner, nx=True, px=max(1, int(lease_s * 1000))))

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
 JobKind = Literal["ai_photo", "art_style"]
-JobStatus = Literal["queued", "running", "succeeded", "failed"]
 ObjectClass = Literal["input", "face_data", "output"]
-Stage = Literal["face", "diffusion"]
-JOB_KINDS: tuple[str, ...] = ("ai_photo", "art_style")
-TERMINAL_STATUSES: tuple[str, ...] = ("succeeded", "failed")
+JOB_KINDS: tuple[str, ...] = get_args(JobKind)
 
 
 @dataclass(frozen=True, slots=True)
