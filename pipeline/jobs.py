@@ -187,6 +187,10 @@ class JobStore:
     def account_job_ids(self, account_id: str) -> list[str]:
         return sorted(j.decode() for j in self.redis.smembers(_account_jobs_key(account_id)))
 
+    def account_of(self, job_id: str) -> str:
+        """The job's account id, or "" once the job record is gone."""
+        return (self.redis.hget(_job_key(job_id), "account_id") or b"").decode()
+
     def is_finished(self, job_id: str) -> bool:
         """True once the job succeeded or failed, or no longer exists (account deleted)."""
         status = self.redis.hget(_job_key(job_id), "status")

@@ -125,9 +125,8 @@ def purge_finished_job(job_id: str, stores: StoreSet, jobs: JobStore, *, owner: 
     gets ``inputs_purged_s``. Returns how many objects this call verified gone.
     """
     if receipt_id is None:  # the service's own purge: a receipt the API can show
-        job_account = jobs.redis.hget(f"eph:job:{job_id}", "account_id")
         receipt_id = ReceiptLedger(jobs.redis).open_request(
-            kind="job_purge", account_id=(job_account or b"").decode(), subject=job_id,
+            kind="job_purge", account_id=jobs.account_of(job_id), subject=job_id,
             receipt_id=purge_receipt_id(job_id))
     receipts = purge_job(job_id, stores, jobs.ledger, owner=owner, cfg=cfg, receipt_id=receipt_id)
     note_purges(jobs, receipts, also_check=[job_id])

@@ -188,12 +188,17 @@ class ApiDeployment:
              "created_s": o.created_s, "url": f"/v1/accounts/{account_id}/outputs/{o.output_id}"}
             for o in outputs]}
 
-    @app.get("/v1/accounts/{account_id}/outputs/{output_id}")
-    def get_output(self, request: Request, account_id: str, output_id: str) -> Response:
+    def _find_output(self, request: Request, account_id: str, output_id: str):
+        """The caller's output record, its store and key; NotFound for another account's."""
         self._authorize(request)
         check_account_id(account_id)
         out = self.jobs.get_output(account_id, output_id)
         store, key = self.stores.locate(out.uri)
+        return out, store, key
+
+    @app.get("/v1/accounts/{account_id}/outputs/{output_id}")
+    def get_output(self, request: Request, account_id: str, output_id: str) -> Response:
+        out, store, key = self._find_output(request, account_id, output_id)
         data = store.get(key)  # a store outage is a 503, not a 404
         return Response(content=data, media_type=out.media_type,
                         headers={"Cache-Control": "private, no-store"})
@@ -201,10 +206,7 @@ class ApiDeployment:
     @app.get("/v1/accounts/{account_id}/outputs/{output_id}/url")
     def get_output_url(self, request: Request, account_id: str, output_id: str) -> dict:
         """A short-lived signed download URL, where the output store can sign one."""
-        self._authorize(request)
-        check_account_id(account_id)
-        out = self.jobs.get_output(account_id, output_id)
-        store, key = self.stores.locate(out.uri)
+        _, store, key = self._find_output(request, account_id, output_id)
         ttl_s = self.settings.storage.signed_url_ttl_s
         url = store.signed_url(key, ttl_s)
         if url is None:
