@@ -1,15 +1,18 @@
-"""Diffusion actor pool: SD-architecture generation + the output stage, one batch per call."""
+"""Diffusion pool: SD-architecture generation + the output stage, batched by Serve."""
 
 from __future__ import annotations
 
+import asyncio
+
 from ray import serve
 
-from actors.common import open_backends, pin_torch_threads
-from pipeline.config import Settings, resolve_path
-from pipeline.records import StageResult, WorkItem
+from actors.common import LiveLimit, apply_batching, open_backends, pin_torch_threads, run_unexpired
+from pipeline.config import MAX_CONCURRENT_BATCHES, Settings, StageBatchConfig, resolve_path
+from pipeline.orchestration import batch_cost
+from pipeline.records import Stage, StageResult, WorkItem
 
 
-@serve.deployment(max_ongoing_requests=2)
+@serve.deployment
 class DiffusionDeployment:
     def __init__(self, settings: Settings) -> None:
         from diffusers.utils import logging as diffusers_logging
@@ -28,10 +31,30 @@ class DiffusionDeployment:
             select_runtime(settings.models),
             build_tiny_if_missing=settings.models.build_tiny_if_missing,
         )
+        self.gate = LiveLimit(settings.batching.diffusion.max_concurrent_batches)
 
-    def run_batch(self, items: list[WorkItem]) -> list[StageResult]:
+    async def reconfigure(self, user_config: dict) -> None:
+        """batching.yaml ``diffusion``: applied live, no restart (Serve user_config)."""
+        await apply_batching(self.run, self.gate, StageBatchConfig.model_validate(user_config))
+
+    @serve.multiplexed(max_num_models_per_replica=64)
+    async def bucket(self, bucket_id: str) -> str:
+        """Batch keys count as 'models', so Serve routes a key to replicas already batching it."""
+        return bucket_id
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.1,
+                 max_concurrent_batches=MAX_CONCURRENT_BATCHES, batch_size_fn=batch_cost)
+    async def run(self, items: list[WorkItem]) -> list[StageResult]:
+        await self.bucket(serve.get_multiplexed_model_id())
+        async with self.gate:
+            return await asyncio.to_thread(run_unexpired, items, self._run, self._note_batch)
+
+    def _run(self, items: list[WorkItem]) -> list[StageResult]:
         from pipeline.stages import diffusion_stage, run_isolating_failures
 
         return run_isolating_failures(
             lambda batch: diffusion_stage(batch, self.stores, self.jobs, self.generator,
                                           self.settings), items)
+
+    def _note_batch(self, items: list[WorkItem]) -> None:
+        self.jobs.note_batch([it.job_id for it in items], Stage.DIFFUSION)

@@ -1,33 +1,56 @@
-"""Face actor pool: MTCNN detection + InceptionResnetV1 embedding, one batch per call."""
+"""Face pool: MTCNN detection + identity embedding, batched by Serve (``@serve.batch``)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from ray import serve
 
-from actors.common import open_backends, pin_torch_threads
-from pipeline.config import Settings
-from pipeline.records import StageResult, WorkItem
+from actors.common import LiveLimit, apply_batching, open_backends, pin_torch_threads, run_unexpired
+from pipeline.config import MAX_CONCURRENT_BATCHES, Settings, StageBatchConfig
+from pipeline.orchestration import batch_cost
+from pipeline.records import Stage, StageResult, WorkItem
 
 
-@serve.deployment(max_ongoing_requests=2)
+@serve.deployment
 class FaceDeployment:
     def __init__(self, settings: Settings) -> None:
         from pipeline.faces import FacenetEmbedder, MtcnnDetector
-        from pipeline.ledger import RetentionLedger
+        from pipeline.jobs import JobStore
         from pipeline.runtime import select_runtime
 
         pin_torch_threads(settings)
         self.settings = settings
         client, self.stores = open_backends(settings)
-        self.ledger = RetentionLedger(client)
+        self.jobs = JobStore(client)
         runtime = select_runtime(settings.models)
         self.detector = MtcnnDetector(runtime, min_probability=settings.models.face_min_probability)
         self.embedder = FacenetEmbedder(runtime, weights=settings.models.face_embedder_weights,
                                         storage=settings.storage)
+        self.gate = LiveLimit(settings.batching.face.max_concurrent_batches)
 
-    def run_batch(self, items: list[WorkItem]) -> list[StageResult]:
+    async def reconfigure(self, user_config: dict) -> None:
+        """batching.yaml ``face``: applied live, no restart (Serve user_config)."""
+        await apply_batching(self.run, self.gate, StageBatchConfig.model_validate(user_config))
+
+    @serve.multiplexed(max_num_models_per_replica=64)
+    async def bucket(self, bucket_id: str) -> str:
+        """Batch keys count as 'models', so Serve routes a key to replicas already batching it."""
+        return bucket_id
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05,
+                 max_concurrent_batches=MAX_CONCURRENT_BATCHES, batch_size_fn=batch_cost)
+    async def run(self, items: list[WorkItem]) -> list[StageResult]:
+        await self.bucket(serve.get_multiplexed_model_id())
+        async with self.gate:
+            return await asyncio.to_thread(run_unexpired, items, self._run, self._note_batch)
+
+    def _run(self, items: list[WorkItem]) -> list[StageResult]:
         from pipeline.stages import face_stage, run_isolating_failures
 
         return run_isolating_failures(
-            lambda batch: face_stage(batch, self.stores, self.ledger, self.detector,
+            lambda batch: face_stage(batch, self.stores, self.jobs, self.detector,
                                      self.embedder, self.settings.retention), items)
+
+    def _note_batch(self, items: list[WorkItem]) -> None:
+        self.jobs.note_batch([it.job_id for it in items], Stage.FACE)

@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+MAX_CONCURRENT_BATCHES = 8  # Serve's per-replica cap; the live limit is batching.yaml's
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -57,6 +60,17 @@ class ServiceConfig(_Strict):
     )
     job_timeout_s: float = Field(
         600.0, gt=0, le=86400, description="A job not finished this long after acceptance fails."
+    )
+    max_jobs_in_flight_per_account: int = Field(
+        8, gt=0, le=10_000, description="Unfinished jobs one account may have; more get HTTP "
+        "429 with Retry-After."
+    )
+    retry_after_s: int = Field(
+        5, gt=0, le=3600, description="Retry-After sent with 429 and 503 (service full)."
+    )
+    runner_lease_s: float = Field(
+        15.0, ge=2, le=600, description="A job runner not heard from this long is gone: the "
+        "jobs it held fail (their device keys died with it) and are purged."
     )
 
     @model_validator(mode="after")
@@ -161,44 +175,124 @@ class StorageConfig(_Strict):
 
 
 class StageBatchConfig(_Strict):
-    """Batching knobs of one GPU stage."""
+    """Batching knobs of one GPU pool, applied live to every replica (Serve user_config)."""
 
-    max_batch_size: int = Field(8, gt=0, le=256, description="Most jobs in one model call.")
+    max_batch_cost: int = Field(
+        8, gt=0, le=4096, description="Most cost units in one model call. A job costs one unit "
+        "per image it generates at batching.yaml reference_resolution_px (more for larger "
+        "images, times frames for video), so batches are sized by work, not by job count."
+    )
     max_wait_ms: float = Field(
-        50.0, ge=0, le=60_000, description="Longest a job waits for its batch to fill, in ms."
+        50.0, ge=0, le=60_000, description="Longest the first job of a batch waits for it to "
+        "fill, in ms."
     )
-    max_inflight_batches: int = Field(
-        2, gt=0, le=64, description="Batches of this stage in flight at once (all replicas)."
+    max_concurrent_batches: int = Field(
+        1, gt=0, le=MAX_CONCURRENT_BATCHES, description="Model calls one replica runs at once "
+        "(per replica: N replicas run N x this)."
     )
+
+    @property
+    def max_ongoing_requests(self) -> int:
+        """Jobs a replica accepts: its running batches plus one forming, so the next batch
+        fills while the GPU works and the rest wait at the callers (back-pressure)."""
+        return self.max_batch_cost * (self.max_concurrent_batches + 1)
 
 
 class BatchingConfig(_Strict):
-    """configs/batching.yaml: the batching queue between ingress and the GPU stages.
+    """configs/batching.yaml: batching per GPU pool and the job runners' retry policy.
 
-    Tuned at run time: the scheduler receives this as Serve ``user_config``.
+    Tuned at run time: each pool receives its section as Serve ``user_config``, applied by
+    ``reconfigure()`` on the running replicas (``ephemera tune``, or ``serve deploy``).
     """
 
-    face: StageBatchConfig = Field(default_factory=StageBatchConfig, description="Face stage.")
+    reference_resolution_px: int = Field(
+        64, ge=64, le=4096, description="Image side whose generation costs one unit."
+    )
+    face: StageBatchConfig = Field(default_factory=StageBatchConfig, description="Face pool.")
     diffusion: StageBatchConfig = Field(
-        default_factory=StageBatchConfig, description="Diffusion stage."
+        default_factory=StageBatchConfig, description="Diffusion pool."
     )
     max_attempts: int = Field(
         3, gt=0, le=10, description="Tries per job when a stage worker crashes mid-batch."
     )
-    poll_interval_ms: float = Field(
-        10.0, gt=0, le=1000, description="How often the scheduler checks for ready batches."
-    )
     stage_timeout_s: float = Field(
-        120.0, gt=0, le=3600, description="A batch call not answered in this time counts as a crash."
+        120.0, gt=0, le=3600, description="A stage call not answered in this time counts as a crash."
     )
 
+    def runner_user_config(self) -> dict:
+        return {"max_attempts": self.max_attempts, "stage_timeout_s": self.stage_timeout_s}
 
-class StageResourcesConfig(_Strict):
-    """Ray resources of one stage's actor pool."""
 
-    num_replicas: int = Field(1, gt=0, le=1024, description="Actors in the pool.")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor (0 on CPU hosts).")
+class AutoscalingConfig(_Strict):
+    """Serve autoscaling of one deployment (Serve's own autoscaler)."""
+
+    min_replicas: int = Field(1, ge=0, le=1024, description="Fewest replicas (0: scale to zero).")
+    max_replicas: int = Field(4, gt=0, le=1024, description="Most replicas.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, le=10_000, description="Ongoing requests per replica the autoscaler aims at."
+    )
+    upscale_delay_s: float = Field(2.0, ge=0, le=3600, description="Sustained load before adding.")
+    downscale_delay_s: float = Field(
+        30.0, ge=0, le=86400, description="Sustained idleness before removing a replica."
+    )
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"autoscaling min_replicas {self.min_replicas} exceeds "
+                             f"max_replicas {self.max_replicas}")
+        return self
+
+    def serve_options(self) -> dict:
+        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                "initial_replicas": max(1, self.min_replicas),
+                "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s}
+
+
+class PoolConfig(_Strict):
+    """Replicas and resources of one Serve deployment."""
+
+    num_replicas: int = Field(1, gt=0, le=1024, description="Fixed replica count (no autoscaling).")
+    autoscaling: AutoscalingConfig | None = Field(
+        None, description="Serve autoscaling; when set, num_replicas is ignored."
+    )
+    num_cpus: float = Field(1.0, ge=0, le=256, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, le=16, description="GPUs reserved per replica.")
+    max_ongoing_requests: int | None = Field(
+        None, gt=0, le=100_000, description="Requests one replica works on at once; null: "
+        "derived (GPU pools: from batching.yaml)."
+    )
+    max_queued_requests: int = Field(
+        1000, gt=0, le=1_000_000, description="Requests each caller queues for this pool when "
+        "every replica is busy; beyond it the caller gets back-pressure (HTTP 503)."
+    )
+
+    def replica_options(self) -> dict:
+        options: dict = {"ray_actor_options": {"num_cpus": self.num_cpus,
+                                               "num_gpus": self.num_gpus},
+                         "max_queued_requests": self.max_queued_requests}
+        if self.autoscaling is not None:
+            options["autoscaling_config"] = self.autoscaling.serve_options()
+        else:
+            options["num_replicas"] = self.num_replicas
+        if self.max_ongoing_requests is not None:
+            options["max_ongoing_requests"] = self.max_ongoing_requests
+        return options
+
+
+class DeploymentsConfig(_Strict):
+    """configs/deployments.yaml: every pool scales horizontally by config."""
+
+    api: PoolConfig = Field(default_factory=PoolConfig, description="HTTP ingress: validate, "
+                            "strip, encrypt, store (CPU).")
+    runner: PoolConfig = Field(default_factory=PoolConfig, description="Job runners: each "
+                               "drives the jobs handed to it, holding their keys in memory.")
+    face: PoolConfig = Field(default_factory=PoolConfig, description="Face detection + embedding.")
+    diffusion: PoolConfig = Field(default_factory=PoolConfig, description="Diffusion + outputs.")
+    retention: PoolConfig = Field(default_factory=PoolConfig, description="Purge, sweep, "
+                                  "reconcile, account deletion.")
 
 
 class ModelsConfig(_Strict):
@@ -228,12 +322,6 @@ class ModelsConfig(_Strict):
         0.9, gt=0, le=1, description="MTCNN confidence below which a face is ignored."
     )
     torch_num_threads: int = Field(1, gt=0, le=256, description="Intra-op threads per actor.")
-    face: StageResourcesConfig = Field(
-        default_factory=StageResourcesConfig, description="Face actor pool."
-    )
-    diffusion: StageResourcesConfig = Field(
-        default_factory=StageResourcesConfig, description="Diffusion actor pool."
-    )
 
 
 class StyleConfig(_Strict):
@@ -275,7 +363,6 @@ class RetentionConfig(_Strict):
     reconcile_interval_s: float = Field(
         60.0, gt=0, le=86400, description="How often actors list the store for orphans."
     )
-    num_replicas: int = Field(1, gt=0, le=64, description="Retention actors in the pool.")
 
 
 class Settings(_Strict):
@@ -289,6 +376,9 @@ class Settings(_Strict):
         default_factory=RetentionConfig, description="retention.yaml"
     )
     storage: StorageConfig = Field(default_factory=StorageConfig, description="storage.yaml")
+    deployments: DeploymentsConfig = Field(
+        default_factory=DeploymentsConfig, description="deployments.yaml"
+    )
 
     @model_validator(mode="after")
     def _timeouts_fit(self) -> Settings:
@@ -331,7 +421,7 @@ def load_yaml(path: Path, model: type[M]) -> M:
 
 
 def load_settings(config_dir: Path | str = CONFIG_DIR) -> Settings:
-    """Load the six config files from ``config_dir``."""
+    """Load the seven config files from ``config_dir``."""
     root = Path(config_dir)
     return Settings(
         service=load_yaml(root / "service.yaml", ServiceConfig),
@@ -340,6 +430,7 @@ def load_settings(config_dir: Path | str = CONFIG_DIR) -> Settings:
         styles=load_yaml(root / "styles.yaml", StylesConfig),
         retention=load_yaml(root / "retention.yaml", RetentionConfig),
         storage=load_yaml(root / "storage.yaml", StorageConfig),
+        deployments=load_yaml(root / "deployments.yaml", DeploymentsConfig),
     )
 
 

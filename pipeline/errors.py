@@ -6,6 +6,8 @@ from typing import Literal
 class EphemeraError(Exception):
     """Base class: the message is safe to show a client (no secrets, no media)."""
 
+    retry_after_s: int | None = None  # set where a retry is expected (429, 503)
+
 
 Problem = Literal["malformed", "too_large", "unsupported_media", "invalid", "conflict",
                   "length_required"]
@@ -34,6 +36,14 @@ class Unauthorized(EphemeraError):
 
 class Unavailable(EphemeraError):
     """A part of the service is down; nothing was changed; retry later (HTTP 503)."""
+
+
+class TooManyJobs(EphemeraError):
+    """This account has too many unfinished jobs; retry after one ends (HTTP 429)."""
+
+
+class ServiceFull(EphemeraError):
+    """Every queue is full; nothing was kept; retry later (HTTP 503 with Retry-After)."""
 
 
 class StorageError(EphemeraError):

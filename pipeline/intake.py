@@ -21,7 +21,16 @@ from pipeline.config import Settings
 from pipeline.errors import InvalidUpload, StorageError
 from pipeline.ingest import check_upload
 from pipeline.jobs import JobStore
-from pipeline.records import JOB_KINDS, CleanImage, JobRecord, RetentionRecord, WorkItem
+from pipeline.orchestration import job_cost_units
+from pipeline.records import (
+    JOB_KINDS,
+    CleanImage,
+    JobRecord,
+    JobStatus,
+    ObjectClass,
+    RetentionRecord,
+    WorkItem,
+)
 from pipeline.residency import check_country
 from pipeline.retention import deadline_for
 from pipeline.storage import (
@@ -97,16 +106,16 @@ def accept_job(request: JobRequest, device_key: bytes, stores: StoreSet, jobs: J
     now = time.time()
     uris = [object_uri(store, input_key(job_id, uuid.uuid4().hex)) for _ in request.images]
     records = [
-        RetentionRecord(uri=u, object_class="input", account_id=request.account_id,
+        RetentionRecord(uri=u, object_class=ObjectClass.INPUT, account_id=request.account_id,
                         job_id=job_id, created_s=now,
-                        deadline_s=deadline_for("input", now, settings.retention),
+                        deadline_s=deadline_for(ObjectClass.INPUT, now, settings.retention),
                         provider=store.provider, region=store.region, bucket=store.bucket)
         for u in uris
     ]
     job = JobRecord(job_id=job_id, account_id=request.account_id, kind=request.kind,
-                    style=request.style, resolution_px=request.resolution_px, status="queued",
+                    style=request.style, resolution_px=request.resolution_px, status=JobStatus.QUEUED,
                     created_s=now, updated_s=now, input_uris=uris)
-    jobs.create_job(job, records)
+    jobs.create_job(job, records, max_in_flight=settings.service.max_jobs_in_flight_per_account)
     try:
         for uri, image in zip(uris, request.images, strict=True):
             store.put(key_from_uri(store, uri),
@@ -118,7 +127,12 @@ def accept_job(request: JobRequest, device_key: bytes, stores: StoreSet, jobs: J
     item = WorkItem(job_id=job_id, account_id=request.account_id, kind=request.kind,
                     style=request.style, resolution_px=request.resolution_px,
                     input_uris=tuple(uris), device_key=device_key,
-                    seed=secrets.randbelow(2**31))
+                    seed=secrets.randbelow(2**31),
+                    deadline_s=now + settings.service.job_timeout_s,
+                    cost_units=job_cost_units(
+                        1 if request.kind == "ai_photo" else len(request.images),
+                        request.resolution_px,
+                        reference_resolution_px=settings.batching.reference_resolution_px))
     return job, item
 
 
@@ -133,5 +147,19 @@ def _undo(job_id: str, uris: list[str], records: list[RetentionRecord], store: O
     except StorageError:
         jobs.finish_job(job_id, ok=False, reason="the object store failed while storing "
                         "the upload; nothing was processed, please try again")
+        return
+    jobs.discard_job(job_id, records)
+
+
+def withdraw_job(job_id: str, stores: StoreSet, jobs: JobStore) -> None:
+    """Take back an accepted job that no runner could take: delete its inputs, verified,
+    then its records, as if it had never been accepted."""
+    records = jobs.ledger.records_for_job(job_id)
+    try:
+        for rec in records:
+            store, key = stores.locate(rec.uri)
+            delete_verified(store, key)
+    except StorageError:
+        jobs.finish_job(job_id, ok=False, reason="the service was at capacity; please try again")
         return
     jobs.discard_job(job_id, records)

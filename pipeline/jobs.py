@@ -5,6 +5,10 @@ Keys:
   eph:jobs:active                set of job ids not yet succeeded or failed
   eph:output:<output_id>         hash of an OutputRecord
   eph:acct:<account_id>:outputs  zset output_id -> created_s
+  eph:acct:<account_id>:jobs     set of the account's job ids
+  eph:acct:<account_id>:active   set of the account's unfinished job ids (429 limit)
+  eph:runners                    zset runner_id -> lease expiry (job runner heartbeats)
+  eph:lock:<name>                short leased locks (one reaper at a time)
 """
 
 from __future__ import annotations
@@ -14,11 +18,20 @@ import time
 
 import redis
 
-from pipeline.errors import InvalidUpload, NotFound
+from pipeline.errors import InvalidUpload, NotFound, TooManyJobs
 from pipeline.ledger import RetentionLedger
-from pipeline.records import JobRecord, OutputRecord, RetentionRecord
+from pipeline.records import (
+    JobRecord,
+    JobStatus,
+    ObjectClass,
+    OutputRecord,
+    RetentionRecord,
+    Stage,
+)
+from pipeline.retry import retry_on_conflict
 
 ACTIVE_KEY = "eph:jobs:active"
+RUNNERS_KEY = "eph:runners"
 PURGE_LAG_KEY = "eph:metrics:purge_lag_s"  # newest 10,000 lags, job end -> inputs verified gone
 _LIST_FIELDS = ("input_uris", "output_ids")
 _FLOAT_FIELDS = ("created_s", "updated_s", "succeeded_s", "finished_s", "inputs_purged_s")
@@ -41,6 +54,8 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if (not status) or status == 'succeeded' or status == 'failed' then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 redis.call('SREM', KEYS[2], ARGV[1])
+local account = redis.call('HGET', KEYS[1], 'account_id')
+if account then redis.call('SREM', 'eph:acct:' .. account .. ':active', ARGV[1]) end
 return 1
 """
 _RECORD_PURGE = """
@@ -66,6 +81,14 @@ def _account_outputs_key(account_id: str) -> str:
 
 def _account_jobs_key(account_id: str) -> str:
     return f"eph:acct:{account_id}:jobs"
+
+
+def _account_active_key(account_id: str) -> str:
+    return f"eph:acct:{account_id}:active"  # the finish script above builds it too
+
+
+def _lock_key(name: str) -> str:
+    return f"eph:lock:{name}"
 
 
 def account_tombstone_key(account_id: str) -> str:
@@ -94,31 +117,36 @@ class JobStore:
         self._finish_once = client.register_script(_FINISH_ONCE)
         self._record_purge = client.register_script(_RECORD_PURGE)
 
-    def create_job(self, job: JobRecord, records: list[RetentionRecord]) -> None:
+    def create_job(self, job: JobRecord, records: list[RetentionRecord], *,
+                   max_in_flight: int | None = None) -> None:
         """Register the job and its objects' retention records in one MULTI.
 
         Called before any object is written, so an object never exists without a record.
-        Refused (InvalidUpload) while the account is being deleted.
+        Refused (InvalidUpload) while the account is being deleted, and (TooManyJobs) when
+        the account already has ``max_in_flight`` unfinished jobs.
         """
         fields = {k: getattr(job, k) for k in job.__slots__ if getattr(job, k) is not None}
         tombstone = account_tombstone_key(job.account_id)
-        with self.redis.pipeline(transaction=True) as p:
-            while True:
-                try:
-                    p.watch(tombstone)
-                    if p.exists(tombstone):
-                        raise InvalidUpload("this account is being deleted; no new jobs are "
-                                            "accepted for it", problem="conflict")
-                    p.multi()
-                    p.hset(_job_key(job.job_id),
-                           mapping={k: _encode(v) for k, v in fields.items()})
-                    p.sadd(ACTIVE_KEY, job.job_id)
-                    p.sadd(_account_jobs_key(job.account_id), job.job_id)
-                    self.ledger.register(records, pipe=p)
-                    p.execute()
-                    return
-                except redis.WatchError:
-                    continue
+        active = _account_active_key(job.account_id)
+
+        def attempt() -> None:
+            with self.redis.pipeline(transaction=True) as p:
+                p.watch(tombstone, active)
+                if p.exists(tombstone):
+                    raise InvalidUpload("this account is being deleted; no new jobs are "
+                                        "accepted for it", problem="conflict")
+                if max_in_flight is not None and p.scard(active) >= max_in_flight:
+                    raise TooManyJobs(f"this account already has {max_in_flight} unfinished "
+                                      "jobs; wait for one to finish")
+                p.multi()
+                p.hset(_job_key(job.job_id), mapping={k: _encode(v) for k, v in fields.items()})
+                p.sadd(ACTIVE_KEY, job.job_id)
+                p.sadd(_account_jobs_key(job.account_id), job.job_id)
+                p.sadd(active, job.job_id)
+                self.ledger.register(records, pipe=p)
+                p.execute()
+
+        retry_on_conflict(attempt)
 
     def discard_job(self, job_id: str, records: list[RetentionRecord]) -> None:
         """Undo ``create_job`` once the job's objects are verified gone (failed ingest)."""
@@ -127,6 +155,7 @@ class JobStore:
         p.srem(ACTIVE_KEY, job_id)
         for rec in records:
             p.srem(_account_jobs_key(rec.account_id), job_id)
+            p.srem(_account_active_key(rec.account_id), job_id)
         p.execute()
         for rec in records:
             self.ledger.complete(rec)
@@ -142,6 +171,7 @@ class JobStore:
             d[name] = float(str(d[name])) if d.get(name) else None
         for name in _INT_FIELDS:
             d[name] = int(str(d.get(name) or 0))
+        d["status"] = JobStatus(str(d.get("status") or JobStatus.QUEUED))
         try:
             return JobRecord(**d)  # type: ignore[arg-type]
         except TypeError:  # a record being deleted right now
@@ -150,7 +180,8 @@ class JobStore:
     def update_job(self, job_id: str, **fields: object) -> None:
         """Set some fields; a terminal status also removes the job from the active set."""
         fields["updated_s"] = time.time()
-        terminal = "1" if fields.get("status") in ("succeeded", "failed") else "0"
+        status = fields.get("status")
+        terminal = "1" if isinstance(status, JobStatus) and status.is_finished else "0"
         self._update_if_exists(keys=[_job_key(job_id), ACTIVE_KEY],
                                args=[terminal, job_id, *_flat(fields)])
 
@@ -162,14 +193,14 @@ class JobStore:
         A job that already ended keeps its first outcome; its inputs are made due either way.
         """
         now = time.time()
-        fields: dict[str, object] = {"status": "succeeded" if ok else "failed",
+        fields: dict[str, object] = {"status": JobStatus.SUCCEEDED if ok else JobStatus.FAILED,
                                      "finished_s": now, "updated_s": now}
         if ok:
             fields.update(succeeded_s=now, output_ids=list(output_ids))
         else:
             fields["reason"] = reason
         self._finish_once(keys=[_job_key(job_id), ACTIVE_KEY], args=[job_id, *_flat(fields)])
-        self.ledger.expedite_job(job_id, ("input", "face_data"), now)
+        self.ledger.expedite_job(job_id, (ObjectClass.INPUT, ObjectClass.FACE_DATA), now)
 
     def record_purge(self, job_id: str, *, num_inputs_verified: int, complete: bool) -> None:
         """Count inputs verified gone; stamp ``inputs_purged_s`` once all are gone."""
@@ -194,7 +225,7 @@ class JobStore:
     def is_finished(self, job_id: str) -> bool:
         """True once the job succeeded or failed, or no longer exists (account deleted)."""
         status = self.redis.hget(_job_key(job_id), "status")
-        return status is None or status.decode() in ("succeeded", "failed")
+        return status is None or JobStatus(status.decode()).is_finished
 
     def forget_job(self, job_id: str, account_id: str) -> None:
         """Drop a finished job's record (account deletion); its inputs must be purged first."""
@@ -202,6 +233,7 @@ class JobStore:
         p.delete(_job_key(job_id))
         p.srem(ACTIVE_KEY, job_id)
         p.srem(_account_jobs_key(account_id), job_id)
+        p.srem(_account_active_key(account_id), job_id)
         p.execute()
 
     def remove_output(self, out: OutputRecord) -> None:
@@ -219,25 +251,27 @@ class JobStore:
     def add_output(self, out: OutputRecord, pending: RetentionRecord) -> bool:
         """Index an output and drop its pending retention record, in one MULTI.
 
-        Refused (False) if the job is gone or the account is being deleted: the caller
-        then deletes the object. The pending record's deadline purges it if nobody does.
+        Refused (False) if the job is gone or already ended (its runner gave up on it), or
+        the account is being deleted: the caller then deletes the object. The pending
+        record's deadline purges it if nobody does.
         """
         job, tombstone = _job_key(out.job_id), account_tombstone_key(out.account_id)
-        with self.redis.pipeline(transaction=True) as p:
-            while True:
-                try:
-                    p.watch(job, tombstone)
-                    if p.exists(tombstone) or not p.exists(job):
-                        return False
-                    p.multi()
-                    p.hset(_output_key(out.output_id),
-                           mapping={k: _encode(getattr(out, k)) for k in out.__slots__})
-                    p.zadd(_account_outputs_key(out.account_id), {out.output_id: out.created_s})
-                    self.ledger.complete(pending, pipe=p)
-                    p.execute()
-                    return True
-                except redis.WatchError:
-                    continue
+
+        def attempt() -> bool:
+            with self.redis.pipeline(transaction=True) as p:
+                p.watch(job, tombstone)
+                status = p.hget(job, "status")
+                if p.exists(tombstone) or status is None or JobStatus(status.decode()).is_finished:
+                    return False
+                p.multi()
+                p.hset(_output_key(out.output_id),
+                       mapping={k: _encode(getattr(out, k)) for k in out.__slots__})
+                p.zadd(_account_outputs_key(out.account_id), {out.output_id: out.created_s})
+                self.ledger.complete(pending, pipe=p)
+                p.execute()
+                return True
+
+        return retry_on_conflict(attempt)
 
     def get_output(self, account_id: str, output_id: str) -> OutputRecord:
         """An output of this account; another account's output is reported as not found."""
@@ -266,3 +300,41 @@ class JobStore:
             except NotFound:  # deleted between the two reads
                 continue
         return found
+
+    def note_batch(self, job_ids: list[str], stage: Stage) -> None:
+        """Jobs entering one model call: running, and the size of the batch that served them."""
+        for job_id in job_ids:
+            self.update_job(job_id, status=JobStatus.RUNNING,
+                            **{f"{stage.value}_batch_size": len(job_ids)})
+
+    # Job runners: who holds which job (and its key) in memory.
+
+    def claim_job(self, job_id: str, runner_id: str) -> None:
+        """Record the runner now holding the job; a reaper fails it if that runner dies."""
+        self.update_job(job_id, runner_id=runner_id)
+
+    def heartbeat_runner(self, runner_id: str, *, lease_s: float, now_s: float) -> None:
+        p = self.redis.pipeline(transaction=True)
+        p.zadd(RUNNERS_KEY, {runner_id: now_s + lease_s})
+        p.zremrangebyscore(RUNNERS_KEY, "-inf", now_s - 3600.0)  # long-gone runners
+        p.execute()
+
+    def drop_runner(self, runner_id: str) -> None:
+        self.redis.zrem(RUNNERS_KEY, runner_id)
+
+    def live_runners(self, now_s: float) -> set[str]:
+        return {r.decode() for r in self.redis.zrangebyscore(RUNNERS_KEY, now_s, "+inf")}
+
+    def unfinished_jobs(self) -> list[JobRecord]:
+        """Every job not yet succeeded or failed (skipping ones deleted meanwhile)."""
+        found = []
+        for job_id in self.active_job_ids():
+            try:
+                found.append(self.get_job(job_id))
+            except NotFound:
+                continue
+        return found
+
+    def try_lock(self, name: str, owner: str, ttl_s: float) -> bool:
+        """A leased lock: true for the one caller that got it; it expires by itself."""
+        return bool(self.redis.set(_lock_key(name), owner, nx=True, px=int(ttl_s * 1000)))

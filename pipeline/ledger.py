@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import redis
 
-from pipeline.records import RetentionRecord
+from pipeline.records import ObjectClass, RetentionRecord
 
 DUE_KEY = "eph:ret:due"
 CREATED_KEY = "eph:ret:created"  # + ":<class>": zset uri -> created_s (oldest-age metric)
@@ -82,7 +82,7 @@ class RetentionLedger:
         d = {k.decode(): v.decode() for k, v in raw.items()}
         return RetentionRecord(
             uri=d["uri"],
-            object_class=d["object_class"],  # type: ignore[arg-type]
+            object_class=ObjectClass(d["object_class"]),
             account_id=d["account_id"],
             job_id=d["job_id"],
             created_s=float(d["created_s"]),

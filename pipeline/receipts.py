@@ -25,6 +25,7 @@ import redis
 
 from pipeline.errors import NotFound
 from pipeline.records import DeletionReceipt
+from pipeline.retry import retry_on_conflict
 
 CHAIN_KEY = "eph:receipts:chain"
 HEAD_KEY = "eph:receipts:head"
@@ -86,29 +87,29 @@ class ReceiptLedger:
     def append(self, receipt_id: str, receipt: DeletionReceipt, *, account_id: str,
                requested_s: float) -> ChainEntry:
         """Append one verified deletion to the chain (optimistic WATCH on the head)."""
-        while True:
+
+        def attempt() -> ChainEntry:
             with self.redis.pipeline(transaction=True) as pipe:
-                try:
-                    pipe.watch(HEAD_KEY)
-                    head = pipe.hgetall(HEAD_KEY)
-                    seq = int(head.get(b"seq", b"-1")) + 1
-                    prev = head.get(b"hash", GENESIS_HASH.encode()).decode()
-                    entry = ChainEntry(
-                        seq=seq, receipt_id=receipt_id, uri_sha256=uri_digest(receipt.uri),
-                        object_class=receipt.object_class, account_id=account_id,
-                        requested_s=requested_s, verified_s=receipt.deleted_at_s,
-                        result="verified_gone" if receipt.verified_gone else "not_verified",
-                        prev_hash=prev,
-                    )
-                    entry = ChainEntry(**{**asdict(entry), "hash": _entry_hash(entry)})
-                    pipe.multi()
-                    pipe.rpush(CHAIN_KEY, json.dumps(asdict(entry), sort_keys=True))
-                    pipe.hset(HEAD_KEY, mapping={"seq": seq, "hash": entry.hash})
-                    pipe.rpush(f"eph:deletion:{receipt_id}:entries", seq)
-                    pipe.execute()
-                    return entry
-                except redis.WatchError:
-                    continue
+                pipe.watch(HEAD_KEY)
+                head = pipe.hgetall(HEAD_KEY)
+                seq = int(head.get(b"seq", b"-1")) + 1
+                prev = head.get(b"hash", GENESIS_HASH.encode()).decode()
+                entry = ChainEntry(
+                    seq=seq, receipt_id=receipt_id, uri_sha256=uri_digest(receipt.uri),
+                    object_class=receipt.object_class, account_id=account_id,
+                    requested_s=requested_s, verified_s=receipt.deleted_at_s,
+                    result="verified_gone" if receipt.verified_gone else "not_verified",
+                    prev_hash=prev,
+                )
+                entry = ChainEntry(**{**asdict(entry), "hash": _entry_hash(entry)})
+                pipe.multi()
+                pipe.rpush(CHAIN_KEY, json.dumps(asdict(entry), sort_keys=True))
+                pipe.hset(HEAD_KEY, mapping={"seq": seq, "hash": entry.hash})
+                pipe.rpush(f"eph:deletion:{receipt_id}:entries", seq)
+                pipe.execute()
+                return entry
+
+        return retry_on_conflict(attempt)
 
     def get_request(self, receipt_id: str) -> dict:
         raw = self.redis.hgetall(f"eph:deletion:{receipt_id}")

@@ -3,13 +3,41 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Literal, get_args
 
 import numpy as np
 
 JobKind = Literal["ai_photo", "art_style"]
-ObjectClass = Literal["input", "face_data", "output"]
 JOB_KINDS: tuple[str, ...] = get_args(JobKind)
+
+
+class JobStatus(StrEnum):
+    """A job's lifecycle. Values are what Redis and the API hold."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+
+
+class Stage(StrEnum):
+    """The GPU stages a job passes through."""
+
+    FACE = "face"
+    DIFFUSION = "diffusion"
+
+
+class ObjectClass(StrEnum):
+    """What a stored object is, which decides when it must be gone."""
+
+    INPUT = "input"
+    FACE_DATA = "face_data"
+    OUTPUT = "output"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +89,7 @@ class JobRecord:
     kind: str
     style: str
     resolution_px: int
-    status: str
+    status: JobStatus
     created_s: float
     updated_s: float
     input_uris: list[str]
@@ -74,6 +102,7 @@ class JobRecord:
     attempts: int = 0
     face_batch_size: int = 0  # jobs in the face-stage model call that served this job
     diffusion_batch_size: int = 0  # jobs in the diffusion model call
+    runner_id: str = ""  # the job runner holding the job (and its key) in memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +135,8 @@ class WorkItem:
     input_uris: tuple[str, ...]
     device_key: bytes = field(repr=False)
     seed: int
+    deadline_s: float = float("inf")  # past it the job fails and is never sent to a GPU
+    cost_units: int = 1  # images x (resolution / reference)^2: what a batch is sized by
     face_uri: str | None = None
     attempts: int = 0
 

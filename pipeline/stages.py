@@ -22,8 +22,14 @@ from pipeline.errors import StorageError, WrongKey
 from pipeline.faces import FaceDetector, FaceEmbedder, embed_faces, mean_identity
 from pipeline.ingest import decode_clean_png, encode_output
 from pipeline.jobs import JobStore
-from pipeline.ledger import RetentionLedger
-from pipeline.records import FaceBatch, OutputRecord, RetentionRecord, StageResult, WorkItem
+from pipeline.records import (
+    FaceBatch,
+    ObjectClass,
+    OutputRecord,
+    RetentionRecord,
+    StageResult,
+    WorkItem,
+)
 from pipeline.retention import deadline_for
 from pipeline.storage import (
     ObjectStore,
@@ -80,7 +86,7 @@ def run_isolating_failures(stage: Callable[[list[WorkItem]], list[StageResult]],
     return results
 
 
-def face_stage(items: list[WorkItem], stores: StoreSet, ledger: RetentionLedger,
+def face_stage(items: list[WorkItem], stores: StoreSet, jobs: JobStore,
                detector: FaceDetector, embedder: FaceEmbedder,
                retention: RetentionConfig) -> list[StageResult]:
     """Detect, align and embed the face in every input of every job in one batch.
@@ -119,7 +125,7 @@ def face_stage(items: list[WorkItem], stores: StoreSet, ledger: RetentionLedger,
             continue
         identity = mean_identity(per_job[item.job_id])
         try:
-            uri = _put_face_data(stores, ledger, item, identity.tobytes(), retention)
+            uri = _put_face_data(stores, jobs, item, identity.tobytes(), retention)
         except StorageError:
             results[item.job_id] = StageResult(item.job_id, ok=False, retryable=True,
                                                reason="the object store is unavailable")
@@ -128,18 +134,25 @@ def face_stage(items: list[WorkItem], stores: StoreSet, ledger: RetentionLedger,
     return [results[item.job_id] for item in items]
 
 
-def _put_face_data(stores: StoreSet, ledger: RetentionLedger, item: WorkItem, plain: bytes,
+def _put_face_data(stores: StoreSet, jobs: JobStore, item: WorkItem, plain: bytes,
                    retention: RetentionConfig) -> str:
-    """Store face data encrypted, beside the job's inputs (same region), record first."""
+    """Store face data encrypted, beside the job's inputs (same region), record first.
+
+    If the job ended meanwhile (its runner died, or it timed out), the record is made due
+    at once, so the sweep removes what no purge of the job will look for any more.
+    """
     store, _ = stores.locate(item.input_uris[0])
     uri = object_uri(store, face_key(item.job_id, uuid.uuid4().hex))
     now = time.time()
-    ledger.register([RetentionRecord(
-        uri=uri, object_class="face_data", account_id=item.account_id, job_id=item.job_id,
-        created_s=now, deadline_s=deadline_for("face_data", now, retention),
+    jobs.ledger.register([RetentionRecord(
+        uri=uri, object_class=ObjectClass.FACE_DATA, account_id=item.account_id,
+        job_id=item.job_id, created_s=now,
+        deadline_s=deadline_for(ObjectClass.FACE_DATA, now, retention),
         provider=store.provider, region=store.region, bucket=store.bucket)])
     store.put(key_from_uri(store, uri), crypto.encrypt(plain, item.device_key, uri=uri),
               customer_key=item.device_key)
+    if jobs.is_finished(item.job_id):
+        jobs.ledger.expedite_job(item.job_id, (ObjectClass.FACE_DATA,), time.time())
     return uri
 
 
@@ -235,7 +248,7 @@ def store_outputs(item: WorkItem, images: list[np.ndarray], store: ObjectStore, 
                                job_id=item.job_id, uri=object_uri(store, key),
                                media_type=media_type, created_s=now, provider=store.provider,
                                region=store.region, bucket=store.bucket)
-            pending = RetentionRecord(uri=out.uri, object_class="output",
+            pending = RetentionRecord(uri=out.uri, object_class=ObjectClass.OUTPUT,
                                       account_id=item.account_id, job_id=item.job_id,
                                       created_s=now, deadline_s=now + PENDING_OUTPUT_TTL_S,
                                       provider=store.provider, region=store.region,

@@ -10,6 +10,7 @@ when the job ends.
 import asyncio
 import hashlib
 import hmac
+import logging
 import os
 
 import redis
@@ -17,24 +18,34 @@ import starlette.formparsers
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from starlette.datastructures import UploadFile
 
 from pipeline.config import Settings
 from pipeline.crypto import check_device_key
 from pipeline.deletion import delete_output, request_account_deletion
-from pipeline.errors import EphemeraError, InvalidUpload, NotFound, Unauthorized, Unavailable
-from pipeline.intake import accept_job, check_account_id, check_job_request
+from pipeline.errors import (
+    EphemeraError,
+    InvalidUpload,
+    NotFound,
+    ServiceFull,
+    TooManyJobs,
+    Unauthorized,
+    Unavailable,
+)
+from pipeline.intake import accept_job, check_account_id, check_job_request, withdraw_job
 from pipeline.jobs import JobStore
 from pipeline.metrics import render_prometheus, retention_metrics
 from pipeline.receipts import ReceiptLedger
 from pipeline.records import JobRecord
-from pipeline.retention import purge_finished_job
 from pipeline.storage import open_stores
-from serve.errors import http_status
+from serve.errors import RETRY_LATER, http_status
 
 # Starlette spools uploads over 1 MiB to a temporary file on disk. Plaintext photos must
 # never touch disk, so keep every part in memory (the request size is capped below).
 starlette.formparsers.MultiPartParser.spool_max_size = 1 << 40
+
+log = logging.getLogger("ray.serve")
 
 app = FastAPI(title="Ephemera", version="0.1.0")
 
@@ -47,8 +58,27 @@ async def _redis_error(request: Request, exc: redis.RedisError) -> JSONResponse:
 
 @app.exception_handler(EphemeraError)
 async def _domain_error(request: Request, exc: EphemeraError) -> JSONResponse:
+    status = http_status(exc)
+    headers = ({"Retry-After": str(exc.retry_after_s)}
+               if status in RETRY_LATER and exc.retry_after_s else None)
     return JSONResponse({"error": type(exc).__name__, "detail": str(exc)},
-                        status_code=http_status(exc))
+                        status_code=status, headers=headers)
+
+
+HANDOFF_CONFIRM_S = 2.0  # wait this long to learn whether a runner took the job
+
+async def _assigned(response) -> None:
+    """Returns once Serve routed the call to a replica; raises BackPressureError if the
+    caller-side queue is full."""
+    await response._to_object_ref()
+
+
+async def _settled(response) -> None:
+    try:
+        await response
+    except Exception:  # the runner records every outcome; a dead runner is reaped
+        pass
+
 
 
 def _expected_token_digest(settings: Settings) -> bytes | None:
@@ -88,12 +118,13 @@ def job_view(job: JobRecord) -> dict:
     }
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.deployment
 @serve.ingress(app)
 class ApiDeployment:
-    def __init__(self, settings: Settings, scheduler, retention) -> None:
+    def __init__(self, settings: Settings, runner, retention) -> None:
         self.settings = settings
-        self.scheduler = scheduler
+        self.runner = runner
+        self._handed_off: set[asyncio.Task] = set()
         self.retention = retention
         self._background: set[asyncio.Task] = set()
         self.redis = redis.Redis.from_url(settings.service.redis_url)
@@ -156,21 +187,37 @@ class ApiDeployment:
         del files, uploads
         # Shielded: a client that disconnects now must not leave a job registered but
         # never queued; the accept-and-submit step always runs to its end.
-        job_id = await asyncio.shield(self._accept_and_submit(job_request, device_key))
+        try:
+            job_id = await asyncio.shield(self._accept_and_submit(job_request, device_key))
+        except (TooManyJobs, ServiceFull) as exc:
+            exc.retry_after_s = self.settings.service.retry_after_s
+            raise
         return JSONResponse({"job_id": job_id, "status": "queued",
                              "status_url": f"/v1/jobs/{job_id}"}, status_code=202)
 
     async def _accept_and_submit(self, job_request, device_key: bytes) -> str:
+        """Store the job, then hand it to a job runner. When every runner and this caller's
+        queue for them are full (Serve back-pressure), withdraw it: 503, nothing kept."""
         job, item = await asyncio.to_thread(accept_job, job_request, device_key, self.stores,
                                             self.jobs, self.settings)
+        response = self.runner.run_job.remote(item)
+        del item  # the runner holds the device key from here on
         try:
-            await self.scheduler.submit.remote(item)
-        except Exception:
-            await asyncio.to_thread(self.jobs.finish_job, job.job_id, ok=False,
-                                    reason="the scheduler was unavailable; please try again")
-            await asyncio.to_thread(purge_finished_job, job.job_id, self.stores, self.jobs,
-                                    owner="api", cfg=self.settings.retention)
-            raise Unavailable("the scheduler is unavailable; try again shortly") from None
+            await asyncio.wait_for(asyncio.shield(_assigned(response)), HANDOFF_CONFIRM_S)
+        except TimeoutError:
+            pass  # queued at this caller, within max_queued_requests: a runner takes it soon
+        except BackPressureError:
+            await asyncio.to_thread(withdraw_job, job.job_id, self.stores, self.jobs)
+            raise ServiceFull("the service is at capacity; nothing was kept, try again "
+                              "shortly") from None
+        except Exception as exc:
+            log.warning("handing a job to a runner failed: %s", type(exc).__name__)
+            await asyncio.to_thread(withdraw_job, job.job_id, self.stores, self.jobs)
+            raise Unavailable("the job runners are unavailable; nothing was kept, try again "
+                              "shortly") from None
+        task = asyncio.get_running_loop().create_task(_settled(response))
+        self._handed_off.add(task)  # keep the response referenced until the job ends
+        task.add_done_callback(self._handed_off.discard)
         return job.job_id
 
     @app.get("/v1/jobs/{job_id}")

@@ -1,30 +1,102 @@
-"""The Serve application graph: ingress -> scheduler -> face / diffusion pools, + retention."""
+"""The Serve application: ingress -> job runners -> face / diffusion pools, + retention.
+
+Two ways in, one graph:
+- ``build_app(settings)``: from resolved settings (the launcher, tests, benchmarks);
+- ``build_from_args(args)``: Serve's import path for ``serve run`` / ``serve deploy`` and a
+  KubeRay RayService (``import_path: serve.app:build_from_args``, ``args: {config_dir: ...}``).
+
+``serve_config(settings)`` writes the matching Serve config file (ServeDeploySchema): every
+live knob (batching per pool, retry policy) sits in a deployment's ``user_config``, so a
+redeploy of an edited config reconfigures running replicas in place.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 
 from actors.diffusion import DiffusionDeployment
 from actors.face import FaceDeployment
 from actors.retention import RetentionDeployment
-from pipeline.config import Settings
+from pipeline.config import PoolConfig, Settings, StageBatchConfig, load_settings, resolve_path
 from serve.api import ApiDeployment
-from serve.scheduler import SchedulerDeployment
+from serve.runner import JobRunnerDeployment
+
+APP_NAME = "ephemera"
+IMPORT_PATH = "serve.app:build_from_args"
+API, RUNNER, FACE, DIFFUSION, RETENTION = (
+    "ApiDeployment", "JobRunnerDeployment", "FaceDeployment", "DiffusionDeployment",
+    "RetentionDeployment")
 
 
-def _pool_options(pool) -> dict:
+def _gpu_pool(pool: PoolConfig, batching: StageBatchConfig) -> PoolConfig:
+    """A GPU pool takes as many jobs as its running batches plus one forming (unless set)."""
+    if pool.max_ongoing_requests is not None:
+        return pool
+    return pool.model_copy(update={"max_ongoing_requests": batching.max_ongoing_requests})
+
+
+def deployment_options(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Serve options of every deployment, by deployment name."""
+    d, b, service = settings.deployments, settings.batching, settings.service
+    retry = BackpressureConfig(status_code=503, retry_after_s=service.retry_after_s)
     return {
-        "num_replicas": pool.num_replicas,
-        "ray_actor_options": {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus},
+        API: {**d.api.replica_options(), "backpressure_config": retry},
+        RUNNER: {**d.runner.replica_options(), "user_config": b.runner_user_config(),
+                 # a runner scaled down finishes the jobs it holds before it goes
+                 "graceful_shutdown_timeout_s": service.job_timeout_s},
+        FACE: {**_gpu_pool(d.face, b.face).replica_options(), "user_config": b.face.model_dump(),
+               "graceful_shutdown_timeout_s": b.stage_timeout_s},
+        DIFFUSION: {**_gpu_pool(d.diffusion, b.diffusion).replica_options(),
+                    "user_config": b.diffusion.model_dump(),
+                    "graceful_shutdown_timeout_s": b.stage_timeout_s},
+        RETENTION: d.retention.replica_options(),
     }
 
 
 def build_app(settings: Settings) -> Application:
-    """Bind every deployment to ``settings`` (redis_url and store_url already resolved)."""
-    face = FaceDeployment.options(**_pool_options(settings.models.face)).bind(settings)
-    diffusion = DiffusionDeployment.options(**_pool_options(settings.models.diffusion)).bind(settings)
-    retention = RetentionDeployment.options(
-        num_replicas=settings.retention.num_replicas).bind(settings)
-    scheduler = SchedulerDeployment.options(
-        user_config=settings.batching.model_dump()).bind(settings, face, diffusion, retention)
-    return ApiDeployment.bind(settings, scheduler, retention)
+    """Bind every deployment to ``settings`` (redis_url and store paths already resolved)."""
+    options = deployment_options(settings)
+    face = FaceDeployment.options(**options[FACE]).bind(settings)
+    diffusion = DiffusionDeployment.options(**options[DIFFUSION]).bind(settings)
+    retention = RetentionDeployment.options(**options[RETENTION]).bind(settings)
+    runner = JobRunnerDeployment.options(**options[RUNNER]).bind(settings, face, diffusion,
+                                                                 retention)
+    return ApiDeployment.options(**options[API]).bind(settings, runner, retention)
+
+
+def build_from_args(args: dict[str, Any]) -> Application:
+    """Serve's application builder. ``args``: ``config_dir`` (a folder of our YAML files,
+    relative to the repository) or ``settings`` (resolved settings, as the launcher sends)."""
+    if "settings" in args:
+        settings = Settings.model_validate(args["settings"])
+    else:
+        settings = load_settings(resolve_path(str(args.get("config_dir", "configs"))))
+    if settings.service.redis_url is None:
+        raise ValueError("serve run / serve deploy need an external Redis: set redis_url in "
+                         "service.yaml (only `ephemera serve` starts an embedded one)")
+    return build_app(settings)
+
+
+def serve_config(settings: Settings, *, args: dict[str, Any]) -> dict[str, Any]:
+    """The Serve config file (``ServeDeploySchema``) that deploys this app with ``args``."""
+    deployments = []
+    for name, options in deployment_options(settings).items():
+        entry: dict[str, Any] = {"name": name}
+        for key in ("num_replicas", "autoscaling_config", "max_ongoing_requests",
+                    "max_queued_requests", "user_config", "graceful_shutdown_timeout_s",
+                    "ray_actor_options"):
+            if key in options:
+                entry[key] = options[key]
+        if "backpressure_config" in options:
+            entry["backpressure_config"] = options["backpressure_config"].model_dump()
+        deployments.append(entry)
+    service = settings.service
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": service.http_host, "port": service.http_port or 8000},
+        "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH,
+                          "args": args, "deployments": deployments}],
+    }

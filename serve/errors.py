@@ -1,11 +1,15 @@
 """Domain errors -> HTTP status codes: the only place that mapping lives. No Ray import."""
 
+RETRY_LATER = (429, 503)  # these carry a Retry-After header
+
 from pipeline.errors import (
     EphemeraError,
     Forbidden,
     InvalidUpload,
     NotFound,
+    ServiceFull,
     StorageError,
+    TooManyJobs,
     Unauthorized,
     Unavailable,
 )
@@ -29,6 +33,8 @@ def http_status(exc: EphemeraError) -> int:
         return 401
     if isinstance(exc, Forbidden):
         return 403
-    if isinstance(exc, (StorageError, Unavailable)):
+    if isinstance(exc, TooManyJobs):
+        return 429
+    if isinstance(exc, (StorageError, Unavailable, ServiceFull)):
         return 503
     return 500

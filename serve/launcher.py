@@ -70,7 +70,7 @@ def start_service(settings: Settings, *, workdir: Path, startup_timeout_s: float
     import ray
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import serve_config
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throwaway local cluster
     refuse_bad_buckets(settings)
@@ -94,8 +94,9 @@ def start_service(settings: Settings, *, workdir: Path, startup_timeout_s: float
                 _plasma_directory=service.ray_spill_root,
             )
         serve.start(http_options={"host": service.http_host, "port": service.http_port})
-        serve.run(build_app(settings), name="ephemera", route_prefix="/", blocking=False)
+        deploy_config(serve_config(settings, args={"settings": settings.model_dump(mode="json")}))
         base_url = f"http://{service.http_host}:{service.http_port}"
+        wait_app_running(startup_timeout_s)
         _wait_healthy(base_url, startup_timeout_s)
     except BaseException:
         try:
@@ -109,6 +110,31 @@ def start_service(settings: Settings, *, workdir: Path, startup_timeout_s: float
         raise
     return Service(settings=settings, base_url=base_url, redis_server=redis_server,
                    spill_dir=spill_dir)
+
+
+def deploy_config(config: dict) -> None:
+    """Deploy a Serve config (ServeDeploySchema) on the connected cluster, as ``serve
+    deploy`` does: the declarative path, where a change to only ``user_config`` or replica
+    counts reconfigures running replicas in place instead of restarting them."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
+
+
+def wait_app_running(timeout_s: float, app_name: str = "ephemera") -> None:
+    """Wait until every deployment of the app runs; raise with Serve's message if it fails."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(app_name)
+        if app is not None and app.status == "RUNNING":
+            return
+        if app is not None and app.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"the Serve app failed to deploy: {app.message}")
+        time.sleep(0.25)
+    raise RuntimeError(f"the Serve app did not reach RUNNING within {timeout_s} s")
 
 
 def refuse_bad_buckets(settings: Settings) -> None:

@@ -100,7 +100,9 @@ class MemoryJobStore:
         self.discarded: list[str] = []
         self.store_keys_at_create: list[str] | None = None
 
-    def create_job(self, job: JobRecord, records: list[RetentionRecord]) -> None:
+    def create_job(self, job: JobRecord, records: list[RetentionRecord], *,
+                   max_in_flight: int | None = None) -> None:
+        self.max_in_flight = max_in_flight
         self.store_keys_at_create = self.store.list_keys("")
         self.jobs[job.job_id] = job
         self.records.update({r.uri: r for r in records})

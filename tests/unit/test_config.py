@@ -22,7 +22,8 @@ from pipeline.config import (
 
 CONFIG_MODELS = [
     config.ServiceConfig, config.StageBatchConfig, config.BatchingConfig,
-    config.StageResourcesConfig, config.ModelsConfig, config.StyleConfig,
+    config.PoolConfig, config.AutoscalingConfig, config.DeploymentsConfig,
+    config.ModelsConfig, config.StyleConfig,
     config.StylesConfig, config.RetentionConfig, config.Settings, config.S3Config,
     config.GcsConfig, config.StorageConfig,
 ]
@@ -66,7 +67,7 @@ def test_unknown_nested_key_is_refused(tmp_path):
 
 @pytest.mark.parametrize(("file_name", "field", "value"), [
     ("batching.yaml", "max_attempts", 0),
-    ("batching.yaml", "poll_interval_ms", 5000),
+    ("batching.yaml", "stage_timeout_s", 5000),
     ("service.yaml", "max_file_bytes", -1),
     ("service.yaml", "http_port", 70000),
     ("models.yaml", "face_min_probability", 1.5),

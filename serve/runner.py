@@ -1,0 +1,211 @@
+"""Job runners: a pool of replicas, each driving the jobs handed to it to their end.
+
+One ``run_job`` request per job, open until the job ends, so Serve itself balances jobs
+over runners (power of two choices), bounds what one runner holds (max_ongoing_requests),
+queues or refuses the rest at the caller (max_queued_requests: back-pressure), and
+autoscales the pool on ongoing requests. No runner holds all in-flight work: losing one
+loses only the jobs it held, whose device keys died with it; the other runners notice its
+lease lapse, fail those jobs with a reason and have their inputs purged.
+
+The decisions (next stage, retry, deadline, orphan) are pure: pipeline/orchestration.py.
+This class only moves messages between the stages, Redis and the retention pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+import redis
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+
+from pipeline.config import Settings
+from pipeline.jobs import JobStore
+from pipeline.orchestration import (
+    Next,
+    after_crash,
+    after_result,
+    check_deadline,
+    orphan_reason,
+    stage_timeout_s,
+    start,
+)
+from pipeline.records import Stage, StageResult, WorkItem
+from pipeline.retry import backoff_s
+
+log = logging.getLogger("ray.serve")
+
+INTERRUPTED_REASON = "the job was interrupted; please try again"
+MAX_REDIS_TRIES = 12  # about a minute of backoff; after that the reaper settles the job
+
+
+def bucket_id(item: WorkItem) -> str:
+    """The batch key as Serve's multiplexed model id: Serve splits batches by it."""
+    kind, style, resolution_px = item.batch_key
+    return f"{kind}/{style}/{resolution_px}"
+
+
+@serve.deployment
+class JobRunnerDeployment:
+    def __init__(self, settings: Settings, face, diffusion, retention) -> None:
+        self.settings = settings
+        self.jobs = JobStore(redis.Redis.from_url(settings.service.redis_url, socket_timeout=5,
+                                                  socket_connect_timeout=2))
+        self.stages = {Stage.FACE: face, Stage.DIFFUSION: diffusion}
+        self.retention = retention
+        self.runner_id = f"runner-{uuid.uuid4().hex[:12]}"
+        self.max_attempts = settings.batching.max_attempts
+        self.stage_timeout_s = settings.batching.stage_timeout_s
+        self.lease_s = settings.service.runner_lease_s
+        self.held: dict[str, WorkItem] = {}  # the only copies of these jobs' device keys
+        self._tasks: set[asyncio.Task] = set()
+        self._background: asyncio.Task | None = None
+        self.jobs.heartbeat_runner(self.runner_id, lease_s=self.lease_s, now_s=time.time())
+
+    def reconfigure(self, user_config: dict) -> None:
+        """batching.yaml max_attempts and stage_timeout_s, live (Serve user_config)."""
+        self.max_attempts = int(user_config["max_attempts"])
+        self.stage_timeout_s = float(user_config["stage_timeout_s"])
+
+    async def check_health(self) -> None:
+        self._ensure_background()
+
+    def held_jobs(self) -> int:
+        return len(self.held)
+
+    async def run_job(self, item: WorkItem) -> bool:
+        """Drive one job through its stages, record its end and have its inputs purged.
+        Returns whether it succeeded; the caller need not wait for it."""
+        self._ensure_background()
+        self.held[item.job_id] = item
+        try:
+            await self._redis(self.jobs.claim_job, item.job_id, self.runner_id)
+            plan = start(item, time.time())
+            while plan.stage is not None:
+                plan = await self._run_stage(plan.stage, plan.item)
+            await self._redis(self.jobs.finish_job, item.job_id, ok=plan.ok, reason=plan.reason,
+                              output_ids=plan.output_ids)
+        except BaseException:  # Redis gone for long, or the request was cancelled
+            self._spawn(self._settle(item.job_id, INTERRUPTED_REASON))
+            raise
+        finally:
+            del self.held[item.job_id]  # the device key goes with it
+        self._spawn(self._purge(item.job_id))
+        return plan.ok
+
+    async def _settle(self, job_id: str, reason: str) -> None:
+        """End a job this runner cannot finish (first outcome wins), then purge it."""
+        try:
+            await self._redis(self.jobs.finish_job, job_id, ok=False, reason=reason)
+        except redis.RedisError:
+            log.warning("a job could not be settled; the reaper will")
+        await self._purge(job_id)
+
+    async def _run_stage(self, stage: Stage, item: WorkItem) -> Next:
+        waits = 0
+        while True:  # bounded: check_deadline ends the job once its deadline passes
+            try:
+                result = await self._call(stage, item)
+            except BackPressureError:  # the pool is full: wait, without spending an attempt
+                await asyncio.sleep(backoff_s(waits, base_s=0.1, cap_s=2.0))
+                waits += 1
+                plan = check_deadline(Next(item, stage=stage), time.time())
+                if plan.stage is None:
+                    return plan
+                continue
+            except Exception as exc:  # worker died, timed out or raised: retried
+                plan = after_crash(stage, item, f"the {stage} worker failed ({type(exc).__name__})",
+                                   max_attempts=self.max_attempts, now_s=time.time())
+            else:
+                plan = after_result(stage, item, result, max_attempts=self.max_attempts,
+                                    now_s=time.time())
+            if plan.stage is not None and plan.item.attempts != item.attempts:
+                await self._redis(self.jobs.update_job, item.job_id, attempts=plan.item.attempts)
+            return plan
+
+    async def _call(self, stage: Stage, item: WorkItem) -> StageResult:
+        handle = self.stages[stage].options(multiplexed_model_id=bucket_id(item))
+        response = handle.run.remote(item)
+        waiter = asyncio.ensure_future(_result(response))
+        timeout_s = stage_timeout_s(item, time.time(), per_call_s=self.stage_timeout_s)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
+        except TimeoutError:
+            # The call may still finish: whatever it writes then belongs to an abandoned
+            # attempt and is discarded when it arrives.
+            self._spawn(self._discard_late(waiter, item))
+            raise
+
+    async def _discard_late(self, waiter: asyncio.Future, item: WorkItem) -> None:
+        try:
+            result = await asyncio.wait_for(waiter, self.stage_timeout_s * 4)
+        except Exception:
+            return
+        if result.output_ids:
+            await self.retention.discard_outputs.remote(item.account_id, list(result.output_ids))
+
+    async def _redis(self, call, *args, **kwargs):
+        """A Redis write, retried with backoff while Redis is briefly away."""
+        for attempt in range(MAX_REDIS_TRIES):
+            try:
+                return await asyncio.to_thread(call, *args, **kwargs)
+            except redis.RedisError:
+                if attempt == MAX_REDIS_TRIES - 1:
+                    raise
+                await asyncio.sleep(backoff_s(attempt, base_s=0.1, cap_s=8.0))
+
+    async def _purge(self, job_id: str) -> None:
+        """Ask a retention actor to purge; retry a few times (the sweep is the backstop)."""
+        for attempt in range(5):
+            try:
+                await self.retention.purge_job.remote(job_id)
+                return
+            except Exception:
+                await asyncio.sleep(backoff_s(attempt, base_s=0.2))
+        log.warning("purge of a job deferred to the retention sweep")
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _ensure_background(self) -> None:
+        if self._background is None or self._background.done():
+            self._background = asyncio.get_running_loop().create_task(self._forever())
+
+    async def _forever(self) -> None:
+        """Heartbeat this runner's lease; one runner at a time reaps orphaned jobs."""
+        last_reap_s = 0.0
+        while True:
+            try:
+                now = time.time()
+                await asyncio.to_thread(self.jobs.heartbeat_runner, self.runner_id,
+                                        lease_s=self.lease_s, now_s=now)
+                if now - last_reap_s >= self.lease_s / 2:
+                    last_reap_s = now
+                    if await asyncio.to_thread(self.jobs.try_lock, "reaper", self.runner_id,
+                                               self.lease_s / 2):
+                        await self._reap(now)
+            except Exception:  # Redis away: try again next beat
+                log.warning("runner heartbeat or reaping failed; retrying")
+            await asyncio.sleep(self.lease_s / 5)
+
+    async def _reap(self, now_s: float) -> None:
+        """Fail and purge the jobs whose runner is gone, or that no runner ever took."""
+        live = await asyncio.to_thread(self.jobs.live_runners, now_s)
+        live.add(self.runner_id)
+        for job in await asyncio.to_thread(self.jobs.unfinished_jobs):
+            reason = orphan_reason(job, live_runners=live, now_s=now_s,
+                                   unclaimed_grace_s=self.settings.service.job_timeout_s)
+            if job.runner_id == self.runner_id and job.job_id not in self.held:
+                reason = INTERRUPTED_REASON  # ours, but no longer driven (first outcome wins)
+            if reason is not None:
+                await asyncio.to_thread(self.jobs.finish_job, job.job_id, ok=False, reason=reason)
+                self._spawn(self._purge(job.job_id))
+
+
+async def _result(response) -> StageResult:
+    return await response
