@@ -10,6 +10,7 @@ from actors.common import LiveLimit, apply_batching, open_backends, pin_torch_th
 from pipeline.config import MAX_CONCURRENT_BATCHES, Settings, StageBatchConfig, resolve_path
 from pipeline.orchestration import batch_cost
 from pipeline.records import Stage, StageResult, WorkItem
+from serve.telemetry import observe_batch
 
 
 @serve.deployment
@@ -31,11 +32,13 @@ class DiffusionDeployment:
             select_runtime(settings.models),
             build_tiny_if_missing=settings.models.build_tiny_if_missing,
         )
-        self.gate = LiveLimit(settings.batching.diffusion.max_concurrent_batches)
+        self.batching = settings.batching.diffusion
+        self.gate = LiveLimit(self.batching.max_concurrent_batches)
 
     async def reconfigure(self, user_config: dict) -> None:
         """batching.yaml ``diffusion``: applied live, no restart (Serve user_config)."""
-        await apply_batching(self.run, self.gate, StageBatchConfig.model_validate(user_config))
+        self.batching = StageBatchConfig.model_validate(user_config)
+        await apply_batching(self.run, self.gate, self.batching)
 
     @serve.multiplexed(max_num_models_per_replica=64)
     async def bucket(self, bucket_id: str) -> str:
@@ -57,4 +60,6 @@ class DiffusionDeployment:
                                           self.settings), items)
 
     def _note_batch(self, items: list[WorkItem]) -> None:
-        self.jobs.note_batch([it.job_id for it in items], Stage.DIFFUSION)
+        observe_batch(Stage.DIFFUSION, items)
+        self.jobs.note_batch([it.job_id for it in items], Stage.DIFFUSION, cost_units=batch_cost(items),
+                             max_cost_units=self.batching.max_batch_cost)

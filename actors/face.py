@@ -10,6 +10,7 @@ from actors.common import LiveLimit, apply_batching, open_backends, pin_torch_th
 from pipeline.config import MAX_CONCURRENT_BATCHES, Settings, StageBatchConfig
 from pipeline.orchestration import batch_cost
 from pipeline.records import Stage, StageResult, WorkItem
+from serve.telemetry import observe_batch
 
 
 @serve.deployment
@@ -27,11 +28,13 @@ class FaceDeployment:
         self.detector = MtcnnDetector(runtime, min_probability=settings.models.face_min_probability)
         self.embedder = FacenetEmbedder(runtime, weights=settings.models.face_embedder_weights,
                                         storage=settings.storage)
-        self.gate = LiveLimit(settings.batching.face.max_concurrent_batches)
+        self.batching = settings.batching.face
+        self.gate = LiveLimit(self.batching.max_concurrent_batches)
 
     async def reconfigure(self, user_config: dict) -> None:
         """batching.yaml ``face``: applied live, no restart (Serve user_config)."""
-        await apply_batching(self.run, self.gate, StageBatchConfig.model_validate(user_config))
+        self.batching = StageBatchConfig.model_validate(user_config)
+        await apply_batching(self.run, self.gate, self.batching)
 
     @serve.multiplexed(max_num_models_per_replica=64)
     async def bucket(self, bucket_id: str) -> str:
@@ -53,4 +56,6 @@ class FaceDeployment:
                                      self.embedder, self.settings.retention), items)
 
     def _note_batch(self, items: list[WorkItem]) -> None:
-        self.jobs.note_batch([it.job_id for it in items], Stage.FACE)
+        observe_batch(Stage.FACE, items)
+        self.jobs.note_batch([it.job_id for it in items], Stage.FACE, cost_units=batch_cost(items),
+                             max_cost_units=self.batching.max_batch_cost)

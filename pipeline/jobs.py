@@ -9,6 +9,8 @@ Keys:
   eph:acct:<account_id>:active   set of the account's unfinished job ids (429 limit)
   eph:runners                    zset runner_id -> lease expiry (job runner heartbeats)
   eph:lock:<name>                short leased locks (one reaper at a time)
+  eph:metrics:purge_lag_s        list of the newest purge lags
+  eph:metrics:batch_fill:<stage> list of the newest batch fills (cost / max cost)
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ def _account_jobs_key(account_id: str) -> str:
 
 def _account_active_key(account_id: str) -> str:
     return f"eph:acct:{account_id}:active"  # the finish script above builds it too
+
+
+def _batch_fill_key(stage: Stage) -> str:
+    return f"eph:metrics:batch_fill:{stage.value}"  # newest 1,000 batch cost / max cost
 
 
 def _lock_key(name: str) -> str:
@@ -301,11 +307,34 @@ class JobStore:
                 continue
         return found
 
-    def note_batch(self, job_ids: list[str], stage: Stage) -> None:
-        """Jobs entering one model call: running, and the size of the batch that served them."""
+    def note_batch(self, job_ids: list[str], stage: Stage, *, cost_units: int,
+                   max_cost_units: int) -> None:
+        """Jobs entering one model call: running, the size of the batch that served them,
+        and the batch's fill for the metrics."""
         for job_id in job_ids:
             self.update_job(job_id, status=JobStatus.RUNNING,
                             **{f"{stage.value}_batch_size": len(job_ids)})
+        p = self.redis.pipeline(transaction=False)
+        p.lpush(_batch_fill_key(stage), repr(cost_units / max_cost_units))
+        p.ltrim(_batch_fill_key(stage), 0, 999)
+        p.execute()
+
+    def batch_fills(self, stage: Stage) -> list[float]:
+        return [float(v) for v in self.redis.lrange(_batch_fill_key(stage), 0, -1)]
+
+    def unfinished_counts(self) -> dict[JobStatus, int]:
+        """Unfinished jobs by status (one pipelined read per 1,000 jobs)."""
+        ids = self.active_job_ids()
+        counts: dict[JobStatus, int] = {}
+        for start in range(0, len(ids), 1000):
+            p = self.redis.pipeline(transaction=False)
+            for job_id in ids[start:start + 1000]:
+                p.hget(_job_key(job_id), "status")
+            for raw in p.execute():
+                if raw:
+                    status = JobStatus(raw.decode())
+                    counts[status] = counts.get(status, 0) + 1
+        return counts
 
     # Job runners: who holds which job (and its key) in memory.
 

@@ -137,6 +137,7 @@ class WorkItem:
     seed: int
     deadline_s: float = float("inf")  # past it the job fails and is never sent to a GPU
     cost_units: int = 1  # images x (resolution / reference)^2: what a batch is sized by
+    sent_s: float = 0.0  # when a runner last sent it to a stage (queue-wait metric)
     face_uri: str | None = None
     attempts: int = 0
 

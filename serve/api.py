@@ -35,11 +35,12 @@ from pipeline.errors import (
 )
 from pipeline.intake import accept_job, check_account_id, check_job_request, withdraw_job
 from pipeline.jobs import JobStore
-from pipeline.metrics import render_prometheus, retention_metrics
+from pipeline.metrics import render_prometheus, service_metrics
 from pipeline.receipts import ReceiptLedger
 from pipeline.records import JobRecord
 from pipeline.storage import open_stores
 from serve.errors import RETRY_LATER, http_status
+from serve.telemetry import count_rejection
 
 # Starlette spools uploads over 1 MiB to a temporary file on disk. Plaintext photos must
 # never touch disk, so keep every part in memory (the request size is capped below).
@@ -152,7 +153,7 @@ class ApiDeployment:
     @app.get("/metrics")
     def metrics(self, request: Request) -> Response:
         self._authorize(request)
-        return Response(render_prometheus(retention_metrics(self.jobs)),
+        return Response(render_prometheus(service_metrics(self.jobs)),
                         media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/jobs", status_code=202)
@@ -191,6 +192,7 @@ class ApiDeployment:
             job_id = await asyncio.shield(self._accept_and_submit(job_request, device_key))
         except (TooManyJobs, ServiceFull) as exc:
             exc.retry_after_s = self.settings.service.retry_after_s
+            count_rejection(http_status(exc))
             raise
         return JSONResponse({"job_id": job_id, "status": "queued",
                              "status_url": f"/v1/jobs/{job_id}"}, status_code=202)

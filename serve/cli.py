@@ -1,6 +1,11 @@
-"""The ``ephemera`` command.
+"""The ``ephemera`` command. Options may come before or after the subcommand.
 
   ephemera serve [--config-dir DIR] [--workdir DIR]   run the service until Ctrl-C
+  ephemera deploy-config [--config-dir DIR] [--out F]  write the Serve config (serve deploy, KubeRay)
+  ephemera tune POOL [--max-batch-cost N] [--max-wait-ms MS] [--max-concurrent-batches N]
+                [--max-attempts N] [--stage-timeout-s S] [--address ADDR]
+                                                       change batching live (no restart)
+  ephemera status [--address ADDR]                     replicas, queue depth, batch fill, purge lag
   ephemera retention sweep [--redis-url URL]           purge every object past its deadline
   ephemera retention reconcile [--redis-url URL]       delete orphans of crashes from the store
   ephemera retention verify-ledger [--redis-url URL]   detect tampering with deletion receipts
@@ -106,14 +111,95 @@ def _storage_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _connect(args: argparse.Namespace) -> None:
+    """Join the running cluster (a local `ephemera serve` included)."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the local launcher's setting
+    ray.init(address=args.address, log_to_driver=False, logging_level="ERROR")
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from serve.tuning import retune
+
+    changes = {name: value for name, value in (
+        ("max_batch_cost", args.max_batch_cost), ("max_wait_ms", args.max_wait_ms),
+        ("max_concurrent_batches", args.max_concurrent_batches),
+        ("max_attempts", args.max_attempts), ("stage_timeout_s", args.stage_timeout_s),
+    ) if value is not None}
+    if not changes:
+        raise ValueError("nothing to change: give at least one of --max-batch-cost, "
+                         "--max-wait-ms, --max-concurrent-batches, --max-attempts, "
+                         "--stage-timeout-s")
+    _connect(args)
+    applied = retune(args.pool, changes)
+    print(f"{args.pool}: now {applied} (applied to running replicas, no restart)")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import redis
+
+    from pipeline.jobs import JobStore
+    from pipeline.metrics import render_status, service_metrics
+    from serve.tuning import service_status
+
+    _connect(args)
+    deployments = service_status()
+    redis_url = args.redis_url or load_settings(args.config_dir).service.redis_url
+    metrics = service_metrics(JobStore(redis.Redis.from_url(redis_url))) if redis_url else None
+    print(render_status(deployments, metrics))
+    return 0
+
+
+def _deploy_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from serve.app import serve_config
+
+    settings = load_settings(args.config_dir)
+    text = yaml.safe_dump(serve_config(settings, args={"config_dir": args.config_dir}),
+                          sort_keys=False)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ephemera", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-dir", default=str(CONFIG_DIR), help="folder of YAML configs")
+    # Every subcommand also takes --config-dir after its name (SUPPRESS keeps the one
+    # given before the subcommand when none comes after it).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config-dir", default=argparse.SUPPRESS, help="folder of YAML configs")
+    cluster = argparse.ArgumentParser(add_help=False)
+    cluster.add_argument("--address", default="auto", help="Ray cluster to join (default: auto)")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve_p = sub.add_parser("serve", help="run the service on local Ray")
+    serve_p = sub.add_parser("serve", parents=[common], help="run the service on local Ray")
     serve_p.add_argument("--workdir", default="data", help="embedded Redis data folder")
     serve_p.set_defaults(func=_serve)
+    deploy = sub.add_parser("deploy-config", parents=[common],
+                            help="write the Serve config file for these configs")
+    deploy.add_argument("--out", help="file to write (default: standard output)")
+    deploy.set_defaults(func=_deploy_config)
+    tune = sub.add_parser("tune", parents=[common, cluster],
+                          help="change a pool's batching on the running service")
+    tune.add_argument("pool", choices=["face", "diffusion", "runner"])
+    tune.add_argument("--max-batch-cost", type=int)
+    tune.add_argument("--max-wait-ms", type=float)
+    tune.add_argument("--max-concurrent-batches", type=int)
+    tune.add_argument("--max-attempts", type=int)
+    tune.add_argument("--stage-timeout-s", type=float)
+    tune.set_defaults(func=_tune)
+    status = sub.add_parser("status", parents=[common, cluster], help="what the service is doing")
+    status.add_argument("--redis-url", help="overrides service.yaml redis_url")
+    status.set_defaults(func=_status)
     retention = sub.add_parser("retention", help="retention operations")
     retention_sub = retention.add_subparsers(dest="action", required=True)
     for name, func, text in (
@@ -121,17 +207,18 @@ def main(argv: list[str] | None = None) -> int:
         ("reconcile", _reconcile, "delete stored inputs/face data with no live record"),
         ("verify-ledger", _verify_ledger, "check the deletion receipts' hash chain"),
     ):
-        action = retention_sub.add_parser(name, help=text)
+        action = retention_sub.add_parser(name, parents=[common], help=text)
         action.add_argument("--redis-url", help="overrides service.yaml redis_url")
         action.add_argument("--store-url", help="overrides service.yaml store_url")
         action.set_defaults(func=func)
     storage = sub.add_parser("storage", help="object stores")
     storage_sub = storage.add_subparsers(dest="action", required=True)
-    storage_sub.add_parser("check", help="check every bucket's posture").set_defaults(
-        func=_storage_check)
+    storage_sub.add_parser("check", parents=[common],
+                           help="check every bucket's posture").set_defaults(func=_storage_check)
     config = sub.add_parser("config", help="configuration")
     config_sub = config.add_subparsers(dest="action", required=True)
-    config_sub.add_parser("check", help="validate configs").set_defaults(func=_check)
+    config_sub.add_parser("check", parents=[common], help="validate configs").set_defaults(
+        func=_check)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 import uuid
+from dataclasses import replace
 
 import redis
 from ray import serve
@@ -35,6 +36,7 @@ from pipeline.orchestration import (
 )
 from pipeline.records import Stage, StageResult, WorkItem
 from pipeline.retry import backoff_s
+from serve.telemetry import observe_stage
 
 log = logging.getLogger("ray.serve")
 
@@ -128,16 +130,25 @@ class JobRunnerDeployment:
 
     async def _call(self, stage: Stage, item: WorkItem) -> StageResult:
         handle = self.stages[stage].options(multiplexed_model_id=bucket_id(item))
-        response = handle.run.remote(item)
+        sent_s = time.time()
+        response = handle.run.remote(replace(item, sent_s=sent_s))
         waiter = asyncio.ensure_future(_result(response))
-        timeout_s = stage_timeout_s(item, time.time(), per_call_s=self.stage_timeout_s)
+        timeout_s = stage_timeout_s(item, sent_s, per_call_s=self.stage_timeout_s)
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
+            result = await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
         except TimeoutError:
             # The call may still finish: whatever it writes then belongs to an abandoned
             # attempt and is discarded when it arrives.
             self._spawn(self._discard_late(waiter, item))
+            observe_stage(stage, sent_s, "timeout")
             raise
+        except BackPressureError:
+            raise
+        except Exception:
+            observe_stage(stage, sent_s, "crash")
+            raise
+        observe_stage(stage, sent_s, "ok" if result.ok else "failed")
+        return result
 
     async def _discard_late(self, waiter: asyncio.Future, item: WorkItem) -> None:
         try:

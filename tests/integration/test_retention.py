@@ -68,6 +68,14 @@ def make_job(store, jobs, *, account="acct-r", num_inputs=2, finished=False) -> 
     return job
 
 
+def finished_job_with_outputs(store, jobs, num_outputs: int, *, account="acct-r"):
+    """A succeeded job and its indexed outputs (indexed while it ran, as the stage does)."""
+    job = make_job(store, jobs, account=account)
+    outputs = [make_output(store, jobs, job) for _ in range(num_outputs)]
+    jobs.finish_job(job.job_id, ok=True, output_ids=tuple(o.output_id for o in outputs))
+    return job, outputs
+
+
 def make_output(store, jobs, job: JobRecord) -> OutputRecord:
     output_id = uuid.uuid4().hex
     key = output_key(job.account_id, output_id, "png")
@@ -149,8 +157,7 @@ def test_reconciler_deletes_orphans_and_overdue_objects_only(store, jobs, privat
 
 
 def test_delete_output_is_verified_and_receipted(store, jobs):
-    job = make_job(store, jobs, finished=True)
-    keep, gone = make_output(store, jobs, job), make_output(store, jobs, job)
+    job, (keep, gone) = finished_job_with_outputs(store, jobs, 2)
     with pytest.raises(NotFound):
         delete_output("someone-else", gone.output_id, StoreSet.single(store), jobs)
     receipt_id = delete_output(job.account_id, gone.output_id, StoreSet.single(store), jobs)
@@ -162,11 +169,9 @@ def test_delete_output_is_verified_and_receipted(store, jobs):
 
 
 def test_account_deletion_removes_everything_and_is_resumable(store, jobs):
-    done_job = make_job(store, jobs, account="acct-del", finished=True)
+    done_job, outputs = finished_job_with_outputs(store, jobs, 3, account="acct-del")
     running = make_job(store, jobs, account="acct-del")  # pending inputs
-    other = make_job(store, jobs, account="acct-keep", finished=True)
-    outputs = [make_output(store, jobs, done_job) for _ in range(3)]
-    other_out = make_output(store, jobs, other)
+    other, (other_out,) = finished_job_with_outputs(store, jobs, 1, account="acct-keep")
     receipt_id = request_account_deletion("acct-del", jobs)
     assert ReceiptLedger(jobs.redis).get_request(receipt_id)["status"] == "pending"
 
@@ -190,9 +195,7 @@ def test_account_deletion_removes_everything_and_is_resumable(store, jobs):
 
 
 def test_two_actors_deleting_one_account_do_not_double_delete(store, jobs):
-    job = make_job(store, jobs, account="acct-race", finished=True)
-    for _ in range(5):
-        make_output(store, jobs, job)
+    finished_job_with_outputs(store, jobs, 5, account="acct-race")
     receipt_id = request_account_deletion("acct-race", jobs)
     assert request_account_deletion("acct-race", jobs) == receipt_id  # one pending request
     jobs.redis.set("eph:acct:acct-race:deletion-lock", "other-actor", px=5000)
@@ -209,9 +212,8 @@ def test_outputs_are_never_purged_by_time(store, jobs):
     sweep nor the reconciler touches them, even ten years on."""
     from pipeline.retention import sweep_due
 
-    job = make_job(store, jobs, finished=True)
+    job, (out,) = finished_job_with_outputs(store, jobs, 1)
     purge_finished_job(job.job_id, StoreSet.single(store), jobs, owner="t", cfg=CFG)
-    out = make_output(store, jobs, job)
     ten_years_s = time.time() + 10 * 365 * 86400
     sweep_due(StoreSet.single(store), jobs.ledger, owner="t", cfg=CFG, now_s=ten_years_s)
     reconcile(StoreSet.single(store), jobs.ledger, owner="t", cfg=CFG, now_s=ten_years_s)

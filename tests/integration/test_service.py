@@ -300,10 +300,14 @@ def test_delete_account_removes_outputs_jobs_and_index(client, store_root):
 def test_metrics_export_purge_lag_and_oldest_input(client):
     _generate(client, "acct-metrics")
     text = client.get("/metrics").text
-    values = dict(line.split() for line in text.splitlines() if not line.startswith("#"))
-    assert float(values["ephemera_purge_lag_samples"]) >= 1
-    assert 0 <= float(values["ephemera_purge_lag_p99_s"]) < 30
-    assert "ephemera_oldest_input_age_s" in values and "ephemera_purge_failures_total" in values
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert float(values["ephemera_purge_lag_seconds_count"]) >= 1
+    assert 0 <= float(values['ephemera_purge_lag_seconds{quantile="0.99"}']) < 30
+    assert 'ephemera_oldest_object_age_seconds{object_class="input"}' in values
+    assert 0 < float(values['ephemera_batch_fill_ratio{stage="diffusion"}']) <= 1
+    # Prometheus conventions: a HELP and a TYPE per family, counters end in _total.
+    assert "# TYPE ephemera_purge_failures_total counter" in text
+    assert text.count("# HELP") == text.count("# TYPE") >= 6
 
 
 def test_calls_without_the_api_token_are_refused_and_change_nothing(service, store_root,
@@ -348,28 +352,69 @@ def test_a_deleted_account_accepts_no_new_job(client):
     assert response.status_code == 409 and "being deleted" in response.json()["detail"]
 
 
-def test_batch_size_changes_on_redeploy(client, service, redis_client):
-    """Operators edit batching.yaml and redeploy: the scheduler gets the new values through
-    Serve's user_config and reconfigure()."""
-    from ray import serve
+def _replica_names(deployment: str) -> set[str]:
+    import ray
 
-    from pipeline.config import StageBatchConfig
-    from serve.app import build_app
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::ephemera#{deployment}#")}
 
-    _wait_quiet(redis_client)  # a redeploy from Python restarts the scheduler
-    one_at_a_time = service.settings.batching.model_copy(update={
-        "diffusion": StageBatchConfig(max_batch_size=1, max_wait_ms=400.0)})
-    serve.run(build_app(service.settings.model_copy(update={"batching": one_at_a_time})),
-              name="ephemera", route_prefix="/")
+
+def test_batching_is_tuned_live_under_load_without_restart_or_loss(client, redis_client):
+    """`ephemera tune` while jobs are in flight: the diffusion pool takes the new batch
+    size through Serve's user_config; no replica restarts and every job succeeds."""
+    from serve.tuning import retune
+
+    replicas_before = _replica_names("DiffusionDeployment") | _replica_names("JobRunnerDeployment")
+    files, key = [encode_image(ASTRONAUT, "PNG")], crypto.new_device_key()
+
+    def burst(n: int, account: str) -> list[str]:
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(lambda _: submit(client, files, key=key, kind="art_style",
+                                                        style="comic", account_id=account),
+                                      range(n)))
+        assert all(r.status_code == 202 for r in responses), [r.text for r in responses]
+        return [r.json()["job_id"] for r in responses]
+
     try:
-        files, key = [encode_image(ASTRONAUT, "PNG")], crypto.new_device_key()
-        with ThreadPoolExecutor(3) as pool:
-            responses = list(pool.map(lambda _: submit(client, files, key=key,
-                                                       kind="art_style", style="comic"),
-                                      range(3)))
-        views = [wait_finished(client, r.json()["job_id"]) for r in responses]
-        assert [v["batch_sizes"]["diffusion"] for v in views] == [1, 1, 1]
-        assert all(v["status"] == "succeeded" for v in views)
+        in_flight = burst(6, "acct-tune-a")
+        applied = retune("diffusion", {"max_batch_cost": 1, "max_wait_ms": 50})
+        assert applied["max_batch_cost"] == 1
+        views = [wait_finished(client, j) for j in in_flight]
+        assert [v["status"] for v in views] == ["succeeded"] * 6
+        time.sleep(1.0)  # reconfigure reaches every replica
+        after = [wait_finished(client, j) for j in burst(4, "acct-tune-b")]
+        assert [v["status"] for v in after] == ["succeeded"] * 4
+        assert [v["batch_sizes"]["diffusion"] for v in after] == [1, 1, 1, 1]
+        replicas_after = (_replica_names("DiffusionDeployment")
+                          | _replica_names("JobRunnerDeployment"))
+        assert replicas_after == replicas_before  # reconfigured in place, not restarted
     finally:
-        _wait_quiet(redis_client)
-        serve.run(build_app(service.settings), name="ephemera", route_prefix="/")
+        retune("diffusion", {"max_batch_cost": 8, "max_wait_ms": 400})
+
+
+def test_an_account_over_its_in_flight_limit_gets_429_and_nothing_changes(
+        client, service, store_root, redis_client):
+    """The per-account limit: the jobs over it are refused with Retry-After, no record or
+    object is left of them, and the accepted ones all finish."""
+    from serve.tuning import retune
+
+    limit = service.settings.service.max_jobs_in_flight_per_account
+    files, key = [encode_image(ASTRONAUT, "PNG")], crypto.new_device_key()
+    retune("diffusion", {"max_wait_ms": 4000, "max_batch_cost": 64})  # jobs stay in flight
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(lambda _: submit(client, files, key=key, kind="art_style",
+                                                        style="comic", account_id="acct-busy"),
+                                      range(limit + 4)))
+    finally:
+        retune("diffusion", {"max_batch_cost": 8, "max_wait_ms": 400})
+    accepted = [r for r in responses if r.status_code == 202]
+    refused = [r for r in responses if r.status_code == 429]
+    assert len(accepted) + len(refused) == len(responses)
+    assert refused and len(accepted) >= limit
+    assert all(int(r.headers["Retry-After"]) > 0 and "unfinished" in r.json()["detail"]
+               for r in refused)
+    views = [wait_finished(client, r.json()["job_id"]) for r in accepted]
+    assert all(v["status"] == "succeeded" for v in views)
+    assert redis_client.scard("eph:acct:acct-busy:jobs") == len(accepted)
+    assert redis_client.scard("eph:acct:acct-busy:active") == 0
