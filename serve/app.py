@@ -69,14 +69,24 @@ def build_app(settings: Settings) -> Application:
 
 def build_from_args(args: dict[str, Any]) -> Application:
     """Serve's application builder. ``args``: ``config_dir`` (a folder of our YAML files,
-    relative to the repository) or ``settings`` (resolved settings, as the launcher sends)."""
+    relative to the repository) and optionally ``redis_url`` (overrides service.yaml), or
+    ``settings`` (resolved settings, as the launcher sends them)."""
     if "settings" in args:
-        settings = Settings.model_validate(args["settings"])
-    else:
-        settings = load_settings(resolve_path(str(args.get("config_dir", "configs"))))
-    if settings.service.redis_url is None:
+        return build_app(Settings.model_validate(args["settings"]))
+    settings = load_settings(resolve_path(str(args.get("config_dir", "configs"))))
+    redis_url = args.get("redis_url") or settings.service.redis_url
+    if redis_url is None:
         raise ValueError("serve run / serve deploy need an external Redis: set redis_url in "
-                         "service.yaml (only `ephemera serve` starts an embedded one)")
+                         "service.yaml or in the app's args (only `ephemera serve` starts an "
+                         "embedded one)")
+    storage = settings.storage.model_copy(
+        update={"local_root": str(resolve_path(settings.storage.local_root))})
+    settings = settings.model_copy(update={
+        "service": settings.service.model_copy(update={"redis_url": redis_url}),
+        "storage": storage})
+    from serve.launcher import refuse_bad_buckets
+
+    refuse_bad_buckets(settings)
     return build_app(settings)
 
 

@@ -1,7 +1,8 @@
 """The ``ephemera`` command. Options may come before or after the subcommand.
 
   ephemera serve [--config-dir DIR] [--workdir DIR]   run the service until Ctrl-C
-  ephemera deploy-config [--config-dir DIR] [--out F]  write the Serve config (serve deploy, KubeRay)
+  ephemera deploy-config [--config-dir DIR] [--out F] [--redis-url URL]
+                                                       write the Serve config (serve deploy, KubeRay)
   ephemera tune POOL [--max-batch-cost N] [--max-wait-ms MS] [--max-concurrent-batches N]
                 [--max-attempts N] [--stage-timeout-s S] [--address ADDR]
                                                        change batching live (no restart)
@@ -160,8 +161,10 @@ def _deploy_config(args: argparse.Namespace) -> int:
     from serve.app import serve_config
 
     settings = load_settings(args.config_dir)
-    text = yaml.safe_dump(serve_config(settings, args={"config_dir": args.config_dir}),
-                          sort_keys=False)
+    app_args = {"config_dir": args.config_dir}
+    if args.redis_url:
+        app_args["redis_url"] = args.redis_url
+    text = yaml.safe_dump(serve_config(settings, args=app_args), sort_keys=False)
     if args.out:
         Path(args.out).write_text(text)
         print(f"wrote {args.out}")
@@ -187,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     deploy = sub.add_parser("deploy-config", parents=[common],
                             help="write the Serve config file for these configs")
     deploy.add_argument("--out", help="file to write (default: standard output)")
+    deploy.add_argument("--redis-url", help="put this Redis in the app's args")
     deploy.set_defaults(func=_deploy_config)
     tune = sub.add_parser("tune", parents=[common, cluster],
                           help="change a pool's batching on the running service")

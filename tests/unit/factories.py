@@ -14,7 +14,7 @@ from PIL import Image
 from skimage import data
 
 from pipeline.config import ModelsConfig, ServiceConfig, Settings, StyleConfig, StylesConfig
-from pipeline.records import JobRecord, RetentionRecord, StageResult, WorkItem
+from pipeline.records import JobRecord, JobStatus, RetentionRecord, StageResult, WorkItem
 from pipeline.runtime import Runtime, select_runtime
 from pipeline.storage import ObjectStore
 
@@ -58,14 +58,23 @@ def cpu_runtime() -> Runtime:
 
 def make_item(job_id: str = "job1", *, kind: str = "ai_photo", style: str = "portrait",
               resolution_px: int = 64, attempts: int = 0, face_uri: str | None = None,
-              device_key: bytes = b"k" * 32, num_inputs: int = 1) -> WorkItem:
+              device_key: bytes = b"k" * 32, num_inputs: int = 1,
+              deadline_s: float = float("inf"), cost_units: int = 1) -> WorkItem:
     """A WorkItem with plausible defaults."""
     return WorkItem(
         job_id=job_id, account_id="acct-1", kind=kind, style=style,
         resolution_px=resolution_px,
         input_uris=tuple(f"file:///store/inputs/{job_id}/{n}.bin" for n in range(num_inputs)),
         device_key=device_key, seed=7, face_uri=face_uri, attempts=attempts,
+        deadline_s=deadline_s, cost_units=cost_units,
     )
+
+
+def make_job_record(job_id: str = "job1", *, status: str = "queued", runner_id: str = "",
+                    created_s: float = 1000.0) -> JobRecord:
+    return JobRecord(job_id=job_id, account_id="acct-1", kind="ai_photo", style="portrait",
+                     resolution_px=64, status=JobStatus(status), created_s=created_s,
+                     updated_s=created_s, input_uris=[], runner_id=runner_id)
 
 
 def ok_result(job_id: str = "job1", **kwargs: object) -> StageResult:

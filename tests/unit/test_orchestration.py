@@ -1,0 +1,136 @@
+"""orchestration: where a job goes after each stage answers, when retries stop, when a job
+expired, and when an unfinished job can never finish. Pure: the clock is a number."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.orchestration import (
+    NOT_STARTED_REASON,
+    RESTART_REASON,
+    TIMEOUT_REASON,
+    after_crash,
+    after_result,
+    batch_cost,
+    first_stage,
+    is_expired,
+    job_cost_units,
+    orphan_reason,
+    stage_timeout_s,
+    start,
+)
+from pipeline.records import Stage
+from tests.unit.factories import failed_result, make_item, make_job_record, ok_result
+
+FACE_URI = "file:///store/face/job1/e.bin"
+NOW = 1000.0
+
+
+def test_first_stage_is_face_for_ai_photo_and_diffusion_otherwise():
+    assert first_stage(make_item(kind="ai_photo")) is Stage.FACE
+    assert first_stage(make_item(kind="ai_photo", face_uri=FACE_URI)) is Stage.DIFFUSION
+    assert first_stage(make_item(kind="art_style")) is Stage.DIFFUSION
+
+
+def test_face_success_goes_to_diffusion_with_the_face_uri():
+    plan = after_result(Stage.FACE, make_item(), ok_result(face_uri=FACE_URI), max_attempts=3,
+                        now_s=NOW)
+
+    assert plan.stage is Stage.DIFFUSION
+    assert plan.item.face_uri == FACE_URI
+    assert plan.item.job_id == "job1" and plan.item.device_key == b"k" * 32
+
+
+def test_diffusion_success_finishes_the_job_with_its_outputs():
+    plan = after_result(Stage.DIFFUSION, make_item(face_uri=FACE_URI),
+                        ok_result(output_ids=("o1", "o2")), max_attempts=3, now_s=NOW)
+
+    assert (plan.stage, plan.ok, plan.output_ids) == (None, True, ("o1", "o2"))
+
+
+def test_non_retryable_failure_finishes_with_the_reason():
+    result = failed_result(reason="no human face was found in file 1", retryable=False)
+
+    plan = after_result(Stage.FACE, make_item(), result, max_attempts=3, now_s=NOW)
+
+    assert (plan.stage, plan.ok) == (None, False)
+    assert plan.reason == "no human face was found in file 1"
+
+
+def test_retryable_failure_retries_the_same_stage_until_max_attempts():
+    item = make_item()
+    plans = []
+    for _ in range(3):
+        plan = after_result(Stage.FACE, item, failed_result(reason="store down", retryable=True),
+                            max_attempts=3, now_s=NOW)
+        plans.append(plan)
+        item = plan.item
+
+    assert [p.stage for p in plans] == [Stage.FACE, Stage.FACE, None]
+    assert [p.item.attempts for p in plans] == [1, 2, 3]
+    assert plans[-1].ok is False and "3 attempts" in plans[-1].reason
+
+
+def test_a_crash_counts_as_an_attempt():
+    plan = after_crash(Stage.DIFFUSION, make_item(attempts=2), "the diffusion worker failed",
+                       max_attempts=3, now_s=NOW)
+
+    assert plan.stage is None and "3 attempts" in plan.reason
+
+
+@pytest.mark.parametrize("step", ["start", "after_face", "after_crash"])
+def test_a_job_past_its_deadline_is_never_sent_to_a_stage(step):
+    item = make_item(deadline_s=NOW - 1)
+    if step == "start":
+        plan = start(item, NOW)
+    elif step == "after_face":
+        plan = after_result(Stage.FACE, item, ok_result(face_uri=FACE_URI), max_attempts=3,
+                            now_s=NOW)
+    else:
+        plan = after_crash(Stage.FACE, item, "crash", max_attempts=3, now_s=NOW)
+
+    assert (plan.stage, plan.ok, plan.reason) == (None, False, TIMEOUT_REASON)
+
+
+def test_a_job_within_its_deadline_starts():
+    assert start(make_item(deadline_s=NOW + 1), NOW).stage is Stage.FACE
+    assert not is_expired(make_item(deadline_s=NOW + 1), NOW)
+    assert is_expired(make_item(deadline_s=NOW), NOW)
+
+
+def test_a_stage_call_never_waits_past_the_deadline():
+    assert stage_timeout_s(make_item(deadline_s=NOW + 5), NOW, per_call_s=120) == 5
+    assert stage_timeout_s(make_item(deadline_s=NOW + 500), NOW, per_call_s=120) == 120
+    assert stage_timeout_s(make_item(deadline_s=NOW - 5), NOW, per_call_s=120) == 0
+
+
+def test_cost_grows_with_images_pixels_and_frames():
+    assert job_cost_units(1, 64, reference_resolution_px=64) == 1
+    assert job_cost_units(3, 64, reference_resolution_px=64) == 3
+    assert job_cost_units(1, 128, reference_resolution_px=64) == 4
+    assert job_cost_units(1, 512, reference_resolution_px=512, num_frames=14) == 14
+    assert job_cost_units(1, 256, reference_resolution_px=512) == 1  # never below one
+    assert batch_cost([make_item(cost_units=2), make_item(cost_units=3)]) == 5
+
+
+def test_a_job_whose_runner_is_gone_is_an_orphan():
+    job = make_job_record(status="running", runner_id="runner-a")
+
+    assert orphan_reason(job, live_runners={"runner-b"}, now_s=NOW,
+                         unclaimed_grace_s=600) == RESTART_REASON
+    assert orphan_reason(job, live_runners={"runner-a"}, now_s=NOW,
+                         unclaimed_grace_s=600) is None
+
+
+def test_an_unclaimed_job_is_an_orphan_only_after_the_grace_period():
+    job = make_job_record(runner_id="", created_s=NOW - 100)
+
+    assert orphan_reason(job, live_runners=set(), now_s=NOW, unclaimed_grace_s=600) is None
+    assert orphan_reason(job, live_runners=set(), now_s=NOW + 600,
+                         unclaimed_grace_s=600) == NOT_STARTED_REASON
+
+
+def test_a_finished_job_is_never_an_orphan():
+    job = make_job_record(status="succeeded", runner_id="runner-gone", created_s=0)
+
+    assert orphan_reason(job, live_runners=set(), now_s=NOW, unclaimed_grace_s=1) is None
