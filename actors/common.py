@@ -14,6 +14,8 @@ from pipeline.orchestration import TIMEOUT_REASON, is_expired
 from pipeline.records import StageResult, WorkItem
 from pipeline.storage import StoreSet, open_stores
 
+ENDED_REASON = "the job already ended"
+
 
 def open_backends(settings: Settings) -> tuple[redis.Redis, StoreSet]:
     if settings.service.redis_url is None:
@@ -68,13 +70,17 @@ def apply_batching(batched_method, gate: LiveLimit, cfg: StageBatchConfig):
 
 
 def run_unexpired(items: list[WorkItem], run: Callable[[list[WorkItem]], list[StageResult]],
-                  on_batch: Callable[[list[WorkItem]], None]) -> list[StageResult]:
-    """Run a batch on the jobs still within their deadline; the others fail unrun."""
+                  on_batch: Callable[[list[WorkItem]], None],
+                  ended: Callable[[list[str]], set[str]]) -> list[StageResult]:
+    """Run a batch on the jobs still within their deadline and not ended meanwhile (their
+    runner died, or the account was deleted); the others fail unrun, costing no GPU time."""
     now = time.time()
-    live = [it for it in items if not is_expired(it, now)]
+    gone = ended([it.job_id for it in items])
+    live = [it for it in items if not is_expired(it, now) and it.job_id not in gone]
     results = {}
     if live:
         on_batch(live)
         results = {r.job_id: r for r in run(live)}
-    return [results.get(it.job_id) or StageResult(it.job_id, ok=False, reason=TIMEOUT_REASON)
-            for it in items]
+    return [results.get(it.job_id) or StageResult(
+        it.job_id, ok=False, reason=ENDED_REASON if it.job_id in gone else TIMEOUT_REASON)
+        for it in items]

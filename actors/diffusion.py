@@ -27,11 +27,18 @@ class DiffusionDeployment:
         self.settings = settings
         client, self.stores = open_backends(settings)
         self.jobs = JobStore(client)
-        self.generator = load_generator(
-            resolve_path(settings.models.diffusion_model_dir),
-            select_runtime(settings.models),
-            build_tiny_if_missing=settings.models.build_tiny_if_missing,
-        )
+        if settings.models.diffusion_backend == "simulated":  # benchmarks only
+            from pipeline.simulated import SimulatedGenerator
+
+            self.generator = SimulatedGenerator(
+                settings.models.simulated,
+                reference_resolution_px=settings.batching.reference_resolution_px)
+        else:
+            self.generator = load_generator(
+                resolve_path(settings.models.diffusion_model_dir),
+                select_runtime(settings.models),
+                build_tiny_if_missing=settings.models.build_tiny_if_missing,
+            )
         self.batching = settings.batching.diffusion
         self.gate = LiveLimit(self.batching.max_concurrent_batches)
 
@@ -50,7 +57,8 @@ class DiffusionDeployment:
     async def run(self, items: list[WorkItem]) -> list[StageResult]:
         await self.bucket(serve.get_multiplexed_model_id())
         async with self.gate:
-            return await asyncio.to_thread(run_unexpired, items, self._run, self._note_batch)
+            return await asyncio.to_thread(run_unexpired, items, self._run, self._note_batch,
+                                           self.jobs.finished_among)
 
     def _run(self, items: list[WorkItem]) -> list[StageResult]:
         from pipeline.stages import diffusion_stage, run_isolating_failures

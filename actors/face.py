@@ -46,7 +46,8 @@ class FaceDeployment:
     async def run(self, items: list[WorkItem]) -> list[StageResult]:
         await self.bucket(serve.get_multiplexed_model_id())
         async with self.gate:
-            return await asyncio.to_thread(run_unexpired, items, self._run, self._note_batch)
+            return await asyncio.to_thread(run_unexpired, items, self._run, self._note_batch,
+                                           self.jobs.finished_among)
 
     def _run(self, items: list[WorkItem]) -> list[StageResult]:
         from pipeline.stages import face_stage, run_isolating_failures

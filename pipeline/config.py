@@ -295,6 +295,18 @@ class DeploymentsConfig(_Strict):
                                   "reconcile, account deletion.")
 
 
+class SimulatedGpuConfig(_Strict):
+    """The GPU stand-in's cost model (benchmarks only: pipeline/simulated.py)."""
+
+    overhead_s: float = Field(0.25, ge=0, le=60, description="Fixed time of one model call.")
+    s_per_unit: float = Field(
+        1.35, gt=0, le=60, description="Time per cost unit (one reference-size image)."
+    )
+    time_scale: float = Field(
+        1.0, gt=0, le=10, description="Multiplies every modelled time (shorter benchmarks)."
+    )
+
+
 class ModelsConfig(_Strict):
     """configs/models.yaml: which weights, on which device, in which precision."""
 
@@ -306,6 +318,13 @@ class ModelsConfig(_Strict):
     )
     attention: Literal["auto", "sdpa", "xformers"] = Field(
         "auto", description="auto: xformers if installed on cuda, else torch SDPA."
+    )
+    diffusion_backend: Literal["diffusers", "simulated"] = Field(
+        "diffusers", description="diffusers: real models. simulated: a GPU stand-in for scale "
+        "benchmarks that sleeps by a cost model; refused in any production-shaped config."
+    )
+    simulated: SimulatedGpuConfig = Field(
+        default_factory=SimulatedGpuConfig, description="Cost model of the simulated backend."
     )
     diffusion_model_dir: str = Field(
         "models/tiny-sd", description="Directory saved with save_pretrained (relative: repo)."
@@ -391,6 +410,21 @@ class Settings(_Strict):
         if tries_s > job_s:
             raise ValueError(f"batching.yaml stage_timeout_s x max_attempts ({tries_s} s) "
                              f"exceeds service.yaml job_timeout_s ({job_s} s); lower one")
+        return self
+
+    @model_validator(mode="after")
+    def _simulation_never_serves_users(self) -> Settings:
+        service, storage = self.service, self.storage
+        production = [what for what, yes in (
+            ("service.yaml api_token_env", service.api_token_env is not None),
+            ("service.yaml ray_address", service.ray_address is not None),
+            ("storage.yaml cloud stores", "local" not in (storage.inputs, storage.outputs)),
+            ("service.yaml http_host", service.http_host not in ("127.0.0.1", "localhost")),
+        ) if yes]
+        if self.models.diffusion_backend == "simulated" and production:
+            raise ValueError("models.yaml diffusion_backend: simulated is a benchmark tool "
+                             f"and is refused with {', '.join(production)} set; use "
+                             "diffusers")
         return self
 
     @model_validator(mode="after")

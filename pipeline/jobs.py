@@ -44,9 +44,11 @@ _INT_FIELDS = (
 
 
 # Conditional writes run as one script, so a record deleted meanwhile (account deletion)
-# is never recreated half-empty by a late update.
+# is never recreated half-empty by a late update, and an ended job (failed by the reaper,
+# say) never reads "running" again because a late batch started.
 _UPDATE_IF_EXISTS = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local status = redis.call('HGET', KEYS[1], 'status')
+if (not status) or status == 'succeeded' or status == 'failed' then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 if ARGV[1] == '1' then redis.call('SREM', KEYS[2], ARGV[2]) end
 return 1
@@ -318,6 +320,14 @@ class JobStore:
         p.lpush(_batch_fill_key(stage), repr(cost_units / max_cost_units))
         p.ltrim(_batch_fill_key(stage), 0, 999)
         p.execute()
+
+    def finished_among(self, job_ids: list[str]) -> set[str]:
+        """Those of ``job_ids`` that ended or no longer exist (one pipelined read)."""
+        p = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            p.hget(_job_key(job_id), "status")
+        return {job_id for job_id, raw in zip(job_ids, p.execute(), strict=True)
+                if raw is None or JobStatus(raw.decode()).is_finished}
 
     def batch_fills(self, stage: Stage) -> list[float]:
         return [float(v) for v in self.redis.lrange(_batch_fill_key(stage), 0, -1)]

@@ -12,12 +12,13 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
 from pipeline import crypto
 from pipeline.config import RetentionConfig, Settings
-from pipeline.diffusion import FACE_EMBEDDING_DIM, DiffusionGenerator, GenerationParams
+from pipeline.diffusion import FACE_EMBEDDING_DIM, GenerationParams
 from pipeline.errors import StorageError, WrongKey
 from pipeline.faces import FaceDetector, FaceEmbedder, embed_faces, mean_identity
 from pipeline.ingest import decode_clean_png, encode_output
@@ -42,6 +43,17 @@ from pipeline.storage import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class Generator(Protocol):
+    """What the diffusion stage needs of a model: DiffusionGenerator, or the benchmarks'
+    SimulatedGenerator."""
+
+    def ai_photos(self, face_embeddings: np.ndarray, params: GenerationParams,
+                  seeds: list[int]) -> np.ndarray: ...
+
+    def art_styles(self, images: list[np.ndarray], params: GenerationParams,
+                   seeds: list[int]) -> np.ndarray: ...
 
 
 class _ItemFailed(Exception):
@@ -69,7 +81,7 @@ def _read_images(stores: StoreSet, item: WorkItem) -> list[np.ndarray]:
 def run_isolating_failures(stage: Callable[[list[WorkItem]], list[StageResult]],
                            items: list[WorkItem]) -> list[StageResult]:
     """Run ``stage`` on the batch; if it raises, run each job alone, so one bad photo fails
-    only its own job (as retryable: the scheduler's attempt count still bounds it)."""
+    only its own job (as retryable: the runner's attempt count still bounds it)."""
     try:
         return stage(items)
     except Exception:
@@ -166,7 +178,7 @@ def generation_params(item: WorkItem, settings: Settings) -> GenerationParams:
 
 
 def diffusion_stage(items: list[WorkItem], stores: StoreSet, jobs: JobStore,
-                    generator: DiffusionGenerator, settings: Settings) -> list[StageResult]:
+                    generator: Generator, settings: Settings) -> list[StageResult]:
     """Generate for a batch of jobs sharing one batch key, then run the output stage.
 
     ai_photo: one image per job from its face embedding. art_style: one image per input.

@@ -1,7 +1,9 @@
 """Benchmark: service throughput over HTTP vs. the same pipeline stages called in-process.
 
-Run:  .venv/bin/python scripts/bench_service.py [--jobs N] [--batch B] [--kind ai_photo|art_style]
-      (or: make bench; defaults N=16, B=8, kind=ai_photo; a few minutes on 2 CPU cores)
+Run:  .venv/bin/python scripts/bench_service.py --quick
+      .venv/bin/python scripts/bench_service.py [--jobs N] [--batch B] [--kind ai_photo|art_style]
+      (or: make bench; defaults N=16, B=8, kind=ai_photo; a few minutes on 2 CPU cores;
+      --quick: N=8, art_style)
 
 Everything lives in a fresh temporary directory (object stores, embedded Redis, tiny
 random-weight diffusion models), removed at the end; the repository's data/ and models/
@@ -9,12 +11,17 @@ are never touched. Inputs are real photos: scikit-image's astronaut sent as JPEG
 a real face, so ai_photo passes the face stage).
 
 In one run it measures
-  a. the service (local Ray + Serve, all over HTTP) with max_batch_size=B for both stages,
-  b. the same service restarted with max_batch_size=1,
-  c. face_stage / diffusion_stage called directly in this process in chunks of B, after the
-     service is stopped (so the two do not compete for the cores).
-Both service runs use max_wait_ms=200 and max_inflight_batches=1, and start with one
-untimed warm-up job; the in-process run also does one untimed warm-up job.
+  a. the service (local Ray + Serve, all over HTTP) with max_batch_cost=B for both pools,
+  b. the same service restarted with max_batch_cost=1,
+  c. "raw": the same pipeline work called directly in this process, in chunks of B:
+     validate + strip + encrypt + store each upload (check_job_request, accept_job), then
+     face_stage / diffusion_stage with their output stage, after the service is stopped
+     (so the two do not compete for the cores),
+  d. raw again in chunks of 1.
+Service runs use max_wait_ms=200 and max_concurrent_batches=1, and start with one
+untimed warm-up job; the raw runs also do one untimed warm-up job. It ends with three
+lines: raw batchB/batch1 throughput (X), the service's batchB/batch1 (G), and service/raw
+at batch B (R: what orchestration costs).
 
 Service timing runs from the first POST until every job reached ``succeeded`` (the job's
 server-side ``succeeded_s``, same host clock; polling only detects it). Per-job latency is
@@ -96,11 +103,12 @@ def sample_photo() -> bytes:
 
 def bench_settings(base: Settings, root: Path, name: str, batch: int) -> Settings:
     """``base`` with store and models under ``root`` and batching set for a fair comparison."""
-    stage = StageBatchConfig(max_batch_size=batch, max_wait_ms=MAX_WAIT_MS,
-                             max_inflight_batches=1)
+    stage = StageBatchConfig(max_batch_cost=batch, max_wait_ms=MAX_WAIT_MS,
+                             max_concurrent_batches=1)
     return base.model_copy(update={
         "service": base.service.model_copy(update={
             "redis_url": None,  # embedded Redis, started by the launcher under the workdir
+            "max_jobs_in_flight_per_account": 10_000,  # one account submits every job
         }),
         "storage": base.storage.model_copy(update={"local_root": str(root / name / "store")}),
         "models": base.models.model_copy(update={
@@ -194,7 +202,7 @@ def run_service(base: Settings, root: Path, name: str, batch: int, spec: JobSpec
     from serve.launcher import start_service
 
     settings = bench_settings(base, root, name.replace(" ", "-"), batch)
-    print(f"[{name}] starting the service (max_batch_size={batch}) ...", flush=True)
+    print(f"[{name}] starting the service (max_batch_cost={batch}) ...", flush=True)
     workdir = root / name.replace(" ", "-") / "work"
     with start_service(settings, workdir=workdir) as service:
         print(f"[{name}] up at {service.base_url}; warm-up, then {jobs} jobs", flush=True)
@@ -271,7 +279,7 @@ def run_chunk(stages: Stages, chunk: list) -> list[str]:
 
     failures = []
     if chunk[0].kind == "ai_photo":
-        results = face_stage(chunk, stages.store, stages.ledger, stages.detector,
+        results = face_stage(chunk, stages.store, stages.jobs, stages.detector,
                              stages.embedder, stages.settings.retention)
         failures += [r.reason for r in results if not r.ok]
         chunk = [replace(it, face_uri=r.face_uri) for it, r in zip(chunk, results, strict=True)
@@ -285,20 +293,22 @@ def run_chunk(stages: Stages, chunk: list) -> list[str]:
 
 def run_in_process(base: Settings, root: Path, batch: int, spec: JobSpec,
                    jobs: int) -> RunResult:
+    """Raw: accept (validate, strip, encrypt, store) and run the stages, in chunks of
+    ``batch``, all timed; the same work the service does, without Ray or HTTP."""
     from pipeline.redis_server import RedisServer
 
-    name = "in-process"
+    name = f"raw b{batch}"
     settings = bench_settings(base, root, name, batch)
-    print(f"[{name}] loading models, storing {jobs + 1} jobs ...", flush=True)
+    print(f"[{name}] loading models ...", flush=True)
     with RedisServer(root / name / "redis") as server:
         stages = load_stages(settings, server.url, spec.kind)
-        warm, *items = accept_items(stages, spec, jobs + 1)
+        [warm] = accept_items(stages, spec, 1)
         if run_chunk(stages, [warm]):
             raise RuntimeError("in-process warm-up job failed")
         latencies, failures = [], []
         started = time.perf_counter()
-        for i in range(0, len(items), batch):
-            chunk = items[i:i + batch]
+        for i in range(0, jobs, batch):
+            chunk = accept_items(stages, spec, min(batch, jobs - i))
             failures += run_chunk(stages, chunk)
             latencies += [time.perf_counter() - started] * len(chunk)
         elapsed = time.perf_counter() - started
@@ -310,12 +320,12 @@ def run_in_process(base: Settings, root: Path, batch: int, spec: JobSpec,
 # --- report ------------------------------------------------------------------------------
 
 
-def ratios(service_b: RunResult, service_1: RunResult,
-           in_process: RunResult) -> dict[str, float]:
-    batch = service_b.batch
+def ratios(service_b: RunResult, service_1: RunResult, raw_b: RunResult,
+           raw_1: RunResult) -> dict[str, float]:
     return {
-        f"service / in-process at batch {batch}": service_b.jobs_per_s / in_process.jobs_per_s,
-        f"service batch {batch} / service batch 1": service_b.jobs_per_s / service_1.jobs_per_s,
+        "raw batch8/batch1 throughput": raw_b.jobs_per_s / raw_1.jobs_per_s,
+        "batch8/batch1 throughput": service_b.jobs_per_s / service_1.jobs_per_s,
+        "service/raw throughput": service_b.jobs_per_s / raw_b.jobs_per_s,
     }
 
 
@@ -332,8 +342,6 @@ def print_report(results: list[RunResult], measured: dict[str, float]) -> None:
     for row in rows:
         print(line.format(*row))
     print()
-    for label, value in measured.items():
-        print(f"{label}: {value:.2f}x")
     for r in results:
         extra = f"; batch sizes per job {r.batch_sizes}" if r.batch_sizes else ""
         failed = f"; FAILED {len(r.failures)}: {sorted(set(r.failures))}" if r.failures else ""
@@ -366,9 +374,12 @@ def write_outputs(results: list[RunResult], measured: dict[str, float], meta: di
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=16, help="jobs per measured run")
-    parser.add_argument("--batch", type=int, default=8, help="max_batch_size B to compare")
+    parser.add_argument("--batch", type=int, default=8, help="max_batch_cost B to compare")
     parser.add_argument("--kind", choices=sorted(STYLE_FOR_KIND), default="ai_photo")
+    parser.add_argument("--quick", action="store_true", help="8 art_style jobs")
     args = parser.parse_args()
+    if args.quick:
+        args.jobs, args.kind = 8, "art_style"
     if args.jobs < 1 or args.batch < 1:
         parser.error("--jobs and --batch must be at least 1")
     warnings.filterwarnings("ignore", category=FutureWarning)  # diffusers' config notices
@@ -383,6 +394,7 @@ def main() -> int:
             run_service(base, root, f"service b{args.batch}", args.batch, spec, args.jobs),
             run_service(base, root, "service b1", 1, spec, args.jobs),
             run_in_process(base, root, args.batch, spec, args.jobs),
+            run_in_process(base, root, 1, spec, args.jobs),
         ]
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -393,6 +405,8 @@ def main() -> int:
                                       "jobs": args.jobs, "batch": args.batch,
                                       "max_wait_ms": MAX_WAIT_MS, "wall_s": wall_s})
     print(f"wall time: {wall_s:.1f} s")
+    for label, value in measured.items():  # the three closing lines
+        print(f"{label.replace('8', str(args.batch))}: {value:.2f}")
     return 0
 
 

@@ -1,1 +1,2 @@
-"""Ray Serve application: the HTTP ingress, the batching scheduler, and the launcher."""
+"""Ray Serve application: the HTTP ingress, the job runners, the app graph, the launcher,
+live tuning and the CLI."""

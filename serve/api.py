@@ -2,7 +2,7 @@
 maps requests to pipeline calls and domain errors to status codes.
 
 The device key arrives in the X-Device-Key header. It is never logged, never echoed in an
-error, and never leaves memory: it travels to the scheduler with the job and is dropped
+error, and never leaves memory: it travels to a job runner with the job and is dropped
 when the job ends.
 """
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from dataclasses import replace
@@ -58,7 +59,8 @@ class JobRunnerDeployment:
                                                   socket_connect_timeout=2))
         self.stages = {Stage.FACE: face, Stage.DIFFUSION: diffusion}
         self.retention = retention
-        self.runner_id = f"runner-{uuid.uuid4().hex[:12]}"
+        # The pid in the id lets an operator (and the fault tests) find the process.
+        self.runner_id = f"runner-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.max_attempts = settings.batching.max_attempts
         self.stage_timeout_s = settings.batching.stage_timeout_s
         self.lease_s = settings.service.runner_lease_s

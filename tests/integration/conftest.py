@@ -51,6 +51,14 @@ def test_settings(tmp_path_factory, redis_server, face_weights_path):
             "max_file_bytes": 3 * 1024 * 1024,
             "ray_object_store_mb": 150,  # small, so a test can fill it
             "api_token_env": API_TOKEN_ENV,
+            "runner_lease_s": 4.0,  # a killed runner's jobs are reaped within seconds
+        }),
+        # Fixed pools, so fault tests know which replica holds what; two runners, so
+        # losing one must not touch the other's jobs.
+        "deployments": base.deployments.model_copy(update={
+            "api": base.deployments.api.model_copy(update={"autoscaling": None}),
+            "runner": base.deployments.runner.model_copy(update={"autoscaling": None,
+                                                                 "num_replicas": 2}),
         }),
         "models": base.models.model_copy(update={
             "diffusion_model_dir": str(root / "models" / "tiny-sd"),

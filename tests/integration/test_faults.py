@@ -162,3 +162,52 @@ def _contains_any(path: Path, needles: list[bytes]) -> bool:
     except OSError:
         return False
     return any(n in data for n in needles)
+
+
+def _held_by(redis_client, job_ids: list[str]) -> dict[str, str]:
+    """job id -> the runner holding it (its id carries the runner's pid)."""
+    return {j: (redis_client.hget(f"eph:job:{j}", "runner_id") or b"").decode() for j in job_ids}
+
+
+def test_job_runner_killed_fails_only_the_jobs_it_held(client, service, store_root,
+                                                       redis_client):
+    """Two runners share the jobs. Kill one while its jobs are provably in flight (claimed,
+    unfinished, held back by a slow batch): exactly those fail with a reason and are
+    purged; the other runner's jobs all succeed."""
+    from pipeline.orchestration import RESTART_REASON
+    from serve.tuning import retune
+
+    retune("diffusion", {"max_wait_ms": 6000, "max_batch_cost": 64})  # hold jobs in flight
+    try:
+        job_ids = submit_many(client, 8)
+        deadline = time.monotonic() + 30
+        while not all(_held_by(redis_client, job_ids).values()):
+            assert time.monotonic() < deadline, "the jobs were not all claimed by runners"
+            time.sleep(0.05)
+        holders = _held_by(redis_client, job_ids)
+        assert len(set(holders.values())) == 2, holders  # Serve spread them over both
+        victim = sorted(set(holders.values()))[0]
+        doomed = [j for j, r in holders.items() if r == victim]
+        assert all(client.get(f"/v1/jobs/{j}").json()["status"] in ("queued", "running")
+                   for j in doomed)  # in flight at the kill
+        os.kill(int(victim.split("-")[1]), signal.SIGKILL)
+    finally:
+        retune("diffusion", {"max_wait_ms": 400, "max_batch_cost": 8})
+    views = {v["job_id"]: v for v in wait_all_settled(client, job_ids)}
+    for job_id, runner in holders.items():
+        if runner == victim:
+            assert views[job_id]["status"] == "failed"
+            assert views[job_id]["reason"] == RESTART_REASON
+        else:
+            assert views[job_id]["status"] == "succeeded", views[job_id]
+    assert_clean(service, store_root, list(views.values()))
+
+
+def test_ingress_killed_after_accepting_loses_no_job(client, service, store_root):
+    """The ingress hands each job to a runner before answering 202; killing it afterwards
+    loses nothing: every accepted job finishes (Serve restarts the ingress)."""
+    job_ids = submit_many(client, 4)
+    os.kill(replica_pid("ApiDeployment"), signal.SIGKILL)
+    views = wait_all_settled(client, job_ids, timeout_s=240)
+    assert [v["status"] for v in views] == ["succeeded"] * 4
+    assert_clean(service, store_root, views)

@@ -85,7 +85,7 @@ def test_face_stage_stores_only_encrypted_face_data_then_purge_removes_it(
     ]
     embedder = KnownEmbedder()
     detector = MtcnnDetector(select_runtime(ModelsConfig()), min_probability=0.9)
-    face_ok, cat = face_stage(items, StoreSet.single(store), jobs.ledger, detector, embedder, FAST)
+    face_ok, cat = face_stage(items, StoreSet.single(store), jobs, detector, embedder, FAST)
 
     assert face_ok.ok and face_ok.face_uri is not None
     assert not cat.ok and "no human face" in cat.reason and not cat.retryable

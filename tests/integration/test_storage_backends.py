@@ -143,7 +143,7 @@ def test_pipeline_path_per_backend(stores, jobs, models):
     clean = request.images[0].png_bytes
     assert not [w for w in windows(ASTRONAUT) + windows(clean) if w in stored]
 
-    [face] = face_stage([item], stores, jobs.ledger, detector, embedder, settings.retention)
+    [face] = face_stage([item], stores, jobs, detector, embedder, settings.retention)
     assert face.ok, face.reason
     face_store, face_key = stores.locate(face.face_uri)
     assert face_store is input_store  # face data stays in the user's region
@@ -344,7 +344,7 @@ def test_app_level_wrong_key_fails_the_job_with_a_reason(stores, jobs, models):
     _, item = accept_job(request, crypto.new_device_key(), stores, jobs, settings)
     wrong = item.__class__(**{**{s: getattr(item, s) for s in item.__slots__},
                               "device_key": crypto.new_device_key()})
-    [result] = face_stage([wrong], stores, jobs.ledger, detector, embedder, settings.retention)
+    [result] = face_stage([wrong], stores, jobs, detector, embedder, settings.retention)
     assert not result.ok and not result.retryable and "device key" in result.reason
 
 

@@ -146,3 +146,27 @@ def test_timeouts_must_fit_the_retention_ceiling_and_the_attempts():
     with pytest.raises(ValidationError, match="stage_timeout_s"):
         Settings(**{**base.model_dump(), "batching": {**base.batching.model_dump(),
                                                       "stage_timeout_s": 600}})
+
+
+def test_the_simulated_gpu_is_refused_in_a_production_config():
+    """The GPU stand-in is a benchmark tool: the production config set refuses it."""
+    root = CONFIG_DIR / "production"
+    models = yaml.safe_load((root / "models.yaml").read_text())
+    settings = load_settings(root)
+    with pytest.raises(ValueError, match="simulated is a benchmark tool"):
+        Settings(**{**settings.model_dump(), "models": {**models, "diffusion_backend": "simulated"}})
+    # The embedded default (loopback, local stores, no token) may use it for benchmarks.
+    base = load_settings()
+    Settings(**{**base.model_dump(), "models": {**base.models.model_dump(),
+                                                "diffusion_backend": "simulated"}})
+
+
+def test_simulated_gpu_time_follows_its_cost_model():
+    from pipeline.config import SimulatedGpuConfig
+    from pipeline.simulated import SimulatedGenerator
+
+    gpu = SimulatedGenerator(SimulatedGpuConfig(overhead_s=0.25, s_per_unit=1.35),
+                             reference_resolution_px=512)
+    assert gpu.batch_time_s(1, 512) == pytest.approx(1.6)
+    assert gpu.batch_time_s(8, 512) == pytest.approx(0.25 + 8 * 1.35)
+    assert gpu.batch_time_s(1, 1024) == pytest.approx(0.25 + 4 * 1.35)

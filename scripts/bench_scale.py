@@ -1,0 +1,267 @@
+"""Benchmark: does throughput scale with GPU replicas, and what does a job cost the ingress?
+
+Run:  .venv/bin/python scripts/bench_scale.py --quick     (about 2 minutes here)
+      .venv/bin/python scripts/bench_scale.py             (1, 2, 4, 8 replicas; longer)
+
+SIMULATED GPUs. This machine has 2 cores and no GPU, so the diffusion pool runs the GPU
+stand-in (models.yaml diffusion_backend: simulated, pipeline/simulated.py): each batch
+takes overhead_s + s_per_unit x cost, calibrated to Stable Diffusion 1.5 fp16 on an A100
+(1.6 s for one 512 px image at 50 steps), scaled by --time-scale, and uses no CPU. Everything
+else is real: HTTP, the ingress (decode, strip, encrypt, store), job runners, Serve's
+batching and routing, Redis, the output stage and the purge. So the numbers measure the
+orchestration when GPUs are the bottleneck, not a GPU.
+
+Phases, each on a fresh local service (embedded Redis, local store in a temp folder):
+  1. fixed diffusion pools of R replicas: a closed burst of R x --jobs-per-replica art_style
+     jobs; throughput = jobs / (last job succeeded - first POST);
+  2. autoscaling (min 1, max 4 replicas): a burst, sampling the replica count until the
+     pool has scaled back down.
+The ingress CPU per job is the CPU time of the ApiDeployment replicas during phase 1 at the
+largest R, divided by its jobs. Prints a table, `scale N/1 replicas: S`, `ingress CPU per
+job: M ms`, a capacity table, and writes bench-out/bench_scale.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import skimage.data
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pipeline import crypto
+from pipeline.config import (
+    AutoscalingConfig,
+    PoolConfig,
+    Settings,
+    SimulatedGpuConfig,
+    StageBatchConfig,
+    load_settings,
+)
+
+OUT_DIR = REPO / "bench-out"
+BATCH_COST = 8
+RATES_PER_S = (10, 100, 1000)
+
+
+def photo() -> bytes:
+    """A real photo (the astronaut, cropped), small so the ingress is not the bottleneck."""
+    buffer = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()[:128, :128]).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def scale_settings(root: Path, pool: PoolConfig, time_scale: float) -> Settings:
+    base = load_settings()
+    return base.model_copy(update={
+        "service": base.service.model_copy(update={"max_jobs_in_flight_per_account": 10_000,
+                                                   "ray_num_cpus": 16}),
+        "storage": base.storage.model_copy(update={"local_root": str(root / "store")}),
+        "models": base.models.model_copy(update={
+            "diffusion_backend": "simulated",
+            "simulated": SimulatedGpuConfig(time_scale=time_scale)}),
+        "batching": base.batching.model_copy(update={
+            "diffusion": StageBatchConfig(max_batch_cost=BATCH_COST, max_wait_ms=100)}),
+        "deployments": base.deployments.model_copy(update={
+            "diffusion": pool,
+            # Enough runners for every replica's batches; they only wait on handles.
+            "runner": base.deployments.runner.model_copy(update={
+                "autoscaling": None, "num_replicas": 2, "max_ongoing_requests": 512}),
+        }),
+    })
+
+
+def submit_burst(base_url: str, count: int) -> tuple[list[str], float]:
+    key = {"X-Device-Key": base64.b64encode(crypto.new_device_key()).decode()}
+    data = photo()
+
+    def post(n: int) -> str:
+        with httpx.Client(base_url=base_url, timeout=120) as client:
+            r = client.post("/v1/jobs", headers=key, files=[("files", ("p.jpg", data))],
+                            data={"kind": "art_style", "style": "watercolor",
+                                  "account_id": f"bench-{n % 97}"})
+            r.raise_for_status()
+            return r.json()["job_id"]
+
+    started = time.time()
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(post, range(count))), started
+
+
+def wait_succeeded(base_url: str, job_ids: list[str], on_tick=None) -> list[dict]:
+    views: dict[str, dict] = {}
+    deadline = time.monotonic() + 900
+    with httpx.Client(base_url=base_url, timeout=60) as client:
+        while time.monotonic() < deadline:
+            for job_id in job_ids:
+                if job_id not in views:
+                    view = client.get(f"/v1/jobs/{job_id}").json()
+                    if view["status"] in ("succeeded", "failed"):
+                        views[job_id] = view
+            if on_tick:
+                on_tick()
+            if len(views) == len(job_ids):
+                return list(views.values())
+            time.sleep(0.5)
+    raise RuntimeError(f"{len(job_ids) - len(views)} jobs did not finish")
+
+
+def replica_pids(deployment: str) -> list[int]:
+    import ray
+
+    pids = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["name"].startswith(f"SERVE_REPLICA::ephemera#{deployment}#"):
+            actor = ray.get_actor(entry["name"], namespace="serve")
+            pids.append(ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30))
+    return pids
+
+
+def cpu_s(pids: list[int]) -> float:
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+    return total
+
+
+def run_fixed(replicas: int, jobs_per_replica: int, time_scale: float, root: Path) -> dict:
+    from serve.launcher import start_service
+
+    pool = PoolConfig(num_replicas=replicas, num_cpus=0)
+    settings = scale_settings(root / f"r{replicas}", pool, time_scale)
+    with start_service(settings, workdir=root / f"r{replicas}" / "work") as service:
+        warm, _ = submit_burst(service.base_url, replicas)
+        wait_succeeded(service.base_url, warm)
+        api = replica_pids("ApiDeployment")
+        cpu_before = cpu_s(api)
+        count = replicas * jobs_per_replica
+        job_ids, started = submit_burst(service.base_url, count)
+        views = wait_succeeded(service.base_url, job_ids)
+        api_cpu_s = cpu_s([p for p in replica_pids("ApiDeployment") if p in api]) - cpu_before
+    succeeded = [v for v in views if v["status"] == "succeeded"]
+    elapsed = max(v["succeeded_s"] for v in succeeded) - started
+    sizes = [v["batch_sizes"]["diffusion"] for v in succeeded]
+    return {"replicas": replicas, "jobs": count, "succeeded": len(succeeded),
+            "elapsed_s": elapsed, "jobs_per_s": len(succeeded) / elapsed,
+            "mean_batch": float(np.mean(sizes)), "api_cpu_ms_per_job": 1000 * api_cpu_s / count}
+
+
+def run_autoscaling(jobs: int, time_scale: float, root: Path) -> dict:
+    from ray import serve
+
+    from serve.launcher import start_service
+
+    pool = PoolConfig(num_cpus=0, autoscaling=AutoscalingConfig(
+        min_replicas=1, max_replicas=4, target_ongoing_requests=BATCH_COST,
+        upscale_delay_s=1.0, downscale_delay_s=6.0))
+    settings = scale_settings(root / "auto", pool, time_scale)
+    timeline: list[tuple[float, int]] = []
+    with start_service(settings, workdir=root / "auto" / "work") as service:
+        t0 = time.time()
+
+        def sample() -> None:
+            states = serve.status().applications["ephemera"].deployments[
+                "DiffusionDeployment"].replica_states
+            timeline.append((time.time() - t0, int(states.get("RUNNING", 0))))
+
+        job_ids, _ = submit_burst(service.base_url, jobs)
+        wait_succeeded(service.base_url, job_ids, on_tick=sample)
+        done_s = time.time() - t0
+        for _ in range(60):  # idle: watch it scale back down
+            sample()
+            if timeline[-1][1] == 1 and time.time() - t0 > done_s + 8:
+                break
+            time.sleep(0.5)
+    return {"jobs": jobs, "timeline": timeline, "peak_replicas": max(n for _, n in timeline),
+            "final_replicas": timeline[-1][1], "burst_done_s": done_s}
+
+
+def capacity(per_gpu_jobs_s: float, cpu_ms_per_job: float) -> list[dict]:
+    return [{"jobs_per_s": rate, "gpus": int(np.ceil(rate / per_gpu_jobs_s)),
+             "ingress_cpus": int(np.ceil(rate * cpu_ms_per_job / 1000 / 0.7))}  # 70 % busy
+            for rate in RATES_PER_S]
+
+
+def plot(results: list[dict], auto: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    reps = [r["replicas"] for r in results]
+    left.plot(reps, [r["jobs_per_s"] for r in results], "o-", label="measured")
+    left.plot(reps, [results[0]["jobs_per_s"] * n for n in reps], "--", label="linear")
+    left.set(xlabel="diffusion replicas (simulated GPUs)", ylabel="jobs/s",
+             title="Scale-out (simulated GPU stage)")
+    left.legend()
+    xs, ns = zip(*auto["timeline"], strict=True)
+    right.step(xs, ns, where="post")
+    right.axvline(auto["burst_done_s"], color="grey", linestyle=":", label="burst done")
+    right.set(xlabel="s", ylabel="running replicas", title="Autoscaling under a burst")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 and 8 replicas only")
+    parser.add_argument("--jobs-per-replica", type=int, default=16)
+    parser.add_argument("--time-scale", type=float, default=0.5,
+                        help="multiplies the simulated GPU time (1.0: A100 seconds)")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    replica_counts = [1, 8] if args.quick else [1, 2, 4, 8]
+    OUT_DIR.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        root = Path(tmp)
+        results = [run_fixed(n, args.jobs_per_replica, args.time_scale, root)
+                   for n in replica_counts]
+        auto = run_autoscaling(48 if args.quick else 96, args.time_scale, root)
+    print("\nSIMULATED GPU stage (cost model, no GPU here); everything else real.")
+    print(f"{'replicas':>8} {'jobs':>5} {'ok':>5} {'elapsed s':>10} {'jobs/s':>8} "
+          f"{'mean batch':>10} {'api CPU ms/job':>15}")
+    for r in results:
+        print(f"{r['replicas']:>8} {r['jobs']:>5} {r['succeeded']:>5} {r['elapsed_s']:>10.2f} "
+              f"{r['jobs_per_s']:>8.2f} {r['mean_batch']:>10.2f} {r['api_cpu_ms_per_job']:>15.1f}")
+    print(f"autoscaling: peak {auto['peak_replicas']} replicas under a burst of {auto['jobs']} "
+          f"jobs, {auto['final_replicas']} after it")
+    # Capacity at real A100 speed: one replica at full batches, from the cost model.
+    gpu = SimulatedGpuConfig()
+    per_gpu = BATCH_COST / (gpu.overhead_s + gpu.s_per_unit * BATCH_COST)
+    cpu_ms = results[-1]["api_cpu_ms_per_job"]
+    print(f"\ncapacity at A100 speed (SD 1.5, 512 px, 50 steps: {per_gpu:.2f} jobs/s per GPU at "
+          f"batch {BATCH_COST}; ingress CPUs at 70 % busy):")
+    print(f"{'jobs/s':>8} {'GPUs':>6} {'ingress CPUs':>13}")
+    table = capacity(per_gpu, cpu_ms)
+    for row in table:
+        print(f"{row['jobs_per_s']:>8} {row['gpus']:>6} {row['ingress_cpus']:>13}")
+    scale = results[-1]["jobs_per_s"] / results[0]["jobs_per_s"]
+    (OUT_DIR / "bench_scale.json").write_text(json.dumps(
+        {"simulated": True, "time_scale": args.time_scale, "results": results,
+         "autoscaling": auto, "capacity": table, "scale": scale}, indent=2))
+    plot(results, auto, OUT_DIR / "bench_scale.png")
+    print(f"\nscale {replica_counts[-1]}/1 replicas: {scale:.2f}")
+    print(f"ingress CPU per job: {cpu_ms:.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
