@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import redis
 
 from pipeline.config import Settings, StageBatchConfig
-from pipeline.orchestration import TIMEOUT_REASON, is_expired
+from pipeline.orchestration import TIMEOUT_REASON, batch_cost, is_expired, merge_waiting
 from pipeline.records import StageResult, WorkItem
 from pipeline.storage import StoreSet, open_stores
 
@@ -29,44 +30,71 @@ def pin_torch_threads(settings: Settings) -> None:
     torch.set_num_threads(settings.models.torch_num_threads)
 
 
-class LiveLimit:
-    """An asyncio concurrency limit that can change while batches run.
+@dataclass(slots=True)
+class _Waiting:
+    key: str
+    items: list[WorkItem]
+    future: asyncio.Future
 
-    Serve fixes ``max_concurrent_batches`` when a replica starts; this gate inside the batch
-    function makes the concurrency a live knob (batching.yaml, through user_config).
+
+class BatchRunner:
+    """The model calls of one GPU replica: at most ``max_concurrent_batches`` at once, each
+    merging every batch Serve handed over meanwhile (same key, up to ``max_batch_cost``).
+
+    Why not Serve's batching alone: ``@serve.batch`` closes a batch when its wait times out,
+    even while the model is busy, so under load a replica queues many small batches behind
+    the running one. Merging them when the model frees up keeps batches full; Serve still
+    routes, splits by key, bounds the queue and applies the first wait. Knobs change live.
     """
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self, run: Callable[[list[WorkItem]], list[StageResult]],
+                 cfg: StageBatchConfig) -> None:
+        self.run = run
+        self.cfg = cfg
         self.active = 0
-        self._changed: asyncio.Condition | None = None
+        self.waiting: list[_Waiting] = []
 
-    def _condition(self) -> asyncio.Condition:
-        if self._changed is None:  # created on the replica's event loop
-            self._changed = asyncio.Condition()
-        return self._changed
+    def reconfigure(self, cfg: StageBatchConfig) -> None:
+        self.cfg = cfg
+        self._start_ready()
 
-    async def set_limit(self, limit: int) -> None:
-        async with self._condition():
-            self.limit = limit
-            self._condition().notify_all()
+    async def submit(self, key: str, items: list[WorkItem]) -> list[StageResult]:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append(_Waiting(key, items, future))
+        self._start_ready()
+        return await future
 
-    async def __aenter__(self) -> None:
-        async with self._condition():
-            await self._condition().wait_for(lambda: self.active < self.limit)
+    def _start_ready(self) -> None:
+        while self.waiting and self.active < self.cfg.max_concurrent_batches:
+            taken_at = merge_waiting([(w.key, batch_cost(w.items), frozenset(
+                it.job_id for it in w.items)) for w in self.waiting], self.cfg.max_batch_cost)
+            taken = [self.waiting[i] for i in taken_at]
+            self.waiting = [w for i, w in enumerate(self.waiting) if i not in set(taken_at)]
             self.active += 1
+            asyncio.get_running_loop().create_task(self._call(taken))
 
-    async def __aexit__(self, *exc: object) -> None:
-        async with self._condition():
+    async def _call(self, taken: list[_Waiting]) -> None:
+        try:
+            results = await asyncio.to_thread(self.run, [it for w in taken for it in w.items])
+            by_job = {r.job_id: r for r in results}
+            for w in taken:
+                if not w.future.done():
+                    w.future.set_result([by_job[it.job_id] for it in w.items])
+        except Exception as exc:
+            for w in taken:
+                if not w.future.done():
+                    w.future.set_exception(exc)
+        finally:
             self.active -= 1
-            self._condition().notify_all()
+            self._start_ready()
 
 
-def apply_batching(batched_method, gate: LiveLimit, cfg: StageBatchConfig):
-    """Set a ``@serve.batch`` method's size (cost units) and wait from the pool's config."""
+def apply_batching(batched_method, runner: BatchRunner, cfg: StageBatchConfig) -> None:
+    """Set a ``@serve.batch`` method's size (cost units) and wait, and the model calls'
+    merging and concurrency, from the pool's config."""
     batched_method.set_max_batch_size(cfg.max_batch_cost)
     batched_method.set_batch_wait_timeout_s(cfg.max_wait_ms / 1000.0)
-    return gate.set_limit(cfg.max_concurrent_batches)
+    runner.reconfigure(cfg)
 
 
 def run_unexpired(items: list[WorkItem], run: Callable[[list[WorkItem]], list[StageResult]],

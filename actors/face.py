@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from ray import serve
 
-from actors.common import LiveLimit, apply_batching, open_backends, pin_torch_threads, run_unexpired
+from actors.common import (
+    BatchRunner,
+    apply_batching,
+    open_backends,
+    pin_torch_threads,
+    run_unexpired,
+)
 from pipeline.config import MAX_CONCURRENT_BATCHES, Settings, StageBatchConfig
 from pipeline.orchestration import batch_cost
 from pipeline.records import Stage, StageResult, WorkItem
@@ -29,12 +33,12 @@ class FaceDeployment:
         self.embedder = FacenetEmbedder(runtime, weights=settings.models.face_embedder_weights,
                                         storage=settings.storage)
         self.batching = settings.batching.face
-        self.gate = LiveLimit(self.batching.max_concurrent_batches)
+        self.model_calls = BatchRunner(self._run_checked, self.batching)
 
     async def reconfigure(self, user_config: dict) -> None:
         """batching.yaml ``face``: applied live, no restart (Serve user_config)."""
         self.batching = StageBatchConfig.model_validate(user_config)
-        await apply_batching(self.run, self.gate, self.batching)
+        apply_batching(self.run, self.model_calls, self.batching)
 
     @serve.multiplexed(max_num_models_per_replica=64)
     async def bucket(self, bucket_id: str) -> str:
@@ -44,10 +48,12 @@ class FaceDeployment:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05,
                  max_concurrent_batches=MAX_CONCURRENT_BATCHES, batch_size_fn=batch_cost)
     async def run(self, items: list[WorkItem]) -> list[StageResult]:
-        await self.bucket(serve.get_multiplexed_model_id())
-        async with self.gate:
-            return await asyncio.to_thread(run_unexpired, items, self._run, self._note_batch,
-                                           self.jobs.finished_among)
+        key = serve.get_multiplexed_model_id()
+        await self.bucket(key)
+        return await self.model_calls.submit(key, items)
+
+    def _run_checked(self, items: list[WorkItem]) -> list[StageResult]:
+        return run_unexpired(items, self._run, self._note_batch, self.jobs.finished_among)
 
     def _run(self, items: list[WorkItem]) -> list[StageResult]:
         from pipeline.stages import face_stage, run_isolating_failures

@@ -86,6 +86,30 @@ def batch_cost(items: list[WorkItem]) -> int:
     return sum(item.cost_units for item in items)
 
 
+def merge_waiting(waiting: list[tuple[str, int, frozenset[str]]], max_cost: int) -> list[int]:
+    """Which waiting batches one model call takes: the oldest batch, then every later batch
+    of the same key that still fits in ``max_cost`` (by index, oldest first). A batch
+    holding a job already taken waits for the next call (a retry of an abandoned attempt).
+
+    ``waiting``: (batch key, cost, job ids) per batch Serve handed over, oldest first.
+    """
+    if not waiting:
+        return []
+    key = waiting[0][0]
+    taken: list[int] = []
+    cost = 0
+    jobs: set[str] = set()
+    for index, (batch_key, batch_cost_units, job_ids) in enumerate(waiting):
+        if batch_key != key or jobs & job_ids:
+            continue
+        if taken and cost + batch_cost_units > max_cost:
+            break
+        taken.append(index)
+        cost += batch_cost_units
+        jobs |= job_ids
+    return taken
+
+
 def job_cost_units(num_images: int, resolution_px: int, *, reference_resolution_px: int,
                    num_frames: int = 1) -> int:
     """Images x frames x pixels relative to the reference size, rounded up; at least 1.

@@ -223,8 +223,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 and 8 replicas only")
-    parser.add_argument("--jobs-per-replica", type=int, default=16)
-    parser.add_argument("--time-scale", type=float, default=0.5,
+    parser.add_argument("--jobs-per-replica", type=int, default=24)
+    parser.add_argument("--time-scale", type=float, default=1.0,
                         help="multiplies the simulated GPU time (1.0: A100 seconds)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

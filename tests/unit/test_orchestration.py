@@ -15,6 +15,7 @@ from pipeline.orchestration import (
     first_stage,
     is_expired,
     job_cost_units,
+    merge_waiting,
     orphan_reason,
     stage_timeout_s,
     start,
@@ -134,3 +135,18 @@ def test_a_finished_job_is_never_an_orphan():
     job = make_job_record(status="succeeded", runner_id="runner-gone", created_s=0)
 
     assert orphan_reason(job, live_runners=set(), now_s=NOW, unclaimed_grace_s=1) is None
+
+
+def test_a_model_call_merges_same_key_batches_up_to_the_cost_limit():
+    waiting = [("a", 2, frozenset({"j1", "j2"})), ("b", 1, frozenset({"j3"})),
+               ("a", 3, frozenset({"j4", "j5", "j6"})), ("a", 4, frozenset({"j7"}))]
+    assert merge_waiting(waiting, max_cost=5) == [0, 2]  # b waits; the last would overflow
+    assert merge_waiting(waiting, max_cost=100) == [0, 2, 3]
+    assert merge_waiting(waiting[1:], max_cost=1) == [0]  # the oldest batch always goes
+    assert merge_waiting([], max_cost=8) == []
+
+
+def test_a_job_is_never_twice_in_one_model_call():
+    waiting = [("a", 1, frozenset({"j1"})), ("a", 1, frozenset({"j1"})),
+               ("a", 1, frozenset({"j2"}))]
+    assert merge_waiting(waiting, max_cost=8) == [0, 2]

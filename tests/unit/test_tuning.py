@@ -4,13 +4,17 @@ inside a GPU replica's batch function. No Ray cluster is started."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from actors.common import LiveLimit
+from actors.common import BatchRunner
+from pipeline.config import StageBatchConfig
+from pipeline.records import StageResult
 from serve.tuning import tuned_config
+from tests.unit.factories import make_item
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,24 +60,55 @@ def test_a_bad_tune_is_refused_naming_the_problem(pool, changes, message):
         tuned_config(deployed(), pool, changes)
 
 
-def test_live_limit_follows_its_new_size_while_held():
-    async def scenario() -> list[int]:
-        gate = LiveLimit(1)
-        running: list[int] = []
-        peak: list[int] = []
+def test_batches_waiting_while_the_model_is_busy_are_merged_into_one_call():
+    """Serve closes small batches while a model call runs; the next call takes them all."""
+    calls: list[list[str]] = []
 
-        async def work() -> None:
-            async with gate:
-                running.append(1)
-                peak.append(len(running))
-                await asyncio.sleep(0.01)
-                running.pop()
+    def model(items):
+        calls.append([it.job_id for it in items])
+        time.sleep(0.05)
+        return [StageResult(it.job_id, ok=True) for it in items]
 
-        first = asyncio.gather(*(work() for _ in range(4)))
-        await first
-        await gate.set_limit(3)
-        await asyncio.gather(*(work() for _ in range(6)))
-        return peak
+    async def scenario() -> list[list[StageResult]]:
+        runner = BatchRunner(model, StageBatchConfig(max_batch_cost=8, max_concurrent_batches=1))
+        first = asyncio.ensure_future(runner.submit("k", [make_item("a")]))
+        await asyncio.sleep(0.01)  # the first call is running now
+        rest = [asyncio.ensure_future(runner.submit("k", [make_item(j)])) for j in "bcd"]
+        return [await first, *[await r for r in rest]]
 
-    peak = asyncio.run(scenario())
-    assert max(peak[:4]) == 1 and max(peak[4:]) == 3
+    results = asyncio.run(scenario())
+    assert calls == [["a"], ["b", "c", "d"]]
+    assert [[r.job_id for r in rs] for rs in results] == [["a"], ["b"], ["c"], ["d"]]
+
+
+def test_live_concurrency_and_cost_limits_follow_reconfigure():
+    running, peak = [0], [0]
+
+    def model(items):
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        running[0] -= 1
+        return [StageResult(it.job_id, ok=True) for it in items]
+
+    async def scenario(runner: BatchRunner, n: int) -> None:
+        await asyncio.gather(*(runner.submit(f"key{i}", [make_item(f"j{i}")]) for i in range(n)))
+
+    runner = BatchRunner(model, StageBatchConfig(max_batch_cost=1, max_concurrent_batches=1))
+    asyncio.run(scenario(runner, 4))
+    assert peak[0] == 1
+    runner.reconfigure(StageBatchConfig(max_batch_cost=1, max_concurrent_batches=3))
+    asyncio.run(scenario(runner, 6))
+    assert peak[0] == 3
+
+
+def test_a_failed_model_call_fails_every_batch_it_merged():
+    def model(items):
+        raise RuntimeError("CUDA error")
+
+    async def scenario():
+        runner = BatchRunner(model, StageBatchConfig())
+        return await asyncio.gather(runner.submit("k", [make_item("a")]),
+                                    return_exceptions=True)
+
+    assert isinstance(asyncio.run(scenario())[0], RuntimeError)
