@@ -12,15 +12,15 @@ from collections.abc import Callable
 
 import redis
 
+from pipeline import keys
 from pipeline.config import RetentionConfig
 from pipeline.errors import NotFound
-from pipeline.jobs import JobStore, account_tombstone_key
+from pipeline.jobs import JobStore
 from pipeline.receipts import ReceiptLedger
 from pipeline.records import DeletionReceipt
 from pipeline.retention import purge_finished_job
 from pipeline.storage import OUTPUT_PREFIX, StoreSet, account_digest, delete_verified, object_uri
 
-PENDING_ACCOUNTS_KEY = "eph:deletions:pending"  # hash receipt_id -> account_id
 ACCOUNT_DELETED_REASON = "the account was deleted"
 
 
@@ -64,7 +64,7 @@ def request_account_deletion(account_id: str, jobs: JobStore) -> str:
     request while one is pending returns the pending receipt.
     """
     chain = ReceiptLedger(jobs.redis)
-    tombstone = account_tombstone_key(account_id)
+    tombstone = keys.account_tombstone(account_id)
     receipt_id = chain.new_request_id()
     if not jobs.redis.set(tombstone, receipt_id, nx=True):
         existing = (jobs.redis.get(tombstone) or b"").decode()
@@ -73,12 +73,12 @@ def request_account_deletion(account_id: str, jobs: JobStore) -> str:
         jobs.redis.set(tombstone, receipt_id)
     chain.open_request(kind="account", account_id=account_id,
                        subject=f"account:{account_id}", receipt_id=receipt_id)
-    jobs.redis.hset(PENDING_ACCOUNTS_KEY, receipt_id, account_id)
+    jobs.redis.hset(keys.PENDING_ACCOUNT_DELETIONS, receipt_id, account_id)
     return receipt_id
 
 
 def pending_account_deletions(client: redis.Redis) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in client.hgetall(PENDING_ACCOUNTS_KEY).items()}
+    return {k.decode(): v.decode() for k, v in client.hgetall(keys.PENDING_ACCOUNT_DELETIONS).items()}
 
 
 _RELEASE_IF_OWNER = """
@@ -95,7 +95,7 @@ def delete_account(account_id: str, receipt_id: str, stores: StoreSet, jobs: Job
     again finishes the work. One worker per account at a time (a leased lock, renewed as it
     goes). Returns the number of objects verified gone by this call.
     """
-    lock = f"eph:acct:{account_id}:deletion-lock"
+    lock = keys.account_deletion_lock(account_id)
     token = f"{owner}:{uuid.uuid4().hex}"
     lease_ms = max(1, int(cfg.lease_s * 1000))
     if not jobs.redis.set(lock, token, nx=True, px=lease_ms):
@@ -139,7 +139,7 @@ def _delete_account(account_id: str, receipt_id: str, stores: StoreSet, jobs: Jo
         count += 1
     done = not jobs.account_job_ids(account_id) and not jobs.list_outputs(account_id)
     if done:
-        jobs.redis.hdel(PENDING_ACCOUNTS_KEY, receipt_id)
-        jobs.redis.expire(account_tombstone_key(account_id), TOMBSTONE_AFTER_S)
+        jobs.redis.hdel(keys.PENDING_ACCOUNT_DELETIONS, receipt_id)
+        jobs.redis.expire(keys.account_tombstone(account_id), TOMBSTONE_AFTER_S)
     chain.close_request(receipt_id, complete=done)
     return count

@@ -1,16 +1,6 @@
 """Job records and the per-account output index, in Redis. No media, no key.
 
-Keys:
-  eph:job:<job_id>               hash of a JobRecord (lists as JSON)
-  eph:jobs:active                set of job ids not yet succeeded or failed
-  eph:output:<output_id>         hash of an OutputRecord
-  eph:acct:<account_id>:outputs  zset output_id -> created_s
-  eph:acct:<account_id>:jobs     set of the account's job ids
-  eph:acct:<account_id>:active   set of the account's unfinished job ids (429 limit)
-  eph:runners                    zset runner_id -> lease expiry (job runner heartbeats)
-  eph:lock:<name>                short leased locks (one reaper at a time)
-  eph:metrics:purge_lag_s        list of the newest purge lags
-  eph:metrics:batch_fill:<stage> list of the newest batch fills (cost / max cost)
+Every key comes from pipeline/keys.py.
 """
 
 from __future__ import annotations
@@ -20,6 +10,7 @@ import time
 
 import redis
 
+from pipeline import keys
 from pipeline.errors import InvalidUpload, NotFound, TooManyJobs
 from pipeline.ledger import RetentionLedger
 from pipeline.records import (
@@ -32,9 +23,6 @@ from pipeline.records import (
 )
 from pipeline.retry import retry_on_conflict
 
-ACTIVE_KEY = "eph:jobs:active"
-RUNNERS_KEY = "eph:runners"
-PURGE_LAG_KEY = "eph:metrics:purge_lag_s"  # newest 10,000 lags, job end -> inputs verified gone
 _LIST_FIELDS = ("input_uris", "output_ids")
 _FLOAT_FIELDS = ("created_s", "updated_s", "succeeded_s", "finished_s", "inputs_purged_s")
 _INT_FIELDS = (
@@ -71,37 +59,12 @@ return {first, redis.call('HGET', KEYS[1], 'finished_s') or ''}
 """
 
 
-def _job_key(job_id: str) -> str:
-    return f"eph:job:{job_id}"
 
 
-def _output_key(output_id: str) -> str:
-    return f"eph:output:{output_id}"
 
 
-def _account_outputs_key(account_id: str) -> str:
-    return f"eph:acct:{account_id}:outputs"
 
 
-def _account_jobs_key(account_id: str) -> str:
-    return f"eph:acct:{account_id}:jobs"
-
-
-def _account_active_key(account_id: str) -> str:
-    return f"eph:acct:{account_id}:active"  # the finish script above builds it too
-
-
-def _batch_fill_key(stage: Stage) -> str:
-    return f"eph:metrics:batch_fill:{stage.value}"  # newest 1,000 batch cost / max cost
-
-
-def _lock_key(name: str) -> str:
-    return f"eph:lock:{name}"
-
-
-def account_tombstone_key(account_id: str) -> str:
-    """Set while (and for a day after) an account is deleted: no new job or output."""
-    return f"eph:acct:{account_id}:deleting"
 
 
 def _flat(fields: dict[str, object]) -> list[str]:
@@ -134,8 +97,8 @@ class JobStore:
         the account already has ``max_in_flight`` unfinished jobs.
         """
         fields = {k: getattr(job, k) for k in job.__slots__ if getattr(job, k) is not None}
-        tombstone = account_tombstone_key(job.account_id)
-        active = _account_active_key(job.account_id)
+        tombstone = keys.account_tombstone(job.account_id)
+        active = keys.account_active(job.account_id)
 
         def attempt() -> None:
             with self.redis.pipeline(transaction=True) as p:
@@ -147,9 +110,9 @@ class JobStore:
                     raise TooManyJobs(f"this account already has {max_in_flight} unfinished "
                                       "jobs; wait for one to finish")
                 p.multi()
-                p.hset(_job_key(job.job_id), mapping={k: _encode(v) for k, v in fields.items()})
-                p.sadd(ACTIVE_KEY, job.job_id)
-                p.sadd(_account_jobs_key(job.account_id), job.job_id)
+                p.hset(keys.job(job.job_id), mapping={k: _encode(v) for k, v in fields.items()})
+                p.sadd(keys.ACTIVE_JOBS, job.job_id)
+                p.sadd(keys.account_jobs(job.account_id), job.job_id)
                 p.sadd(active, job.job_id)
                 self.ledger.register(records, pipe=p)
                 p.execute()
@@ -159,17 +122,17 @@ class JobStore:
     def discard_job(self, job_id: str, records: list[RetentionRecord]) -> None:
         """Undo ``create_job`` once the job's objects are verified gone (failed ingest)."""
         p = self.redis.pipeline(transaction=True)
-        p.delete(_job_key(job_id))
-        p.srem(ACTIVE_KEY, job_id)
+        p.delete(keys.job(job_id))
+        p.srem(keys.ACTIVE_JOBS, job_id)
         for rec in records:
-            p.srem(_account_jobs_key(rec.account_id), job_id)
-            p.srem(_account_active_key(rec.account_id), job_id)
+            p.srem(keys.account_jobs(rec.account_id), job_id)
+            p.srem(keys.account_active(rec.account_id), job_id)
         p.execute()
         for rec in records:
             self.ledger.complete(rec)
 
     def get_job(self, job_id: str) -> JobRecord:
-        raw = self.redis.hgetall(_job_key(job_id))
+        raw = self.redis.hgetall(keys.job(job_id))
         if not raw:
             raise NotFound(f"job {job_id} not found")
         d: dict[str, object] = {k.decode(): v.decode() for k, v in raw.items()}
@@ -190,7 +153,7 @@ class JobStore:
         fields["updated_s"] = time.time()
         status = fields.get("status")
         terminal = "1" if isinstance(status, JobStatus) and status.is_finished else "0"
-        self._update_if_exists(keys=[_job_key(job_id), ACTIVE_KEY],
+        self._update_if_exists(keys=[keys.job(job_id), keys.ACTIVE_JOBS],
                                args=[terminal, job_id, *_flat(fields)])
 
     def finish_job(
@@ -207,54 +170,54 @@ class JobStore:
             fields.update(succeeded_s=now, output_ids=list(output_ids))
         else:
             fields["reason"] = reason
-        self._finish_once(keys=[_job_key(job_id), ACTIVE_KEY], args=[job_id, *_flat(fields)])
+        self._finish_once(keys=[keys.job(job_id), keys.ACTIVE_JOBS], args=[job_id, *_flat(fields)])
         self.ledger.expedite_job(job_id, (ObjectClass.INPUT, ObjectClass.FACE_DATA), now)
 
     def record_purge(self, job_id: str, *, num_inputs_verified: int, complete: bool) -> None:
         """Count inputs verified gone; stamp ``inputs_purged_s`` once all are gone."""
         now = time.time()
         first_complete, finished = self._record_purge(
-            keys=[_job_key(job_id)],
+            keys=[keys.job(job_id)],
             args=[num_inputs_verified, "1" if complete else "0", repr(now)])
         if first_complete and finished:
             lag_s = now - float(finished)
             p = self.redis.pipeline(transaction=True)
-            p.lpush(PURGE_LAG_KEY, repr(lag_s))
-            p.ltrim(PURGE_LAG_KEY, 0, 9999)
+            p.lpush(keys.PURGE_LAGS, repr(lag_s))
+            p.ltrim(keys.PURGE_LAGS, 0, 9999)
             p.execute()
 
     def account_job_ids(self, account_id: str) -> list[str]:
-        return sorted(j.decode() for j in self.redis.smembers(_account_jobs_key(account_id)))
+        return sorted(j.decode() for j in self.redis.smembers(keys.account_jobs(account_id)))
 
     def account_of(self, job_id: str) -> str:
         """The job's account id, or "" once the job record is gone."""
-        return (self.redis.hget(_job_key(job_id), "account_id") or b"").decode()
+        return (self.redis.hget(keys.job(job_id), "account_id") or b"").decode()
 
     def is_finished(self, job_id: str) -> bool:
         """True once the job succeeded or failed, or no longer exists (account deleted)."""
-        status = self.redis.hget(_job_key(job_id), "status")
+        status = self.redis.hget(keys.job(job_id), "status")
         return status is None or JobStatus(status.decode()).is_finished
 
     def forget_job(self, job_id: str, account_id: str) -> None:
         """Drop a finished job's record (account deletion); its inputs must be purged first."""
         p = self.redis.pipeline(transaction=True)
-        p.delete(_job_key(job_id))
-        p.srem(ACTIVE_KEY, job_id)
-        p.srem(_account_jobs_key(account_id), job_id)
-        p.srem(_account_active_key(account_id), job_id)
+        p.delete(keys.job(job_id))
+        p.srem(keys.ACTIVE_JOBS, job_id)
+        p.srem(keys.account_jobs(account_id), job_id)
+        p.srem(keys.account_active(account_id), job_id)
         p.execute()
 
     def remove_output(self, out: OutputRecord) -> None:
         p = self.redis.pipeline(transaction=True)
-        p.delete(_output_key(out.output_id))
-        p.zrem(_account_outputs_key(out.account_id), out.output_id)
+        p.delete(keys.output(out.output_id))
+        p.zrem(keys.account_outputs(out.account_id), out.output_id)
         p.execute()
 
     def purge_lags_s(self) -> list[float]:
-        return [float(v) for v in self.redis.lrange(PURGE_LAG_KEY, 0, -1)]
+        return [float(v) for v in self.redis.lrange(keys.PURGE_LAGS, 0, -1)]
 
     def active_job_ids(self) -> list[str]:
-        return sorted(j.decode() for j in self.redis.smembers(ACTIVE_KEY))
+        return sorted(j.decode() for j in self.redis.smembers(keys.ACTIVE_JOBS))
 
     def add_output(self, out: OutputRecord, pending: RetentionRecord) -> bool:
         """Index an output and drop its pending retention record, in one MULTI.
@@ -263,7 +226,7 @@ class JobStore:
         the account is being deleted: the caller then deletes the object. The pending
         record's deadline purges it if nobody does.
         """
-        job, tombstone = _job_key(out.job_id), account_tombstone_key(out.account_id)
+        job, tombstone = keys.job(out.job_id), keys.account_tombstone(out.account_id)
 
         def attempt() -> bool:
             with self.redis.pipeline(transaction=True) as p:
@@ -272,9 +235,9 @@ class JobStore:
                 if p.exists(tombstone) or status is None or JobStatus(status.decode()).is_finished:
                     return False
                 p.multi()
-                p.hset(_output_key(out.output_id),
+                p.hset(keys.output(out.output_id),
                        mapping={k: _encode(getattr(out, k)) for k in out.__slots__})
-                p.zadd(_account_outputs_key(out.account_id), {out.output_id: out.created_s})
+                p.zadd(keys.account_outputs(out.account_id), {out.output_id: out.created_s})
                 self.ledger.complete(pending, pipe=p)
                 p.execute()
                 return True
@@ -283,7 +246,7 @@ class JobStore:
 
     def get_output(self, account_id: str, output_id: str) -> OutputRecord:
         """An output of this account; another account's output is reported as not found."""
-        raw = self.redis.hgetall(_output_key(output_id))
+        raw = self.redis.hgetall(keys.output(output_id))
         d = {k.decode(): v.decode() for k, v in raw.items()}
         if not d or d["account_id"] != account_id:
             raise NotFound(f"output {output_id} not found for this account")
@@ -300,7 +263,7 @@ class JobStore:
         )
 
     def list_outputs(self, account_id: str) -> list[OutputRecord]:
-        ids = [i.decode() for i in self.redis.zrange(_account_outputs_key(account_id), 0, -1)]
+        ids = [i.decode() for i in self.redis.zrange(keys.account_outputs(account_id), 0, -1)]
         found = []
         for output_id in ids:
             try:
@@ -317,20 +280,20 @@ class JobStore:
             self.update_job(job_id, status=JobStatus.RUNNING,
                             **{f"{stage.value}_batch_size": len(job_ids)})
         p = self.redis.pipeline(transaction=False)
-        p.lpush(_batch_fill_key(stage), repr(cost_units / max_cost_units))
-        p.ltrim(_batch_fill_key(stage), 0, 999)
+        p.lpush(keys.batch_fill(stage.value), repr(cost_units / max_cost_units))
+        p.ltrim(keys.batch_fill(stage.value), 0, 999)
         p.execute()
 
     def finished_among(self, job_ids: list[str]) -> set[str]:
         """Those of ``job_ids`` that ended or no longer exist (one pipelined read)."""
         p = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
-            p.hget(_job_key(job_id), "status")
+            p.hget(keys.job(job_id), "status")
         return {job_id for job_id, raw in zip(job_ids, p.execute(), strict=True)
                 if raw is None or JobStatus(raw.decode()).is_finished}
 
     def batch_fills(self, stage: Stage) -> list[float]:
-        return [float(v) for v in self.redis.lrange(_batch_fill_key(stage), 0, -1)]
+        return [float(v) for v in self.redis.lrange(keys.batch_fill(stage.value), 0, -1)]
 
     def unfinished_counts(self) -> dict[JobStatus, int]:
         """Unfinished jobs by status (one pipelined read per 1,000 jobs)."""
@@ -339,7 +302,7 @@ class JobStore:
         for start in range(0, len(ids), 1000):
             p = self.redis.pipeline(transaction=False)
             for job_id in ids[start:start + 1000]:
-                p.hget(_job_key(job_id), "status")
+                p.hget(keys.job(job_id), "status")
             for raw in p.execute():
                 if raw:
                     status = JobStatus(raw.decode())
@@ -354,15 +317,15 @@ class JobStore:
 
     def heartbeat_runner(self, runner_id: str, *, lease_s: float, now_s: float) -> None:
         p = self.redis.pipeline(transaction=True)
-        p.zadd(RUNNERS_KEY, {runner_id: now_s + lease_s})
-        p.zremrangebyscore(RUNNERS_KEY, "-inf", now_s - 3600.0)  # long-gone runners
+        p.zadd(keys.RUNNERS, {runner_id: now_s + lease_s})
+        p.zremrangebyscore(keys.RUNNERS, "-inf", now_s - 3600.0)  # long-gone runners
         p.execute()
 
     def drop_runner(self, runner_id: str) -> None:
-        self.redis.zrem(RUNNERS_KEY, runner_id)
+        self.redis.zrem(keys.RUNNERS, runner_id)
 
     def live_runners(self, now_s: float) -> set[str]:
-        return {r.decode() for r in self.redis.zrangebyscore(RUNNERS_KEY, now_s, "+inf")}
+        return {r.decode() for r in self.redis.zrangebyscore(keys.RUNNERS, now_s, "+inf")}
 
     def unfinished_jobs(self) -> list[JobRecord]:
         """Every job not yet succeeded or failed (skipping ones deleted meanwhile)."""
@@ -376,4 +339,4 @@ class JobStore:
 
     def try_lock(self, name: str, owner: str, ttl_s: float) -> bool:
         """A leased lock: true for the one caller that got it; it expires by itself."""
-        return bool(self.redis.set(_lock_key(name), owner, nx=True, px=int(ttl_s * 1000)))
+        return bool(self.redis.set(keys.lock(name), owner, nx=True, px=int(ttl_s * 1000)))

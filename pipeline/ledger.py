@@ -16,12 +16,8 @@ from __future__ import annotations
 
 import redis
 
+from pipeline import keys
 from pipeline.records import ObjectClass, RetentionRecord
-
-DUE_KEY = "eph:ret:due"
-CREATED_KEY = "eph:ret:created"  # + ":<class>": zset uri -> created_s (oldest-age metric)
-PURGE_FAILURES_KEY = "eph:metrics:purge_failures"
-
 
 _EXPEDITE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -31,16 +27,10 @@ return 1
 """
 
 
-def _rec_key(uri: str) -> str:
-    return f"eph:ret:rec:{uri}"
 
 
-def _job_key(job_id: str) -> str:
-    return f"eph:ret:job:{job_id}"
 
 
-def _lease_key(uri: str) -> str:
-    return f"eph:ret:lease:{uri}"
 
 
 class RetentionLedger:
@@ -56,7 +46,7 @@ class RetentionLedger:
         p = self.redis.pipeline(transaction=True) if pipe is None else pipe
         for rec in records:
             p.hset(
-                _rec_key(rec.uri),
+                keys.retention_record(rec.uri),
                 mapping={
                     "uri": rec.uri,
                     "object_class": rec.object_class,
@@ -69,14 +59,14 @@ class RetentionLedger:
                     "bucket": rec.bucket,
                 },
             )
-            p.zadd(DUE_KEY, {rec.uri: rec.deadline_s})
-            p.zadd(f"{CREATED_KEY}:{rec.object_class}", {rec.uri: rec.created_s})
-            p.sadd(_job_key(rec.job_id), rec.uri)
+            p.zadd(keys.RETENTION_DUE, {rec.uri: rec.deadline_s})
+            p.zadd(f"{keys.RETENTION_CREATED}:{rec.object_class}", {rec.uri: rec.created_s})
+            p.sadd(keys.retention_job(rec.job_id), rec.uri)
         if own:
             p.execute()
 
     def get(self, uri: str) -> RetentionRecord | None:
-        raw = self.redis.hgetall(_rec_key(uri))
+        raw = self.redis.hgetall(keys.retention_record(uri))
         if not raw:
             return None
         d = {k.decode(): v.decode() for k, v in raw.items()}
@@ -93,48 +83,49 @@ class RetentionLedger:
         )
 
     def records_for_job(self, job_id: str) -> list[RetentionRecord]:
-        uris = sorted(u.decode() for u in self.redis.smembers(_job_key(job_id)))
+        uris = sorted(u.decode() for u in self.redis.smembers(keys.retention_job(job_id)))
         return [rec for rec in (self.get(u) for u in uris) if rec is not None]
 
     def due_uris(self, now_s: float, limit: int = 100) -> list[str]:
         """URIs whose deadline has passed, oldest deadline first."""
-        return [u.decode() for u in self.redis.zrangebyscore(DUE_KEY, "-inf", now_s, 0, limit)]
+        return [u.decode() for u in self.redis.zrangebyscore(keys.RETENTION_DUE, "-inf", now_s, 0, limit)]
 
     def try_claim(self, uri: str, owner: str, lease_s: float) -> bool:
         """Claim ``uri`` for one worker; False if another holds a live lease (SET NX PX)."""
-        return bool(self.redis.set(_lease_key(uri), owner, nx=True, px=max(1, int(lease_s * 1000))))
+        return bool(self.redis.set(keys.retention_lease(uri), owner, nx=True, px=max(1, int(lease_s * 1000))))
 
     def release(self, uri: str) -> None:
-        self.redis.delete(_lease_key(uri))
+        self.redis.delete(keys.retention_lease(uri))
 
     def complete(self, rec: RetentionRecord, pipe: redis.client.Pipeline | None = None) -> None:
         """Drop a record whose object is verified gone (or indexed, for an output)."""
         p = self.redis.pipeline(transaction=True) if pipe is None else pipe
-        p.delete(_rec_key(rec.uri))
-        p.zrem(DUE_KEY, rec.uri)
-        p.zrem(f"{CREATED_KEY}:{rec.object_class}", rec.uri)
-        p.srem(_job_key(rec.job_id), rec.uri)
-        p.delete(_lease_key(rec.uri))
+        p.delete(keys.retention_record(rec.uri))
+        p.zrem(keys.RETENTION_DUE, rec.uri)
+        p.zrem(f"{keys.RETENTION_CREATED}:{rec.object_class}", rec.uri)
+        p.srem(keys.retention_job(rec.job_id), rec.uri)
+        p.delete(keys.retention_lease(rec.uri))
         if pipe is None:
             p.execute()
 
     def defer(self, uri: str, until_s: float) -> None:
         """Push a record the sweep could not purge to later, so it does not block others."""
-        self.redis.zadd(DUE_KEY, {uri: until_s}, xx=True)
+        self.redis.zadd(keys.RETENTION_DUE, {uri: until_s}, xx=True)
 
     def expedite_job(self, job_id: str, classes: tuple[str, ...], now_s: float) -> None:
         """Make a finished job's objects of ``classes`` due now, so a lost purge call is
         picked up by the next sweep instead of waiting for the hard ceiling."""
         for rec in self.records_for_job(job_id):
             if rec.object_class in classes and rec.deadline_s > now_s:
-                self._expedite(keys=[_rec_key(rec.uri), DUE_KEY], args=[rec.uri, repr(now_s)])
+                self._expedite(keys=[keys.retention_record(rec.uri), keys.RETENTION_DUE],
+                               args=[rec.uri, repr(now_s)])
 
     def note_purge_failure(self) -> None:
-        self.redis.incr(PURGE_FAILURES_KEY)
+        self.redis.incr(keys.PURGE_FAILURES)
 
     def oldest_created_s(self, object_class: str) -> float | None:
-        first = self.redis.zrange(f"{CREATED_KEY}:{object_class}", 0, 0, withscores=True)
+        first = self.redis.zrange(f"{keys.RETENTION_CREATED}:{object_class}", 0, 0, withscores=True)
         return float(first[0][1]) if first else None
 
     def count(self) -> int:
-        return int(self.redis.zcard(DUE_KEY))
+        return int(self.redis.zcard(keys.RETENTION_DUE))

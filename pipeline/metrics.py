@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from pipeline import keys
 from pipeline.jobs import JobStore
-from pipeline.ledger import PURGE_FAILURES_KEY
 from pipeline.records import JobStatus, ObjectClass, Stage
 
 QUANTILES = (0.5, 0.9, 0.99)
@@ -58,7 +58,7 @@ def service_metrics(jobs: JobStore, now_s: float | None = None) -> list[Metric]:
                 for cls, created in ages.items()]),
         Metric("ephemera_purge_failures_total", "counter",
                "Deletions that failed or could not be verified (retried by the sweep).",
-               [({}, float(jobs.redis.get(PURGE_FAILURES_KEY) or 0))]),
+               [({}, float(jobs.redis.get(keys.PURGE_FAILURES) or 0))]),
         Metric("ephemera_tracked_objects", "gauge",
                "Objects with a retention record (inputs, face data, pending outputs).",
                [({}, float(jobs.ledger.count()))]),

@@ -23,12 +23,11 @@ from dataclasses import asdict, dataclass
 
 import redis
 
+from pipeline import keys
 from pipeline.errors import NotFound
 from pipeline.records import DeletionReceipt
 from pipeline.retry import retry_on_conflict
 
-CHAIN_KEY = "eph:receipts:chain"
-HEAD_KEY = "eph:receipts:head"
 GENESIS_HASH = "0" * 64
 
 
@@ -71,7 +70,7 @@ class ReceiptLedger:
         Idempotent for a given ``receipt_id``: an existing request is left as it is.
         """
         receipt_id = receipt_id or self.new_request_id()
-        key = f"eph:deletion:{receipt_id}"
+        key = keys.deletion_request(receipt_id)
         if self.redis.hsetnx(key, "receipt_id", receipt_id):
             self.redis.hset(key, mapping={
                 "kind": kind, "account_id": account_id,
@@ -81,7 +80,7 @@ class ReceiptLedger:
         return receipt_id
 
     def close_request(self, receipt_id: str, *, complete: bool) -> None:
-        self.redis.hset(f"eph:deletion:{receipt_id}", mapping={
+        self.redis.hset(keys.deletion_request(receipt_id), mapping={
             "status": "complete" if complete else "pending", "updated_s": repr(time.time())})
 
     def append(self, receipt_id: str, receipt: DeletionReceipt, *, account_id: str,
@@ -90,8 +89,8 @@ class ReceiptLedger:
 
         def attempt() -> ChainEntry:
             with self.redis.pipeline(transaction=True) as pipe:
-                pipe.watch(HEAD_KEY)
-                head = pipe.hgetall(HEAD_KEY)
+                pipe.watch(keys.RECEIPT_HEAD)
+                head = pipe.hgetall(keys.RECEIPT_HEAD)
                 seq = int(head.get(b"seq", b"-1")) + 1
                 prev = head.get(b"hash", GENESIS_HASH.encode()).decode()
                 entry = ChainEntry(
@@ -103,21 +102,21 @@ class ReceiptLedger:
                 )
                 entry = ChainEntry(**{**asdict(entry), "hash": _entry_hash(entry)})
                 pipe.multi()
-                pipe.rpush(CHAIN_KEY, json.dumps(asdict(entry), sort_keys=True))
-                pipe.hset(HEAD_KEY, mapping={"seq": seq, "hash": entry.hash})
-                pipe.rpush(f"eph:deletion:{receipt_id}:entries", seq)
+                pipe.rpush(keys.RECEIPT_CHAIN, json.dumps(asdict(entry), sort_keys=True))
+                pipe.hset(keys.RECEIPT_HEAD, mapping={"seq": seq, "hash": entry.hash})
+                pipe.rpush(keys.deletion_entries(receipt_id), seq)
                 pipe.execute()
                 return entry
 
         return retry_on_conflict(attempt)
 
     def get_request(self, receipt_id: str) -> dict:
-        raw = self.redis.hgetall(f"eph:deletion:{receipt_id}")
+        raw = self.redis.hgetall(keys.deletion_request(receipt_id))
         if not raw:
             raise NotFound(f"deletion receipt {receipt_id} not found")
         request = {k.decode(): v.decode() for k, v in raw.items()}
-        seqs = [int(s) for s in self.redis.lrange(f"eph:deletion:{receipt_id}:entries", 0, -1)]
-        request["objects"] = [json.loads(self.redis.lindex(CHAIN_KEY, s)) for s in seqs]
+        seqs = [int(s) for s in self.redis.lrange(keys.deletion_entries(receipt_id), 0, -1)]
+        request["objects"] = [json.loads(self.redis.lindex(keys.RECEIPT_CHAIN, s)) for s in seqs]
         return request
 
 
@@ -125,7 +124,7 @@ def verify_chain(client: redis.Redis) -> list[str]:
     """Problems found in the chain; empty when intact. Reads the whole list."""
     problems: list[str] = []
     prev = GENESIS_HASH
-    raw_entries = client.lrange(CHAIN_KEY, 0, -1)
+    raw_entries = client.lrange(keys.RECEIPT_CHAIN, 0, -1)
     for position, raw in enumerate(raw_entries):
         try:
             entry = ChainEntry(**json.loads(raw))
@@ -142,7 +141,7 @@ def verify_chain(client: redis.Redis) -> list[str]:
         prev = entry.hash
         if problems:
             break
-    head = client.hgetall(HEAD_KEY)
+    head = client.hgetall(keys.RECEIPT_HEAD)
     if not problems and head:
         if int(head[b"seq"]) != len(raw_entries) - 1 or head[b"hash"].decode() != prev:
             problems.append("head does not match the last entry (the chain was truncated)")

@@ -79,14 +79,15 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 
 def _verify_ledger(args: argparse.Namespace) -> int:
-    from pipeline.receipts import CHAIN_KEY, verify_chain
+    from pipeline import keys
+    from pipeline.receipts import verify_chain
 
     _, jobs, _ = _backends(args)
     problems = verify_chain(jobs.redis)
     if problems:
         print("deletion ledger TAMPERED:", *problems, sep="\n  ")
         return 1
-    print(f"deletion ledger intact: {jobs.redis.llen(CHAIN_KEY)} entries, hash chain verified")
+    print(f"deletion ledger intact: {jobs.redis.llen(keys.RECEIPT_CHAIN)} entries, hash chain verified")
     return 0
 
 

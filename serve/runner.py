@@ -121,8 +121,11 @@ class JobRunnerDeployment:
                     return plan
                 continue
             except Exception as exc:  # worker died, timed out or raised: retried
-                plan = after_crash(stage, item, f"the {stage} worker failed ({type(exc).__name__})",
-                                   max_attempts=self.max_attempts, now_s=time.time())
+                what = (f"the {stage} stage did not answer within {self.stage_timeout_s:g} s"
+                        if isinstance(exc, TimeoutError)
+                        else f"the {stage} worker failed ({type(exc).__name__})")
+                plan = after_crash(stage, item, what, max_attempts=self.max_attempts,
+                                   now_s=time.time())
             else:
                 plan = after_result(stage, item, result, max_attempts=self.max_attempts,
                                     now_s=time.time())

@@ -19,7 +19,7 @@ import ray
 import redis as redis_lib
 import skimage.data
 
-from pipeline import crypto
+from pipeline import crypto, keys
 from pipeline.config import RetentionConfig
 from pipeline.ledger import RetentionLedger
 from pipeline.retention import reconcile
@@ -166,7 +166,7 @@ def _contains_any(path: Path, needles: list[bytes]) -> bool:
 
 def _held_by(redis_client, job_ids: list[str]) -> dict[str, str]:
     """job id -> the runner holding it (its id carries the runner's pid)."""
-    return {j: (redis_client.hget(f"eph:job:{j}", "runner_id") or b"").decode() for j in job_ids}
+    return {j: (redis_client.hget(keys.job(j), "runner_id") or b"").decode() for j in job_ids}
 
 
 def test_job_runner_killed_fails_only_the_jobs_it_held(client, service, store_root,

@@ -10,12 +10,12 @@ import uuid
 import pytest
 import redis
 
-from pipeline import crypto
+from pipeline import crypto, keys
 from pipeline.config import RetentionConfig
 from pipeline.deletion import delete_account, delete_output, request_account_deletion
 from pipeline.errors import NotFound
 from pipeline.jobs import JobStore
-from pipeline.receipts import CHAIN_KEY, ReceiptLedger, verify_chain
+from pipeline.receipts import ReceiptLedger, verify_chain
 from pipeline.records import JobRecord, OutputRecord, RetentionRecord
 from pipeline.redis_server import RedisServer
 from pipeline.retention import purge_finished_job, reconcile
@@ -109,7 +109,7 @@ def test_every_purge_is_chained_and_tampering_is_detected(store, jobs, private_r
         job = make_job(store, jobs, finished=True)
         purge_finished_job(job.job_id, StoreSet.single(store), jobs, owner="t", cfg=CFG)
     client = jobs.redis
-    entries = [json.loads(e) for e in client.lrange(CHAIN_KEY, 0, -1)]
+    entries = [json.loads(e) for e in client.lrange(keys.RECEIPT_CHAIN, 0, -1)]
     assert len(entries) == 9 and verify_chain(client) == []
     assert all(e["result"] == "verified_gone" for e in entries)
     # Receipts hold a hash of the URI, never the URI or any content.
@@ -118,22 +118,22 @@ def test_every_purge_is_chained_and_tampering_is_detected(store, jobs, private_r
     args = ["retention", "verify-ledger", "--redis-url", private_redis.url]
     assert cli(args) == 0
 
-    original = client.lindex(CHAIN_KEY, 4)
+    original = client.lindex(keys.RECEIPT_CHAIN, 4)
     edited = json.loads(original)
     edited["verified_s"] -= 3600  # backdate a deletion
-    client.lset(CHAIN_KEY, 4, json.dumps(edited, sort_keys=True))
+    client.lset(keys.RECEIPT_CHAIN, 4, json.dumps(edited, sort_keys=True))
     assert any("entry 4" in p for p in verify_chain(client)) and cli(args) == 1
-    client.lset(CHAIN_KEY, 4, original)
+    client.lset(keys.RECEIPT_CHAIN, 4, original)
     assert verify_chain(client) == []
 
-    client.lrem(CHAIN_KEY, 1, client.lindex(CHAIN_KEY, 2))  # drop an entry
+    client.lrem(keys.RECEIPT_CHAIN, 1, client.lindex(keys.RECEIPT_CHAIN, 2))  # drop an entry
     assert verify_chain(client) != []
 
 
 def test_truncating_the_chain_is_detected(store, jobs):
     job = make_job(store, jobs, finished=True)
     purge_finished_job(job.job_id, StoreSet.single(store), jobs, owner="t", cfg=CFG)
-    jobs.redis.rpop(CHAIN_KEY)
+    jobs.redis.rpop(keys.RECEIPT_CHAIN)
     assert any("truncated" in p for p in verify_chain(jobs.redis))
 
 
@@ -143,8 +143,8 @@ def test_reconciler_deletes_orphans_and_overdue_objects_only(store, jobs, privat
     store.put(orphan_key, b"ciphertext with no record")
     overdue = make_job(store, jobs)
     for rec in jobs.ledger.records_for_job(overdue.job_id):
-        jobs.ledger.redis.zadd("eph:ret:due", {rec.uri: 0}, xx=True)
-        jobs.ledger.redis.hset(f"eph:ret:rec:{rec.uri}", "deadline_s", "0")
+        jobs.ledger.redis.zadd(keys.RETENTION_DUE, {rec.uri: 0}, xx=True)
+        jobs.ledger.redis.hset(keys.retention_record(rec.uri), "deadline_s", "0")
     receipts = reconcile(StoreSet.single(store), jobs.ledger, owner="t", cfg=CFG)
     assert sum(r.object_class == "orphan" for r in receipts) == 1
     assert not store.exists(orphan_key)
@@ -198,10 +198,10 @@ def test_two_actors_deleting_one_account_do_not_double_delete(store, jobs):
     finished_job_with_outputs(store, jobs, 5, account="acct-race")
     receipt_id = request_account_deletion("acct-race", jobs)
     assert request_account_deletion("acct-race", jobs) == receipt_id  # one pending request
-    jobs.redis.set("eph:acct:acct-race:deletion-lock", "other-actor", px=5000)
+    jobs.redis.set(keys.account_deletion_lock("acct-race"), "other-actor", px=5000)
     assert delete_account("acct-race", receipt_id, StoreSet.single(store), jobs, owner="t", cfg=CFG) == 0
     assert len(jobs.list_outputs("acct-race")) == 5  # the lock holder does the work
-    jobs.redis.delete("eph:acct:acct-race:deletion-lock")
+    jobs.redis.delete(keys.account_deletion_lock("acct-race"))
     delete_account("acct-race", receipt_id, StoreSet.single(store), jobs, owner="t", cfg=CFG)
     objects = ReceiptLedger(jobs.redis).get_request(receipt_id)["objects"]
     assert sum(o["object_class"] == "output" for o in objects) == 5

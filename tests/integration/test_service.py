@@ -14,7 +14,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from pipeline import crypto
+from pipeline import crypto, keys
 from pipeline.config import ServiceConfig
 from pipeline.ingest import check_upload
 from tests.integration.helpers import (
@@ -44,7 +44,7 @@ def _assert_inputs_gone(store_root: Path, redis_client, job_id: str) -> None:
     job_inputs = [p for p in (store_root / "inputs" / job_id).rglob("*") if p.is_file()]
     job_faces = [p for p in (store_root / "face" / job_id).rglob("*") if p.is_file()]
     assert job_inputs == [] and job_faces == []
-    assert redis_client.scard(f"eph:ret:job:{job_id}") == 0
+    assert redis_client.scard(keys.retention_job(job_id)) == 0
 
 
 def test_healthz(client):
@@ -191,14 +191,20 @@ BAD_REQUESTS = {
 
 
 def _snapshot(store_root: Path, redis_client) -> tuple[list[str], list[str]]:
-    keys = sorted(k.decode() for k in redis_client.scan_iter(match="eph:*", count=1000))
+    # Heartbeats, locks and metrics change on their own; everything a request could leave
+    # behind is compared.
+    background = (keys.RUNNERS, keys.lock(""), "eph:metrics:")
+    names = sorted(k.decode() for k in redis_client.scan_iter(match=keys.PREFIX + "*",
+                                                               count=1000)
+                   if not k.decode().startswith(background))
     stored = sorted(str(p.relative_to(store_root)) for p in store_root.rglob("*") if p.is_file())
-    return keys, stored
+    return names, stored
 
 
 def _wait_quiet(redis_client, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while redis_client.scard("eph:jobs:active") or redis_client.zcount("eph:ret:due", "-inf", "+inf"):
+    while redis_client.scard(keys.ACTIVE_JOBS) or redis_client.zcount(keys.RETENTION_DUE, "-inf",
+                                                                          "+inf"):
         assert time.monotonic() < deadline, "earlier jobs did not settle"
         time.sleep(0.1)
 
@@ -416,5 +422,5 @@ def test_an_account_over_its_in_flight_limit_gets_429_and_nothing_changes(
                for r in refused)
     views = [wait_finished(client, r.json()["job_id"]) for r in accepted]
     assert all(v["status"] == "succeeded" for v in views)
-    assert redis_client.scard("eph:acct:acct-busy:jobs") == len(accepted)
-    assert redis_client.scard("eph:acct:acct-busy:active") == 0
+    assert redis_client.scard(keys.account_jobs("acct-busy")) == len(accepted)
+    assert redis_client.scard(keys.account_active("acct-busy")) == 0

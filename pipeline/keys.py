@@ -1,0 +1,98 @@
+"""Every Redis key of the project: the whole schema, in one place.
+
+Modules that read and write Redis (jobs, ledger, receipts, deletion) and scripts or tests
+that inspect it take their keys from here; nothing else spells a key. Values hold no media,
+no key material and no embedding (docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+PREFIX = "eph:"
+
+# Jobs and outputs (pipeline/jobs.py)
+ACTIVE_JOBS = "eph:jobs:active"              # set of unfinished job ids
+RUNNERS = "eph:runners"                      # zset runner_id -> lease expiry
+PURGE_LAGS = "eph:metrics:purge_lag_s"       # list: newest 10,000 purge lags
+
+
+def job(job_id: str) -> str:
+    """Hash of a JobRecord (lists as JSON)."""
+    return f"eph:job:{job_id}"
+
+
+def output(output_id: str) -> str:
+    """Hash of an OutputRecord."""
+    return f"eph:output:{output_id}"
+
+
+def account_outputs(account_id: str) -> str:
+    """Zset output_id -> created_s: the account's outputs."""
+    return f"eph:acct:{account_id}:outputs"
+
+
+def account_jobs(account_id: str) -> str:
+    """Set of the account's job ids."""
+    return f"eph:acct:{account_id}:jobs"
+
+
+def account_active(account_id: str) -> str:
+    """Set of the account's unfinished job ids (the 429 limit). jobs.py's finish script
+    builds the same name from the account id it reads: keep the two in step."""
+    return f"eph:acct:{account_id}:active"
+
+
+def account_tombstone(account_id: str) -> str:
+    """Set while (and a day after) an account is deleted: no new job or output."""
+    return f"eph:acct:{account_id}:deleting"
+
+
+def account_deletion_lock(account_id: str) -> str:
+    """Leased lock: one retention actor at a time deletes an account."""
+    return f"eph:acct:{account_id}:deletion-lock"
+
+
+def batch_fill(stage: str) -> str:
+    """List: newest 1,000 batch fills (cost / max cost) of a stage."""
+    return f"eph:metrics:batch_fill:{stage}"
+
+
+def lock(name: str) -> str:
+    """Short leased locks (one reaper at a time)."""
+    return f"eph:lock:{name}"
+
+
+# Retention ledger (pipeline/ledger.py)
+RETENTION_DUE = "eph:ret:due"                # zset uri -> deadline_s
+RETENTION_CREATED = "eph:ret:created"        # + ":<class>": zset uri -> created_s
+PURGE_FAILURES = "eph:metrics:purge_failures"  # counter
+
+
+def retention_record(uri: str) -> str:
+    """Hash of a RetentionRecord."""
+    return f"eph:ret:rec:{uri}"
+
+
+def retention_job(job_id: str) -> str:
+    """Set of the URIs registered for a job."""
+    return f"eph:ret:job:{job_id}"
+
+
+def retention_lease(uri: str) -> str:
+    """A purge claim (SET NX with a lease)."""
+    return f"eph:ret:lease:{uri}"
+
+
+# Deletion receipts (pipeline/receipts.py, pipeline/deletion.py)
+RECEIPT_CHAIN = "eph:receipts:chain"         # list of hash-chained entries
+RECEIPT_HEAD = "eph:receipts:head"           # hash: seq, hash of the last entry
+PENDING_ACCOUNT_DELETIONS = "eph:deletions:pending"  # hash receipt_id -> account_id
+
+
+def deletion_request(receipt_id: str) -> str:
+    """Hash: a deletion request's kind, status and times."""
+    return f"eph:deletion:{receipt_id}"
+
+
+def deletion_entries(receipt_id: str) -> str:
+    """List of chain sequence numbers belonging to a deletion request."""
+    return f"eph:deletion:{receipt_id}:entries"
