@@ -16,6 +16,7 @@ from pipeline.records import StageResult, WorkItem
 from pipeline.storage import StoreSet, open_stores
 
 ENDED_REASON = "the job already ended"
+SUPERSEDED_REASON = "a newer attempt of this job ran instead"
 
 
 def open_backends(settings: Settings) -> tuple[redis.Redis, StoreSet]:
@@ -53,6 +54,11 @@ class BatchRunner:
         self.cfg = cfg
         self.active = 0
         self.waiting: list[_Waiting] = []
+        self.calls: dict[asyncio.Task, float] = {}  # running model calls -> start time
+
+    def longest_call_s(self, now_s: float) -> float:
+        """How long the oldest running model call has been running (0: none)."""
+        return max((now_s - started for started in self.calls.values()), default=0.0)
 
     def reconfigure(self, cfg: StageBatchConfig) -> None:
         self.cfg = cfg
@@ -71,22 +77,45 @@ class BatchRunner:
             taken = [self.waiting[i] for i in taken_at]
             self.waiting = [w for i, w in enumerate(self.waiting) if i not in set(taken_at)]
             self.active += 1
-            asyncio.get_running_loop().create_task(self._call(taken))
+            task = asyncio.get_running_loop().create_task(self._call(taken))
+            self.calls[task] = time.time()
+            task.add_done_callback(self.calls.pop)
 
     async def _call(self, taken: list[_Waiting]) -> None:
+        items = _newest_attempts([it for w in taken for it in w.items])
         try:
-            results = await asyncio.to_thread(self.run, [it for w in taken for it in w.items])
-            by_job = {r.job_id: r for r in results}
+            results = await asyncio.to_thread(self.run, items)
+            by_attempt = {(it.job_id, it.attempts): r for it, r in zip(
+                items, _in_order(items, results), strict=True)}
             for w in taken:
                 if not w.future.done():
-                    w.future.set_result([by_job[it.job_id] for it in w.items])
+                    w.future.set_result([by_attempt.get((it.job_id, it.attempts)) or StageResult(
+                        it.job_id, ok=False, reason=SUPERSEDED_REASON) for it in w.items])
         except Exception as exc:
             for w in taken:
                 if not w.future.done():
                     w.future.set_exception(exc)
-        finally:
+        finally:  # whatever happened, nobody waits forever
+            for w in taken:
+                if not w.future.done():
+                    w.future.set_exception(RuntimeError("the model call was interrupted"))
             self.active -= 1
             self._start_ready()
+
+
+def _newest_attempts(items: list[WorkItem]) -> list[WorkItem]:
+    """One item per job, its newest attempt: an abandoned attempt that Serve batched with
+    its retry is answered 'superseded' instead of generating twice."""
+    newest: dict[str, WorkItem] = {}
+    for item in items:
+        if item.job_id not in newest or item.attempts > newest[item.job_id].attempts:
+            newest[item.job_id] = item
+    return list(newest.values())
+
+
+def _in_order(items: list[WorkItem], results: list[StageResult]) -> list[StageResult]:
+    by_job = {r.job_id: r for r in results}
+    return [by_job[it.job_id] for it in items]
 
 
 def apply_batching(batched_method, runner: BatchRunner, cfg: StageBatchConfig) -> None:

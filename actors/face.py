@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from ray import serve
 
 from actors.common import (
@@ -39,6 +41,13 @@ class FaceDeployment:
         """batching.yaml ``face``: applied live, no restart (Serve user_config)."""
         self.batching = StageBatchConfig.model_validate(user_config)
         apply_batching(self.run, self.model_calls, self.batching)
+
+    def check_health(self) -> None:
+        """A model call stuck past the stage timeout (a hung GPU) marks the replica
+        unhealthy; Serve replaces it and the runners retry its jobs elsewhere."""
+        stuck_s = self.model_calls.longest_call_s(time.time())
+        if stuck_s > self.settings.batching.stage_timeout_s * 2:
+            raise RuntimeError(f"a model call has run for {stuck_s:.0f} s")
 
     @serve.multiplexed(max_num_models_per_replica=64)
     async def bucket(self, bucket_id: str) -> str:

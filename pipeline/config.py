@@ -6,6 +6,7 @@ or an out-of-range value stops the service at start-up with a message naming the
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
@@ -410,6 +411,20 @@ class Settings(_Strict):
         if tries_s > job_s:
             raise ValueError(f"batching.yaml stage_timeout_s x max_attempts ({tries_s} s) "
                              f"exceeds service.yaml job_timeout_s ({job_s} s); lower one")
+        return self
+
+    @model_validator(mode="after")
+    def _largest_job_fits_a_batch(self) -> Settings:
+        service, batching = self.service, self.batching
+        side = max(service.allowed_resolutions_px) / batching.reference_resolution_px
+        largest = max(1, math.ceil(service.max_files_per_job * side * side))
+        for name, pool in (("face", batching.face), ("diffusion", batching.diffusion)):
+            if pool.max_batch_cost < largest:
+                raise ValueError(
+                    f"batching.yaml {name}.max_batch_cost {pool.max_batch_cost} is below the "
+                    f"cost of the largest job ({largest}: max_files_per_job "
+                    f"{service.max_files_per_job} at {max(service.allowed_resolutions_px)} px),"
+                    " which could then never run; raise it")
         return self
 
     @model_validator(mode="after")

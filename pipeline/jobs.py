@@ -34,20 +34,40 @@ _INT_FIELDS = (
 # Conditional writes run as one script, so a record deleted meanwhile (account deletion)
 # is never recreated half-empty by a late update, and an ended job (failed by the reaper,
 # say) never reads "running" again because a late batch started.
-_UPDATE_IF_EXISTS = """
+_UPDATE_IF_UNFINISHED = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if (not status) or status == 'succeeded' or status == 'failed' then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-if ARGV[1] == '1' then redis.call('SREM', KEYS[2], ARGV[2]) end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+# Ends a job once. KEYS: job, active jobs, the account's active set (keys.account_active).
+_FINISH_TAIL = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
 return 1
 """
 _FINISH_ONCE = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if (not status) or status == 'succeeded' or status == 'failed' then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+""" + _FINISH_TAIL
+# Fails a job only if it is still held by the runner the reaper saw (or still unclaimed) and
+# that runner's lease has lapsed, all checked at the moment of writing. KEYS: as above,
+# then the runners' zset. ARGV[1] job id, then the fields; the runner id and now come
+# as the fields __runner and __now, removed before writing.
+_FAIL_IF_ORPHANED = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if (not status) or status == 'succeeded' or status == 'failed' then return 0 end
+local expected, now, overdue = ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local runner = redis.call('HGET', KEYS[1], 'runner_id') or ''
+if runner ~= expected then return 0 end
+if runner ~= '' and overdue ~= '1' then
+  local lease = redis.call('ZSCORE', KEYS[4], runner)
+  if lease and tonumber(lease) >= now then return 0 end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('SREM', KEYS[2], ARGV[1])
-local account = redis.call('HGET', KEYS[1], 'account_id')
-if account then redis.call('SREM', 'eph:acct:' .. account .. ':active', ARGV[1]) end
+redis.call('SREM', KEYS[3], ARGV[1])
 return 1
 """
 _RECORD_PURGE = """
@@ -59,12 +79,32 @@ return {first, redis.call('HGET', KEYS[1], 'finished_s') or ''}
 """
 
 
+def _to_record(job_id: str, raw: dict) -> JobRecord:
+    if not raw:
+        raise NotFound(f"job {job_id} not found")
+    d: dict[str, object] = {k.decode(): v.decode() for k, v in raw.items()}
+    for name in _LIST_FIELDS:
+        d[name] = json.loads(str(d[name])) if d.get(name) else []
+    for name in _FLOAT_FIELDS:
+        d[name] = float(str(d[name])) if d.get(name) else None
+    for name in _INT_FIELDS:
+        d[name] = int(str(d.get(name) or 0))
+    d["status"] = JobStatus(str(d.get("status") or JobStatus.QUEUED))
+    try:
+        return JobRecord(**d)  # type: ignore[arg-type]
+    except TypeError:  # a record being deleted right now
+        raise NotFound(f"job {job_id} not found") from None
 
 
-
-
-
-
+def _end_fields(*, ok: bool, reason: str, output_ids: tuple[str, ...],
+                now_s: float) -> dict[str, object]:
+    fields: dict[str, object] = {"status": JobStatus.SUCCEEDED if ok else JobStatus.FAILED,
+                                 "finished_s": now_s, "updated_s": now_s}
+    if ok:
+        fields.update(succeeded_s=now_s, output_ids=list(output_ids))
+    else:
+        fields["reason"] = reason
+    return fields
 
 
 def _flat(fields: dict[str, object]) -> list[str]:
@@ -84,7 +124,8 @@ class JobStore:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self.ledger = RetentionLedger(client)
-        self._update_if_exists = client.register_script(_UPDATE_IF_EXISTS)
+        self._update_if_unfinished = client.register_script(_UPDATE_IF_UNFINISHED)
+        self._fail_if_orphaned = client.register_script(_FAIL_IF_ORPHANED)
         self._finish_once = client.register_script(_FINISH_ONCE)
         self._record_purge = client.register_script(_RECORD_PURGE)
 
@@ -132,29 +173,13 @@ class JobStore:
             self.ledger.complete(rec)
 
     def get_job(self, job_id: str) -> JobRecord:
-        raw = self.redis.hgetall(keys.job(job_id))
-        if not raw:
-            raise NotFound(f"job {job_id} not found")
-        d: dict[str, object] = {k.decode(): v.decode() for k, v in raw.items()}
-        for name in _LIST_FIELDS:
-            d[name] = json.loads(str(d[name])) if d.get(name) else []
-        for name in _FLOAT_FIELDS:
-            d[name] = float(str(d[name])) if d.get(name) else None
-        for name in _INT_FIELDS:
-            d[name] = int(str(d.get(name) or 0))
-        d["status"] = JobStatus(str(d.get("status") or JobStatus.QUEUED))
-        try:
-            return JobRecord(**d)  # type: ignore[arg-type]
-        except TypeError:  # a record being deleted right now
-            raise NotFound(f"job {job_id} not found") from None
+        return _to_record(job_id, self.redis.hgetall(keys.job(job_id)))
 
-    def update_job(self, job_id: str, **fields: object) -> None:
-        """Set some fields; a terminal status also removes the job from the active set."""
+    def update_job(self, job_id: str, **fields: object) -> bool:
+        """Set some fields of an unfinished job; False (nothing written) once it ended or
+        is gone. Ending a job is ``finish_job``'s alone."""
         fields["updated_s"] = time.time()
-        status = fields.get("status")
-        terminal = "1" if isinstance(status, JobStatus) and status.is_finished else "0"
-        self._update_if_exists(keys=[keys.job(job_id), keys.ACTIVE_JOBS],
-                               args=[terminal, job_id, *_flat(fields)])
+        return bool(self._update_if_unfinished(keys=[keys.job(job_id)], args=_flat(fields)))
 
     def finish_job(
         self, job_id: str, *, ok: bool, reason: str = "", output_ids: tuple[str, ...] = ()
@@ -164,14 +189,30 @@ class JobStore:
         A job that already ended keeps its first outcome; its inputs are made due either way.
         """
         now = time.time()
-        fields: dict[str, object] = {"status": JobStatus.SUCCEEDED if ok else JobStatus.FAILED,
-                                     "finished_s": now, "updated_s": now}
-        if ok:
-            fields.update(succeeded_s=now, output_ids=list(output_ids))
-        else:
-            fields["reason"] = reason
-        self._finish_once(keys=[keys.job(job_id), keys.ACTIVE_JOBS], args=[job_id, *_flat(fields)])
+        fields = _end_fields(ok=ok, reason=reason, output_ids=output_ids, now_s=now)
+        account = self.account_of(job_id)
+        if account:
+            self._finish_once(keys=[keys.job(job_id), keys.ACTIVE_JOBS,
+                                    keys.account_active(account)],
+                              args=[job_id, *_flat(fields)])
         self.ledger.expedite_job(job_id, (ObjectClass.INPUT, ObjectClass.FACE_DATA), now)
+
+    def fail_orphan(self, job: JobRecord, reason: str, *, now_s: float,
+                    overdue: bool = False) -> bool:
+        """Fail ``job`` if, at this instant, it is still held by the runner it was seen with
+        (or still unclaimed) and that runner's lease has lapsed; ``overdue`` skips the lease
+        check (a job far past its deadline). Atomic, so a runner that heartbeats or claims
+        the job meanwhile keeps it. Returns whether it failed the job."""
+        fields = _end_fields(ok=False, reason=reason, output_ids=(), now_s=now_s)
+        failed = bool(self._fail_if_orphaned(
+            keys=[keys.job(job.job_id), keys.ACTIVE_JOBS, keys.account_active(job.account_id),
+                  keys.RUNNERS],
+            args=[job.job_id, job.runner_id, repr(now_s), "1" if overdue else "0",
+                  *_flat(fields)]))
+        if failed:
+            self.ledger.expedite_job(job.job_id, (ObjectClass.INPUT, ObjectClass.FACE_DATA),
+                                     now_s)
+        return failed
 
     def record_purge(self, job_id: str, *, num_inputs_verified: int, complete: bool) -> None:
         """Count inputs verified gone; stamp ``inputs_purged_s`` once all are gone."""
@@ -311,9 +352,10 @@ class JobStore:
 
     # Job runners: who holds which job (and its key) in memory.
 
-    def claim_job(self, job_id: str, runner_id: str) -> None:
-        """Record the runner now holding the job; a reaper fails it if that runner dies."""
-        self.update_job(job_id, runner_id=runner_id)
+    def claim_job(self, job_id: str, runner_id: str) -> bool:
+        """Record the runner now holding the job; False if the job already ended or is gone
+        (withdrawn, reaped, account deleted), and then nobody should drive it."""
+        return self.update_job(job_id, runner_id=runner_id)
 
     def heartbeat_runner(self, runner_id: str, *, lease_s: float, now_s: float) -> None:
         p = self.redis.pipeline(transaction=True)
@@ -328,13 +370,20 @@ class JobStore:
         return {r.decode() for r in self.redis.zrangebyscore(keys.RUNNERS, now_s, "+inf")}
 
     def unfinished_jobs(self) -> list[JobRecord]:
-        """Every job not yet succeeded or failed (skipping ones deleted meanwhile)."""
+        """Every job not yet succeeded or failed (skipping ones deleted meanwhile), read in
+        pipelined rounds of 1,000."""
+        ids = self.active_job_ids()
         found = []
-        for job_id in self.active_job_ids():
-            try:
-                found.append(self.get_job(job_id))
-            except NotFound:
-                continue
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start:start + 1000]
+            p = self.redis.pipeline(transaction=False)
+            for job_id in chunk:
+                p.hgetall(keys.job(job_id))
+            for job_id, raw in zip(chunk, p.execute(), strict=True):
+                try:
+                    found.append(_to_record(job_id, raw))
+                except NotFound:
+                    continue
         return found
 
     def try_lock(self, name: str, owner: str, ttl_s: float) -> bool:

@@ -133,3 +133,9 @@ def orphan_reason(job: JobRecord, *, live_runners: set[str], now_s: float,
     if now_s - job.created_s > unclaimed_grace_s:
         return NOT_STARTED_REASON
     return None
+
+
+def is_far_overdue(job: JobRecord, *, now_s: float, job_timeout_s: float) -> bool:
+    """A backstop: an unfinished job twice past its timeout ends, whoever holds it (its
+    runner should have ended it at the deadline; something kept it from doing so)."""
+    return not job.status.is_finished and now_s - job.created_s > 2 * job_timeout_s

@@ -212,8 +212,11 @@ class ApiDeployment:
             await asyncio.to_thread(withdraw_job, job.job_id, self.stores, self.jobs)
             raise ServiceFull("the service is at capacity; nothing was kept, try again "
                               "shortly") from None
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            # Includes Serve cancelling the hand-off because the client went away: the job
+            # must not stay stored with no runner to drive it.
             log.warning("handing a job to a runner failed: %s", type(exc).__name__)
+            response.cancel()
             await asyncio.to_thread(withdraw_job, job.job_id, self.stores, self.jobs)
             raise Unavailable("the job runners are unavailable; nothing was kept, try again "
                               "shortly") from None

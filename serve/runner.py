@@ -27,10 +27,12 @@ from ray.serve.exceptions import BackPressureError
 from pipeline.config import Settings
 from pipeline.jobs import JobStore
 from pipeline.orchestration import (
+    TIMEOUT_REASON,
     Next,
     after_crash,
     after_result,
     check_deadline,
+    is_far_overdue,
     orphan_reason,
     stage_timeout_s,
     start,
@@ -66,8 +68,9 @@ class JobRunnerDeployment:
         self.lease_s = settings.service.runner_lease_s
         self.held: dict[str, WorkItem] = {}  # the only copies of these jobs' device keys
         self._tasks: set[asyncio.Task] = set()
-        self._background: asyncio.Task | None = None
+        self._background: list[asyncio.Task] = []
         self.jobs.heartbeat_runner(self.runner_id, lease_s=self.lease_s, now_s=time.time())
+        self._beating_since: float | None = time.time()  # None while heartbeats fail
 
     def reconfigure(self, user_config: dict) -> None:
         """batching.yaml max_attempts and stage_timeout_s, live (Serve user_config)."""
@@ -86,7 +89,8 @@ class JobRunnerDeployment:
         self._ensure_background()
         self.held[item.job_id] = item
         try:
-            await self._redis(self.jobs.claim_job, item.job_id, self.runner_id)
+            if not await self._redis(self.jobs.claim_job, item.job_id, self.runner_id):
+                return False  # withdrawn, reaped or deleted before it got here
             plan = start(item, time.time())
             while plan.stage is not None:
                 plan = await self._run_stage(plan.stage, plan.item)
@@ -142,8 +146,9 @@ class JobRunnerDeployment:
         try:
             result = await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
         except TimeoutError:
-            # The call may still finish: whatever it writes then belongs to an abandoned
-            # attempt and is discarded when it arrives.
+            # Withdraw it if it still waits for a replica; if it runs, whatever it writes
+            # belongs to an abandoned attempt and is discarded when it arrives.
+            response.cancel()
             self._spawn(self._discard_late(waiter, item))
             observe_stage(stage, sent_s, "timeout")
             raise
@@ -158,10 +163,11 @@ class JobRunnerDeployment:
     async def _discard_late(self, waiter: asyncio.Future, item: WorkItem) -> None:
         try:
             result = await asyncio.wait_for(waiter, self.stage_timeout_s * 4)
-        except Exception:
+            if result.output_ids:
+                await self.retention.discard_outputs.remote(item.account_id,
+                                                            list(result.output_ids))
+        except Exception:  # cancelled, failed, or too late: outputs expire with the job
             return
-        if result.output_ids:
-            await self.retention.discard_outputs.remote(item.account_id, list(result.output_ids))
 
     async def _redis(self, call, *args, **kwargs):
         """A Redis write, retried with backoff while Redis is briefly away."""
@@ -189,37 +195,58 @@ class JobRunnerDeployment:
         task.add_done_callback(self._tasks.discard)
 
     def _ensure_background(self) -> None:
-        if self._background is None or self._background.done():
-            self._background = asyncio.get_running_loop().create_task(self._forever())
+        if not self._background or any(t.done() for t in self._background):
+            for task in self._background:
+                task.cancel()
+            loop = asyncio.get_running_loop()
+            self._background = [loop.create_task(self._heartbeat()),
+                                loop.create_task(self._reaper())]
 
-    async def _forever(self) -> None:
-        """Heartbeat this runner's lease; one runner at a time reaps orphaned jobs."""
-        last_reap_s = 0.0
+    async def _heartbeat(self) -> None:
+        """Renew this runner's lease; its own task, so a long reap never delays it."""
         while True:
             try:
-                now = time.time()
                 await asyncio.to_thread(self.jobs.heartbeat_runner, self.runner_id,
-                                        lease_s=self.lease_s, now_s=now)
-                if now - last_reap_s >= self.lease_s / 2:
-                    last_reap_s = now
-                    if await asyncio.to_thread(self.jobs.try_lock, "reaper", self.runner_id,
-                                               self.lease_s / 2):
-                        await self._reap(now)
-            except Exception:  # Redis away: try again next beat
-                log.warning("runner heartbeat or reaping failed; retrying")
+                                        lease_s=self.lease_s, now_s=time.time())
+                if self._beating_since is None:
+                    self._beating_since = time.time()
+            except Exception:  # Redis away: every lease may lapse; reap nothing meanwhile
+                self._beating_since = None
+                log.warning("runner heartbeat failed; retrying")
             await asyncio.sleep(self.lease_s / 5)
 
+    async def _reaper(self) -> None:
+        """One runner at a time fails and purges the jobs no live runner holds. Only a
+        runner that has heartbeated without a break for a whole lease reaps, so after a
+        Redis outage every live runner has renewed its lease before anyone is judged."""
+        while True:
+            await asyncio.sleep(self.lease_s / 2)
+            now = time.time()
+            if self._beating_since is None or now - self._beating_since < self.lease_s:
+                continue
+            try:
+                if await asyncio.to_thread(self.jobs.try_lock, "reaper", self.runner_id,
+                                           self.lease_s / 2):
+                    await self._reap(now)
+            except Exception:
+                log.warning("reaping failed; retrying")
+
     async def _reap(self, now_s: float) -> None:
-        """Fail and purge the jobs whose runner is gone, or that no runner ever took."""
+        """Fail and purge the jobs whose runner is gone, that no runner ever took, or that
+        are far past their timeout. Each failure re-checks its grounds atomically."""
         live = await asyncio.to_thread(self.jobs.live_runners, now_s)
         live.add(self.runner_id)
+        timeout_s = self.settings.service.job_timeout_s
         for job in await asyncio.to_thread(self.jobs.unfinished_jobs):
             reason = orphan_reason(job, live_runners=live, now_s=now_s,
-                                   unclaimed_grace_s=self.settings.service.job_timeout_s)
+                                   unclaimed_grace_s=timeout_s)
+            overdue = False
             if job.runner_id == self.runner_id and job.job_id not in self.held:
-                reason = INTERRUPTED_REASON  # ours, but no longer driven (first outcome wins)
-            if reason is not None:
-                await asyncio.to_thread(self.jobs.finish_job, job.job_id, ok=False, reason=reason)
+                reason, overdue = INTERRUPTED_REASON, True  # ours, but no longer driven
+            elif reason is None and is_far_overdue(job, now_s=now_s, job_timeout_s=timeout_s):
+                reason, overdue = TIMEOUT_REASON, True
+            if reason is not None and await asyncio.to_thread(
+                    self.jobs.fail_orphan, job, reason, now_s=now_s, overdue=overdue):
                 self._spawn(self._purge(job.job_id))
 
 

@@ -170,3 +170,11 @@ def test_simulated_gpu_time_follows_its_cost_model():
     assert gpu.batch_time_s(1, 512) == pytest.approx(1.6)
     assert gpu.batch_time_s(8, 512) == pytest.approx(0.25 + 8 * 1.35)
     assert gpu.batch_time_s(1, 1024) == pytest.approx(0.25 + 4 * 1.35)
+
+
+def test_a_batch_limit_below_the_largest_job_is_refused(tmp_path):
+    """A job costing more than max_batch_cost could never run: refused at start."""
+    root = config_dir_with(tmp_path, "batching.yaml",
+                           diffusion={"max_batch_cost": 2, "max_wait_ms": 100})
+    with pytest.raises(ValueError, match="diffusion.max_batch_cost 2 is below"):
+        load_settings(root)

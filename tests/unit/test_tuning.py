@@ -112,3 +112,22 @@ def test_a_failed_model_call_fails_every_batch_it_merged():
                                     return_exceptions=True)
 
     assert isinstance(asyncio.run(scenario())[0], RuntimeError)
+
+
+def test_an_abandoned_attempt_batched_with_its_retry_runs_once():
+    """Serve may batch a timed-out attempt with its retry: the model sees the job once and
+    the old attempt is answered 'superseded' (no second set of outputs)."""
+    seen: list[list[tuple[str, int]]] = []
+
+    def model(items):
+        seen.append([(it.job_id, it.attempts) for it in items])
+        return [StageResult(it.job_id, ok=True, output_ids=("o1",)) for it in items]
+
+    async def scenario():
+        runner = BatchRunner(model, StageBatchConfig())
+        return await runner.submit("k", [make_item("a", attempts=0), make_item("a", attempts=1)])
+
+    old, new = asyncio.run(scenario())
+    assert seen == [[("a", 1)]]
+    assert (new.ok, new.output_ids) == (True, ("o1",))
+    assert (old.ok, old.output_ids) == (False, ()) and "newer attempt" in old.reason
