@@ -17,7 +17,7 @@ from pipeline.config import RetentionConfig
 from pipeline.errors import NotFound
 from pipeline.jobs import JobStore
 from pipeline.receipts import ReceiptLedger
-from pipeline.records import DeletionReceipt
+from pipeline.records import DeletionReceipt, ObjectClass
 from pipeline.retention import purge_finished_job
 from pipeline.storage import OUTPUT_PREFIX, StoreSet, account_digest, delete_verified, object_uri
 
@@ -119,7 +119,7 @@ def _delete_account(account_id: str, receipt_id: str, stores: StoreSet, jobs: Jo
         jobs.finish_job(job_id, ok=False, reason=ACCOUNT_DELETED_REASON)
         count += purge_finished_job(job_id, stores, jobs, owner=owner, cfg=cfg,
                                     receipt_id=receipt_id)
-        if not [r for r in jobs.ledger.records_for_job(job_id) if r.object_class != "output"]:
+        if not [r for r in jobs.ledger.records_for_job(job_id) if r.object_class != ObjectClass.OUTPUT]:
             jobs.forget_job(job_id, account_id)
     # 2. Outputs in the index, then anything left under the account's folder.
     for out in jobs.list_outputs(account_id):

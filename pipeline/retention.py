@@ -16,7 +16,7 @@ from pipeline.errors import StorageError
 from pipeline.jobs import JobStore
 from pipeline.ledger import RetentionLedger
 from pipeline.receipts import ReceiptLedger
-from pipeline.records import DeletionReceipt, RetentionRecord
+from pipeline.records import DeletionReceipt, ObjectClass, RetentionRecord
 from pipeline.retry import backoff_s
 from pipeline.storage import (
     FACE_PREFIX,
@@ -28,7 +28,7 @@ from pipeline.storage import (
     object_uri,
 )
 
-PURGED_ON_EVENT = ("input", "face_data")
+PURGED_ON_EVENT = (ObjectClass.INPUT, ObjectClass.FACE_DATA)
 FOREIGN_RETRY_S = 3600.0  # a record of a store this worker does not have
 TEMPORARY_FILE_MAX_AGE_S = 600.0  # a local write takes milliseconds; older ones are debris
 
@@ -38,11 +38,11 @@ def purge_receipt_id(job_id: str) -> str:
     return f"purge-{job_id}"
 
 
-def deadline_for(object_class: str, created_s: float, cfg: RetentionConfig) -> float:
+def deadline_for(object_class: ObjectClass, created_s: float, cfg: RetentionConfig) -> float:
     """Hard-ceiling deadline of a new object. Outputs have none (kept until the user deletes)."""
-    if object_class == "input":
+    if object_class == ObjectClass.INPUT:
         return created_s + cfg.input_ceiling_h * 3600.0
-    if object_class == "face_data":
+    if object_class == ObjectClass.FACE_DATA:
         return created_s + cfg.face_data_ceiling_h * 3600.0
     return float("inf")
 
@@ -143,7 +143,7 @@ def note_purges(jobs: JobStore, receipts: list[DeletionReceipt], *,
     for receipt in receipts:
         if receipt.job_id:
             by_job[receipt.job_id] = by_job.get(receipt.job_id, 0) + (
-                receipt.object_class == "input")
+                receipt.object_class == ObjectClass.INPUT)
     for job_id, num_inputs in by_job.items():
         left = [r for r in jobs.ledger.records_for_job(job_id)
                 if r.object_class in PURGED_ON_EVENT]

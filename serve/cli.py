@@ -120,7 +120,8 @@ def _connect(args: argparse.Namespace) -> None:
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the local launcher's setting
-    ray.init(address=args.address, log_to_driver=False, logging_level="ERROR")
+    ray.init(address=args.address, log_to_driver=False, logging_level="ERROR",
+             ignore_reinit_error=True)
 
 
 def _tune(args: argparse.Namespace) -> int:

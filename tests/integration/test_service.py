@@ -424,3 +424,18 @@ def test_an_account_over_its_in_flight_limit_gets_429_and_nothing_changes(
     assert all(v["status"] == "succeeded" for v in views)
     assert redis_client.scard(keys.account_jobs("acct-busy")) == len(accepted)
     assert redis_client.scard(keys.account_active("acct-busy")) == 0
+
+
+def test_ephemera_status_shows_replicas_queue_batch_fill_and_purge_lag(client, service, capsys):
+    from serve.cli import main as cli
+
+    _generate(client, "acct-status")
+    assert cli(["status", "--redis-url", service.settings.service.redis_url]) == 0
+    out = capsys.readouterr().out
+    for deployment in ("ApiDeployment", "JobRunnerDeployment", "DiffusionDeployment"):
+        assert deployment in out
+    assert "2 running" in out  # the two job runners of the test settings
+    assert "max_batch_cost" in out  # the live batching each pool runs with
+    for metric in ("ephemera_jobs_unfinished[queued]", "ephemera_batch_fill_ratio[diffusion]",
+                   "ephemera_purge_lag_seconds[0.99]"):
+        assert metric in out

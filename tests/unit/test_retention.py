@@ -8,15 +8,16 @@ import random
 import pytest
 
 from pipeline.config import RetentionConfig
+from pipeline.records import ObjectClass
 from pipeline.retention import backoff_s, deadline_for
 
 
 def test_deadlines_follow_the_ceilings():
     cfg = RetentionConfig(input_ceiling_h=2, face_data_ceiling_h=1)
 
-    assert deadline_for("input", 100.0, cfg) == 100.0 + 2 * 3600
-    assert deadline_for("face_data", 100.0, cfg) == 100.0 + 3600
-    assert deadline_for("output", 100.0, cfg) == float("inf")
+    assert deadline_for(ObjectClass.INPUT, 100.0, cfg) == 100.0 + 2 * 3600
+    assert deadline_for(ObjectClass.FACE_DATA, 100.0, cfg) == 100.0 + 3600
+    assert deadline_for(ObjectClass.OUTPUT, 100.0, cfg) == float("inf")
 
 
 def test_default_ceilings_keep_the_four_day_promise():
