@@ -109,6 +109,7 @@ def bench_settings(base: Settings, root: Path, name: str, batch: int) -> Setting
         "service": base.service.model_copy(update={
             "redis_url": None,  # embedded Redis, started by the launcher under the workdir
             "max_jobs_in_flight_per_account": 10_000,  # one account submits every job
+            "max_files_per_job": 1,  # so batch cost 1 fits every job (one photo each)
         }),
         "storage": base.storage.model_copy(update={"local_root": str(root / name / "store")}),
         "models": base.models.model_copy(update={
