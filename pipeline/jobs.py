@@ -336,18 +336,20 @@ class JobStore:
     def batch_fills(self, stage: Stage) -> list[float]:
         return [float(v) for v in self.redis.lrange(keys.batch_fill(stage.value), 0, -1)]
 
-    def unfinished_counts(self) -> dict[JobStatus, int]:
-        """Unfinished jobs by status (one pipelined read per 1,000 jobs)."""
+    def unfinished_counts(self) -> dict[tuple[JobStatus, str], int]:
+        """Unfinished jobs by status and batch bucket ("kind/style/resolution"), one
+        pipelined read per 1,000 jobs: the queue depth per bucket."""
         ids = self.active_job_ids()
-        counts: dict[JobStatus, int] = {}
+        counts: dict[tuple[JobStatus, str], int] = {}
         for start in range(0, len(ids), 1000):
             p = self.redis.pipeline(transaction=False)
             for job_id in ids[start:start + 1000]:
-                p.hget(keys.job(job_id), "status")
-            for raw in p.execute():
-                if raw:
-                    status = JobStatus(raw.decode())
-                    counts[status] = counts.get(status, 0) + 1
+                p.hmget(keys.job(job_id), "status", "kind", "style", "resolution_px")
+            for status, kind, style, resolution in p.execute():
+                if status:
+                    bucket = "/".join(v.decode() for v in (kind, style, resolution) if v)
+                    key = (JobStatus(status.decode()), bucket)
+                    counts[key] = counts.get(key, 0) + 1
         return counts
 
     # Job runners: who holds which job (and its key) in memory.
