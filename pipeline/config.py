@@ -55,6 +55,10 @@ class ServiceConfig(_Strict):
     ray_object_store_mb: int | None = Field(
         None, ge=80, description="Object store size of a local Ray (null: Ray's default)."
     )
+    ray_metrics_export_port: int | None = Field(
+        None, ge=1024, le=65535, description="Port of a local Ray's metrics agent, for "
+        "Prometheus (null: Ray picks one). A cluster sets it in `ray start`."
+    )
     ray_spill_root: str = Field(
         "/dev/shm", description="Memory-backed (tmpfs) folder for Ray spilling and fallback "
         "allocations, so nothing from the object store ever reaches a disk."

@@ -91,6 +91,7 @@ def start_service(settings: Settings, *, workdir: Path, startup_timeout_s: float
                 # ingress. Spilled and fallback-allocated objects go to this folder, which
                 # must be RAM-backed: nothing from the object store may reach a disk.
                 object_spilling_directory=str(spill_dir),
+                _metrics_export_port=service.ray_metrics_export_port,
                 _plasma_directory=service.ray_spill_root,
             )
         serve.start(http_options={"host": service.http_host, "port": service.http_port})

@@ -11,7 +11,7 @@ import redis
 import torch
 
 from pipeline.config import load_settings
-from pipeline.redis_server import RedisServer
+from pipeline.redis_server import RedisServer, free_port
 
 API_TOKEN_ENV = "EPHEMERA_TEST_API_TOKEN"
 API_TOKEN = "test-token-" + "0123456789abcdef"
@@ -52,6 +52,7 @@ def test_settings(tmp_path_factory, redis_server, face_weights_path):
             "ray_object_store_mb": 150,  # small, so a test can fill it
             "api_token_env": API_TOKEN_ENV,
             "runner_lease_s": 4.0,  # a killed runner's jobs are reaped within seconds
+            "ray_metrics_export_port": free_port(),
         }),
         # Fixed pools, so fault tests know which replica holds what; two runners, so
         # losing one must not touch the other's jobs.

@@ -442,3 +442,20 @@ def test_ephemera_status_shows_replicas_queue_batch_fill_and_purge_lag(client, s
     for metric in ("ephemera_jobs_unfinished", "ephemera_batch_fill_ratio[diffusion]",
                    "purge lag p99:"):
         assert metric in out
+
+
+def test_ray_metrics_agent_exports_stage_latency_queue_wait_and_batch_size(client, service):
+    """Per-process metrics reach Prometheus through Ray's metrics agent on the node."""
+    import httpx
+
+    _generate(client, "acct-ray-metrics")
+    port = service.settings.service.ray_metrics_export_port
+    wanted = {"ray_ephemera_stage_latency_seconds_count", "ray_ephemera_queue_wait_seconds_count",
+              "ray_ephemera_batch_size_jobs_count"}
+    found: set[str] = set()
+    deadline = time.monotonic() + 60
+    while not wanted <= found and time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        found = {line.split("{")[0] for line in text.splitlines() if not line.startswith("#")}
+        time.sleep(1)
+    assert wanted <= found, wanted - found
