@@ -32,7 +32,9 @@ lint: install
 	$(BIN)/mypy pipeline
 
 bench: install
-	$(BIN)/python scripts/bench_service.py
+	$(BIN)/python scripts/bench_service.py --quick
+	$(BIN)/python scripts/bench_scale.py --quick
+	$(BIN)/python scripts/load.py --quick
 	$(BIN)/python scripts/bench_retention.py
 
 clean:

@@ -40,7 +40,7 @@ from pipeline import crypto  # noqa: E402
 from pipeline.config import load_settings  # noqa: E402
 from pipeline.jobs import JobStore  # noqa: E402
 from pipeline.metrics import percentile  # noqa: E402
-from pipeline.records import JobRecord, OutputRecord, RetentionRecord  # noqa: E402
+from pipeline.records import JobRecord, JobStatus, ObjectClass, OutputRecord, RetentionRecord  # noqa: E402
 from pipeline.storage import object_uri, open_stores, output_key  # noqa: E402
 from serve.launcher import start_service  # noqa: E402
 
@@ -52,6 +52,7 @@ def bench_settings(root: Path):
         "models": base.models.model_copy(update={
             "diffusion_model_dir": str(root / "models"), "num_inference_steps": 2}),
         "retention": base.retention.model_copy(update={"sweep_interval_s": 1.0}),
+        "service": base.service.model_copy(update={"max_jobs_in_flight_per_account": 10_000}),
     })
 
 
@@ -103,7 +104,7 @@ def seed_outputs(service, account: str, count: int) -> None:
     Image.new("RGB", (64, 64), (200, 100, 50)).save(png, format="PNG")
     now = time.time()
     job = JobRecord(job_id=uuid.uuid4().hex, account_id=account, kind="art_style",
-                    style="comic", resolution_px=64, status="succeeded", created_s=now,
+                    style="comic", resolution_px=64, status=JobStatus.RUNNING, created_s=now,
                     updated_s=now, input_uris=[])
     jobs.create_job(job, [])
     for _ in range(count):
@@ -111,10 +112,12 @@ def seed_outputs(service, account: str, count: int) -> None:
         key = output_key(account, output_id, "png")
         out = OutputRecord(output_id, account, job.job_id, object_uri(store, key),
                            "image/png", time.time())
-        pending = RetentionRecord(out.uri, "output", account, job.job_id, now, now + 3600)
+        pending = RetentionRecord(out.uri, ObjectClass.OUTPUT, account, job.job_id, now,
+                                  now + 3600)
         jobs.ledger.register([pending])  # as the output stage does: record, write, index
         store.put(key, png.getvalue())
         jobs.add_output(out, pending)
+    jobs.finish_job(job.job_id, ok=True)  # outputs are indexed while a job runs, as in the stage
 
 
 def account_deletion(client: httpx.Client, service, num_outputs: int) -> dict:
