@@ -13,7 +13,7 @@ from actors.common import (
     pin_torch_threads,
     run_unexpired,
 )
-from pipeline.config import MAX_CONCURRENT_BATCHES, Settings, StageBatchConfig, resolve_path
+from pipeline.config import MAX_CONCURRENT_BATCHES, Settings, StageBatchConfig
 from pipeline.orchestration import batch_cost
 from pipeline.records import Stage, StageResult, WorkItem
 from serve.telemetry import observe_batch
@@ -40,10 +40,14 @@ class DiffusionDeployment:
                 settings.models.simulated,
                 reference_resolution_px=settings.batching.reference_resolution_px)
         else:
+            from pipeline.model_store import resolve_model_dir
+
+            models = settings.models
             self.generator = load_generator(
-                resolve_path(settings.models.diffusion_model_dir),
-                select_runtime(settings.models),
-                build_tiny_if_missing=settings.models.build_tiny_if_missing,
+                resolve_model_dir(models.diffusion_model_dir, sha256=models.diffusion_model_sha256,
+                                  cache_dir=models.model_cache_dir, storage=settings.storage),
+                select_runtime(models),
+                build_tiny_if_missing=models.build_tiny_if_missing,
             )
         self.batching = settings.batching.diffusion
         self.model_calls = BatchRunner(self._run_checked, self.batching)

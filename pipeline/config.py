@@ -332,7 +332,17 @@ class ModelsConfig(_Strict):
         default_factory=SimulatedGpuConfig, description="Cost model of the simulated backend."
     )
     diffusion_model_dir: str = Field(
-        "models/tiny-sd", description="Directory saved with save_pretrained (relative: repo)."
+        "models/tiny-sd", description="The diffusion pipeline saved with save_pretrained: a "
+        "folder (relative: repo), or a model-store location s3://bucket/prefix or "
+        "gs://bucket/prefix (fetched once into model_cache_dir and verified)."
+    )
+    diffusion_model_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="The sha256 of the model's manifest.json "
+        "(printed by `ephemera models stage`): a node refuses any other version. null: any."
+    )
+    model_cache_dir: str = Field(
+        "models/cache", description="Local folder where GPU nodes keep verified copies of "
+        "store models (relative: repo)."
     )
     build_tiny_if_missing: bool = Field(
         True, description="Build tiny random-weight models into diffusion_model_dir if absent."

@@ -20,7 +20,7 @@ def read_weights_bytes(location: str, storage: StorageConfig) -> bytes:
         bucket, _, key = location[5:].partition("/")
         if not bucket or not key:
             raise ValueError(f"weights location {location!r} must be scheme://bucket/key")
-        store = _bucket_store(location[:2], bucket, storage)
+        store = bucket_store(location[:2], bucket, storage)
         return store.get(key)
     path = Path(location)
     if not path.is_file():
@@ -34,7 +34,7 @@ def load_state_dict(location: str, storage: StorageConfig) -> dict[str, torch.Te
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-def _bucket_store(scheme: str, bucket: str, storage: StorageConfig):
+def bucket_store(scheme: str, bucket: str, storage: StorageConfig):
     if scheme == "s3":
         from pipeline.s3_store import S3ObjectStore
 

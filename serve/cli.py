@@ -11,6 +11,9 @@
   ephemera retention reconcile [--redis-url URL]       delete orphans of crashes from the store
   ephemera retention verify-ledger [--redis-url URL]   detect tampering with deletion receipts
   ephemera storage check [--config-dir DIR]            check every bucket's settings
+  ephemera models stage SRC DEST                       copy a model folder or file into the
+                                                       model store and write its manifest
+  ephemera models fetch LOCATION [--sha256 H]          fetch and verify into the local cache
   ephemera config check [--config-dir DIR]             validate the YAML files and exit
 """
 
@@ -23,6 +26,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import CONFIG_DIR, load_settings
+from pipeline.errors import EphemeraError
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -175,6 +179,32 @@ def _deploy_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_stage(args: argparse.Namespace) -> int:
+    from pipeline.model_store import stage_model
+
+    settings = load_settings(args.config_dir)
+    manifest = stage_model(Path(args.src), args.dest, settings.storage)
+    size = sum(f.size_bytes for f in manifest.files)
+    print(f"staged {len(manifest.files)} files ({size} bytes) at {args.dest}")
+    print(f"manifest sha256: {manifest.sha256}  (pin it in models.yaml)")
+    return 0
+
+
+def _models_fetch(args: argparse.Namespace) -> int:
+    from pipeline.config import resolve_path
+    from pipeline.model_store import ModelStoreError, fetch_model
+
+    settings = load_settings(args.config_dir)
+    try:
+        path = fetch_model(args.location, resolve_path(settings.models.model_cache_dir),
+                           settings.storage, expected_sha256=args.sha256)
+    except ModelStoreError as exc:
+        print(f"ephemera: {exc}", file=sys.stderr)
+        return 1
+    print(f"verified copy at {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ephemera", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -221,6 +251,18 @@ def main(argv: list[str] | None = None) -> int:
     storage_sub = storage.add_subparsers(dest="action", required=True)
     storage_sub.add_parser("check", parents=[common],
                            help="check every bucket's posture").set_defaults(func=_storage_check)
+    models = sub.add_parser("models", help="the model store")
+    models_sub = models.add_subparsers(dest="action", required=True)
+    stage = models_sub.add_parser("stage", parents=[common],
+                                  help="copy a model into the store, write its manifest")
+    stage.add_argument("src", help="a save_pretrained folder or a single weights file")
+    stage.add_argument("dest", help="a folder, s3://bucket/prefix or gs://bucket/prefix")
+    stage.set_defaults(func=_models_stage)
+    fetch = models_sub.add_parser("fetch", parents=[common],
+                                  help="fetch a model into the local cache and verify it")
+    fetch.add_argument("location")
+    fetch.add_argument("--sha256", help="the manifest hash to insist on")
+    fetch.set_defaults(func=_models_fetch)
     config = sub.add_parser("config", help="configuration")
     config_sub = config.add_subparsers(dest="action", required=True)
     config_sub.add_parser("check", parents=[common], help="validate configs").set_defaults(
@@ -228,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as exc:  # config errors name the file and the field
+    except (ValueError, EphemeraError) as exc:  # config errors name the file and the field
         print(f"ephemera: {exc}", file=sys.stderr)
         return 2
 
