@@ -128,6 +128,7 @@ def main() -> int:
                 rows.append((job.job_id[:8], f"{job.kind}/{job.style}", job.name, status,
                              ", ".join(saved) or "-", job.stripped,
                              "yes" if ok else "NO", f"{lag:.2f}" if lag is not None else "-"))
+        print(RANDOM_WEIGHTS_NOTE)
         print_table(rows)
         print(f"inputs purged: {purged}/{total} verified")
         return 0 if purged == total else 1
@@ -166,6 +167,12 @@ def wait_for(client: httpx.Client, job_id: str, timeout_s: float = 300.0) -> dic
             return view
         time.sleep(0.2)
     raise TimeoutError(f"job {job_id} did not finish and purge within {timeout_s} s")
+
+
+RANDOM_WEIGHTS_NOTE = (
+    "note: the demo's diffusion and face-embedding models are the real architectures with "
+    "RANDOM weights,\n      so the output pictures are noise; point configs/models.yaml at "
+    "real weights for real pictures (README, 'Model store').")
 
 
 def print_table(rows: list[tuple]) -> None:
