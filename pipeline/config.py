@@ -356,6 +356,14 @@ class ModelsConfig(_Strict):
         0.9, gt=0, le=1, description="MTCNN confidence below which a face is ignored."
     )
     torch_num_threads: int = Field(1, gt=0, le=256, description="Intra-op threads per actor.")
+    channels_last: bool = Field(
+        False, description="Keep the UNet and VAE in channels-last memory format (faster "
+        "convolutions on recent GPUs)."
+    )
+    torch_compile: bool = Field(
+        False, description="torch.compile the UNet at load (minutes of warm-up on the first "
+        "batch of each shape; pays off on long-running GPU replicas)."
+    )
 
 
 class StyleConfig(_Strict):

@@ -151,6 +151,11 @@ class DiffusionGenerator:
         pipe = pipe.to(runtime.device)
         if runtime.attention == "xformers":
             pipe.enable_xformers_memory_efficient_attention()
+        if runtime.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        if runtime.compile:  # before img2img shares the components, so both use it
+            pipe.unet = torch.compile(pipe.unet)
         pipe.set_progress_bar_config(disable=True)
         self.txt2img = pipe
         self.img2img = StableDiffusionImg2ImgPipeline(**pipe.components)

@@ -18,6 +18,8 @@ class Runtime:
     device: str  # "cpu" | "cuda"
     dtype: torch.dtype
     attention: str  # "sdpa" | "xformers"
+    channels_last: bool = False
+    compile: bool = False
 
 
 def select_runtime(cfg: ModelsConfig, *, cuda_available: bool | None = None,
@@ -49,4 +51,5 @@ def select_runtime(cfg: ModelsConfig, *, cuda_available: bool | None = None,
         attention = "xformers" if (device == "cuda" and has_xformers) else "sdpa"
     else:
         attention = "sdpa"
-    return Runtime(device=device, dtype=dtype, attention=attention)
+    return Runtime(device=device, dtype=dtype, attention=attention,
+                   channels_last=cfg.channels_last, compile=cfg.torch_compile)

@@ -142,3 +142,15 @@ def test_face_projection_round_trips_through_disk(tmp_path):
     faces = torch.as_tensor(embeddings(3, seed=2))
     with torch.inference_mode():
         torch.testing.assert_close(loaded(faces), proj(faces))
+
+
+def test_channels_last_by_config_keeps_the_unet_so_and_still_generates(model_dir):
+    from dataclasses import replace
+
+    runtime = replace(cpu_runtime(), channels_last=True)
+    generator = load_generator(model_dir, runtime, build_tiny_if_missing=False)
+    convs = [m.weight for m in generator.txt2img.unet.modules()
+             if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    images = generator.ai_photos(embeddings(1, seed=0), params(), seeds=[1])
+    assert images.shape == (1, 64, 64, 3) and images.dtype == np.uint8
