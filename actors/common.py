@@ -11,9 +11,11 @@ from dataclasses import dataclass
 import redis
 
 from pipeline.config import Settings, StageBatchConfig
+from pipeline.jobs import JobStore
 from pipeline.orchestration import TIMEOUT_REASON, batch_cost, is_expired, merge_waiting
-from pipeline.records import StageResult, WorkItem
+from pipeline.records import Stage, StageResult, WorkItem
 from pipeline.storage import StoreSet, open_stores
+from serve.telemetry import observe_batch
 
 ENDED_REASON = "the job already ended"
 SUPERSEDED_REASON = "a newer attempt of this job ran instead"
@@ -141,3 +143,24 @@ def run_unexpired(items: list[WorkItem], run: Callable[[list[WorkItem]], list[St
     return [results.get(it.job_id) or StageResult(
         it.job_id, ok=False, reason=ENDED_REASON if it.job_id in gone else TIMEOUT_REASON)
         for it in items]
+
+
+def live_model_call(stage: Stage, jobs: JobStore,
+                    run: Callable[[list[WorkItem]], list[StageResult]],
+                    max_cost_units: Callable[[], int]) -> Callable[[list[WorkItem]], list[StageResult]]:
+    """A GPU pool's model call as its BatchRunner runs it: expired and ended jobs are
+    dropped, the batch is recorded (job status, batch size and fill, metrics), then run."""
+    def note_batch(items: list[WorkItem]) -> None:
+        observe_batch(stage, items)
+        jobs.note_batch([it.job_id for it in items], stage, cost_units=batch_cost(items),
+                        max_cost_units=max_cost_units())
+
+    return lambda items: run_unexpired(items, run, note_batch, jobs.finished_among)
+
+
+def raise_if_stuck(model_calls: BatchRunner, stage_timeout_s: float) -> None:
+    """For a GPU pool's check_health: a model call stuck past twice the stage timeout (a
+    hung GPU) marks the replica unhealthy; Serve replaces it and runners retry elsewhere."""
+    stuck_s = model_calls.longest_call_s(time.time())
+    if stuck_s > stage_timeout_s * 2:
+        raise RuntimeError(f"a model call has run for {stuck_s:.0f} s")

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import time
-
 from ray import serve
 
 from actors.common import (
     BatchRunner,
     apply_batching,
+    live_model_call,
     open_backends,
     pin_torch_threads,
-    run_unexpired,
+    raise_if_stuck,
 )
 from pipeline.config import MAX_CONCURRENT_BATCHES, Settings, StageBatchConfig
 from pipeline.orchestration import batch_cost
 from pipeline.records import Stage, StageResult, WorkItem
-from serve.telemetry import observe_batch
 
 
 @serve.deployment
@@ -50,7 +48,9 @@ class DiffusionDeployment:
                 build_tiny_if_missing=models.build_tiny_if_missing,
             )
         self.batching = settings.batching.diffusion
-        self.model_calls = BatchRunner(self._run_checked, self.batching)
+        self.model_calls = BatchRunner(
+            live_model_call(Stage.DIFFUSION, self.jobs, self._run, lambda: self.batching.max_batch_cost),
+            self.batching)
 
     async def reconfigure(self, user_config: dict) -> None:
         """batching.yaml ``diffusion``: applied live, no restart (Serve user_config)."""
@@ -58,11 +58,7 @@ class DiffusionDeployment:
         apply_batching(self.run, self.model_calls, self.batching)
 
     def check_health(self) -> None:
-        """A model call stuck past the stage timeout (a hung GPU) marks the replica
-        unhealthy; Serve replaces it and the runners retry its jobs elsewhere."""
-        stuck_s = self.model_calls.longest_call_s(time.time())
-        if stuck_s > self.settings.batching.stage_timeout_s * 2:
-            raise RuntimeError(f"a model call has run for {stuck_s:.0f} s")
+        raise_if_stuck(self.model_calls, self.settings.batching.stage_timeout_s)
 
     @serve.multiplexed(max_num_models_per_replica=64)
     async def bucket(self, bucket_id: str) -> str:
@@ -76,17 +72,9 @@ class DiffusionDeployment:
         await self.bucket(key)
         return await self.model_calls.submit(key, items)
 
-    def _run_checked(self, items: list[WorkItem]) -> list[StageResult]:
-        return run_unexpired(items, self._run, self._note_batch, self.jobs.finished_among)
-
     def _run(self, items: list[WorkItem]) -> list[StageResult]:
         from pipeline.stages import diffusion_stage, run_isolating_failures
 
         return run_isolating_failures(
             lambda batch: diffusion_stage(batch, self.stores, self.jobs, self.generator,
                                           self.settings), items)
-
-    def _note_batch(self, items: list[WorkItem]) -> None:
-        observe_batch(Stage.DIFFUSION, items)
-        self.jobs.note_batch([it.job_id for it in items], Stage.DIFFUSION, cost_units=batch_cost(items),
-                             max_cost_units=self.batching.max_batch_cost)

@@ -365,9 +365,6 @@ class JobStore:
         p.zremrangebyscore(keys.RUNNERS, "-inf", now_s - 3600.0)  # long-gone runners
         p.execute()
 
-    def drop_runner(self, runner_id: str) -> None:
-        self.redis.zrem(keys.RUNNERS, runner_id)
-
     def live_runners(self, now_s: float) -> set[str]:
         return {r.decode() for r in self.redis.zrangebyscore(keys.RUNNERS, now_s, "+inf")}
 

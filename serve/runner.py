@@ -80,9 +80,6 @@ class JobRunnerDeployment:
     async def check_health(self) -> None:
         self._ensure_background()
 
-    def held_jobs(self) -> int:
-        return len(self.held)
-
     async def run_job(self, item: WorkItem) -> bool:
         """Drive one job through its stages, record its end and have its inputs purged.
         Returns whether it succeeded; the caller need not wait for it."""
