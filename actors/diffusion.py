@@ -22,9 +22,8 @@ class DiffusionDeployment:
     def __init__(self, settings: Settings) -> None:
         from diffusers.utils import logging as diffusers_logging
 
-        from pipeline.diffusion import load_generator
         from pipeline.jobs import JobStore
-        from pipeline.runtime import select_runtime
+        from pipeline.loading import open_generator
 
         diffusers_logging.disable_progress_bar()
         pin_torch_threads(settings)
@@ -38,15 +37,7 @@ class DiffusionDeployment:
                 settings.models.simulated,
                 reference_resolution_px=settings.batching.reference_resolution_px)
         else:
-            from pipeline.model_store import resolve_model_dir
-
-            models = settings.models
-            self.generator = load_generator(
-                resolve_model_dir(models.diffusion_model_dir, sha256=models.diffusion_model_sha256,
-                                  cache_dir=models.model_cache_dir, storage=settings.storage),
-                select_runtime(models),
-                build_tiny_if_missing=models.build_tiny_if_missing,
-            )
+            self.generator = open_generator(settings)
         self.batching = settings.batching.diffusion
         self.model_calls = BatchRunner(
             live_model_call(Stage.DIFFUSION, self.jobs, self._run, lambda: self.batching.max_batch_cost),

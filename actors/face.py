@@ -1,4 +1,4 @@
-"""Face pool: MTCNN detection + identity embedding, batched by Serve (``@serve.batch``)."""
+"""Face pool: MTCNN detection, ArcFace alignment and embedding, batched by Serve (``@serve.batch``)."""
 
 from __future__ import annotations
 
@@ -20,18 +20,15 @@ from pipeline.records import Stage, StageResult, WorkItem
 @serve.deployment
 class FaceDeployment:
     def __init__(self, settings: Settings) -> None:
-        from pipeline.faces import FacenetEmbedder, MtcnnDetector
         from pipeline.jobs import JobStore
-        from pipeline.runtime import select_runtime
+        from pipeline.loading import face_quality, open_face_models
 
         pin_torch_threads(settings)
         self.settings = settings
         client, self.stores = open_backends(settings)
         self.jobs = JobStore(client)
-        runtime = select_runtime(settings.models)
-        self.detector = MtcnnDetector(runtime, min_probability=settings.models.face_min_probability)
-        self.embedder = FacenetEmbedder(runtime, weights=settings.models.face_embedder_weights,
-                                        storage=settings.storage)
+        self.detector, self.embedder = open_face_models(settings)
+        self.quality = face_quality(settings.models)
         self.batching = settings.batching.face
         self.model_calls = BatchRunner(
             live_model_call(Stage.FACE, self.jobs, self._run, lambda: self.batching.max_batch_cost),
@@ -62,4 +59,5 @@ class FaceDeployment:
 
         return run_isolating_failures(
             lambda batch: face_stage(batch, self.stores, self.jobs, self.detector,
-                                     self.embedder, self.settings.retention), items)
+                                     self.embedder, self.settings.retention, self.quality),
+            items)

@@ -348,12 +348,37 @@ class ModelsConfig(_Strict):
         True, description="Build tiny random-weight models into diffusion_model_dir if absent."
     )
     num_inference_steps: int = Field(10, gt=0, le=200, description="Denoising steps.")
+    ip_adapter_weights: str = Field(
+        "models/tiny-ip-adapter-faceid.safetensors", description="IP-Adapter-FaceID weights "
+        "(one .safetensors file in the published image_proj./ip_adapter. layout): a file "
+        "(relative: repo) or a model-store location s3://bucket/prefix or gs://bucket/prefix."
+    )
+    ip_adapter_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="The sha256 of the adapter's store "
+        "manifest.json: a node refuses any other version. null: any."
+    )
     face_embedder_weights: str = Field(
-        "random", description="'random' (demo/tests), or InceptionResnetV1 weights: a file "
-        "path or an s3:// / gs:// object."
+        "models/tiny-arcface.onnx", description="ArcFace-format ONNX embedder (InsightFace "
+        "layout: (N,3,112,112) in, (N,512) out): a file or a model-store location."
+    )
+    face_embedder_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="The sha256 of the embedder's store "
+        "manifest.json. null: any."
     )
     face_min_probability: float = Field(
         0.9, gt=0, le=1, description="MTCNN confidence below which a face is ignored."
+    )
+    face_detect_canvas_px: int = Field(
+        512, ge=128, le=2048, description="Every image of a face batch is scaled to fit this "
+        "square for one batched detector call (alignment then uses the full-size image)."
+    )
+    face_min_eye_distance_px: float = Field(
+        20.0, gt=0, le=1000, description="A face whose eyes are closer than this in the "
+        "upload is too small to carry an identity: the job fails saying so."
+    )
+    face_min_sharpness: float = Field(
+        10.0, ge=0, description="Variance of the Laplacian of the aligned 112x112 face below "
+        "which it is too blurred for identity (sharp photos score in the hundreds)."
     )
     torch_num_threads: int = Field(1, gt=0, le=256, description="Intra-op threads per actor.")
     channels_last: bool = Field(
@@ -375,6 +400,10 @@ class StyleConfig(_Strict):
     )
     guidance_scale: float = Field(
         1.0, ge=1.0, le=30.0, description="Classifier-free guidance; 1.0 turns it off."
+    )
+    face_scale: float = Field(
+        0.7, ge=0.0, le=2.0, description="ai_photo: IP-Adapter scale of the face tokens "
+        "(0 ignores the face; about 0.5-1.0 keeps identity and lets the style through)."
     )
 
 

@@ -50,9 +50,10 @@ class StorageError(EphemeraError):
     """The object store failed; the operation may be retried (HTTP 503)."""
 
 
-class NoFaceFound(EphemeraError):
-    """An ai_photo input holds no detectable human face: the job fails with this reason."""
-
-
 class WrongKey(EphemeraError):
     """Ciphertext did not authenticate under the given device key."""
+
+
+class ModelError(EphemeraError):
+    """A configured model is missing, malformed or of the wrong shape (a deployment error,
+    never a user's: the replica refuses to start with this message)."""

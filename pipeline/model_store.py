@@ -21,15 +21,15 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.config import StorageConfig
-from pipeline.errors import EphemeraError, StorageError
+from pipeline.config import GcsConfig, S3Config, StorageConfig
+from pipeline.errors import ModelError, StorageError
 from pipeline.storage import LocalObjectStore, ObjectStore
 
 MANIFEST = "manifest.json"
 COMPLETE = ".verified"
 
 
-class ModelStoreError(EphemeraError):
+class ModelStoreError(ModelError):
     """A model is missing, incomplete or does not match its hashes."""
 
 
@@ -69,8 +69,6 @@ def sha256_of(data: bytes) -> str:
 def open_location(location: str, storage: StorageConfig) -> tuple[ObjectStore, str]:
     """The store holding ``location`` and the key prefix of the model inside it."""
     if location.startswith(("s3://", "gs://")):
-        from pipeline.weights import bucket_store
-
         bucket, _, prefix = location[5:].partition("/")
         if not bucket:
             raise ModelStoreError(f"model location {location!r} must be scheme://bucket/prefix")
@@ -154,10 +152,11 @@ def _download(store: ObjectStore, prefix: str, manifest: Manifest, target: Path,
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def resolve_model_dir(location: str, *, sha256: str | None, cache_dir: str,
-                      storage: StorageConfig) -> Path:
-    """Where to load a model from: a verified cached copy of a store location (s3://, gs://,
-    or a local folder holding a manifest), else the plain local folder as configured."""
+def resolve_model(location: str, *, sha256: str | None, cache_dir: str,
+                  storage: StorageConfig, setting: str = "the model") -> Path:
+    """Where to load a model (folder or one file) from: a verified cached copy of a store
+    location (s3://, gs://, or a local folder holding a manifest), else the plain local
+    path as configured. ``setting`` names the models.yaml key in errors."""
     from pipeline.config import resolve_path
 
     if location.startswith(("s3://", "gs://")):
@@ -166,6 +165,21 @@ def resolve_model_dir(location: str, *, sha256: str | None, cache_dir: str,
     if (local / MANIFEST).is_file():
         return fetch_model(str(local), resolve_path(cache_dir), storage, expected_sha256=sha256)
     if sha256:
-        raise ModelStoreError(f"diffusion_model_sha256 is set but {location} has no "
+        raise ModelStoreError(f"{setting} has a sha256 pin but {location} has no "
                               f"{MANIFEST}; stage it with `ephemera models stage`")
     return local
+
+
+def bucket_store(scheme: str, bucket: str, storage: StorageConfig) -> ObjectStore:
+    """A store for a model bucket, with the clients (endpoint, retries) of storage.yaml."""
+    if scheme == "s3":
+        from pipeline.s3_store import S3ObjectStore
+
+        base = storage.s3.model_dump() if storage.s3 else {"region": "us-east-1"}
+        return S3ObjectStore(S3Config(**{**base, "bucket": bucket}))
+    from pipeline.gcs_store import GcsObjectStore, gcs_client
+
+    base_gcs = storage.gcs.model_dump() if storage.gcs else {"project": "default"}
+    cfg = GcsConfig(**{**base_gcs, "buckets": {"weights": bucket},
+                       "country_regions": {}, "fallback_region": "weights"})
+    return GcsObjectStore(cfg, gcs_client(cfg), bucket, "weights")

@@ -167,9 +167,24 @@ class FaceBatch:
     images: list[np.ndarray]  # each (height, width, 3) uint8
 
 
+class FaceProblem(StrEnum):
+    """Why an image cannot give an identity embedding."""
+
+    NO_FACE = "no_face"
+    TOO_SMALL = "too_small"
+    BLURRED = "blurred"
+
+
+@dataclass(frozen=True, slots=True)
+class FaceRejection:
+    problem: FaceProblem
+    detail: str  # says what was measured; never holds image data
+
+
 @dataclass(frozen=True, slots=True)
 class EmbeddingBatch:
-    """One identity embedding per job, or None where no face was found."""
+    """Per image: one identity embedding, or the reason there is none."""
 
     job_ids: list[str]
-    embeddings: list[np.ndarray | None]  # each (embedding_dim,) float32, L2-normalised
+    embeddings: list[np.ndarray | None]  # each (512,) float32, L2-normalised
+    rejections: list[FaceRejection | None]

@@ -20,11 +20,20 @@ from pipeline import crypto
 from pipeline.config import RetentionConfig, Settings
 from pipeline.diffusion import FACE_EMBEDDING_DIM, GenerationParams
 from pipeline.errors import StorageError, WrongKey
-from pipeline.faces import FaceDetector, FaceEmbedder, embed_faces, mean_identity
+from pipeline.faces import (
+    DEFAULT_QUALITY,
+    FaceDetector,
+    FaceEmbedder,
+    FaceQuality,
+    embed_faces,
+    mean_identity,
+)
 from pipeline.ingest import decode_clean_png, encode_output
 from pipeline.jobs import JobStore
 from pipeline.records import (
     FaceBatch,
+    FaceProblem,
+    FaceRejection,
     ObjectClass,
     OutputRecord,
     RetentionRecord,
@@ -100,7 +109,8 @@ def run_isolating_failures(stage: Callable[[list[WorkItem]], list[StageResult]],
 
 def face_stage(items: list[WorkItem], stores: StoreSet, jobs: JobStore,
                detector: FaceDetector, embedder: FaceEmbedder,
-               retention: RetentionConfig) -> list[StageResult]:
+               retention: RetentionConfig, quality: FaceQuality = DEFAULT_QUALITY
+               ) -> list[StageResult]:
     """Detect, align and embed the face in every input of every job in one batch.
 
     Stores one encrypted identity embedding per job (class ``face_data``, registered in the
@@ -119,17 +129,15 @@ def face_stage(items: list[WorkItem], stores: StoreSet, jobs: JobStore,
             results[item.job_id] = StageResult(item.job_id, ok=False, reason=exc.reason,
                                                retryable=exc.retryable)
     batch = embed_faces(FaceBatch(job_ids=[it.job_id for it, _ in owners], images=images),
-                        detector, embedder)
+                        detector, embedder, quality)
     per_job: dict[str, list[np.ndarray]] = {}
-    for (item, index), emb in zip(owners, batch.embeddings, strict=True):
+    for (item, index), emb, rejection in zip(owners, batch.embeddings, batch.rejections,
+                                             strict=True):
         if item.job_id in results:
             continue
         if emb is None:
             results[item.job_id] = StageResult(
-                item.job_id, ok=False,
-                reason=f"no human face was found in file {index}; ai_photo needs a clear, "
-                "front-facing photo of one person",
-            )
+                item.job_id, ok=False, reason=face_failure_reason(index, rejection))
             continue
         per_job.setdefault(item.job_id, []).append(emb)
     for item in items:
@@ -144,6 +152,19 @@ def face_stage(items: list[WorkItem], stores: StoreSet, jobs: JobStore,
             continue
         results[item.job_id] = StageResult(item.job_id, ok=True, face_uri=uri)
     return [results[item.job_id] for item in items]
+
+
+def face_failure_reason(file_index: int, rejection: FaceRejection | None) -> str:
+    """What the user reads when a photo cannot give an identity: which file, why, and what
+    to upload instead."""
+    problem = rejection.problem if rejection else FaceProblem.NO_FACE
+    advice = {
+        FaceProblem.NO_FACE: "ai_photo needs a clear, front-facing photo of one person",
+        FaceProblem.TOO_SMALL: "upload a closer photo, or one cropped around the face",
+        FaceProblem.BLURRED: "upload a sharper, well-lit photo of the face",
+    }[problem]
+    detail = rejection.detail if rejection else "no human face was found"
+    return f"file {file_index}: {detail}; {advice}"
 
 
 def _put_face_data(stores: StoreSet, jobs: JobStore, item: WorkItem, plain: bytes,
@@ -174,6 +195,7 @@ def generation_params(item: WorkItem, settings: Settings) -> GenerationParams:
         prompt=style.prompt, resolution_px=item.resolution_px,
         num_inference_steps=settings.models.num_inference_steps,
         guidance_scale=style.guidance_scale, strength=style.strength,
+        face_scale=style.face_scale,
     )
 
 

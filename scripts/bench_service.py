@@ -114,18 +114,19 @@ def bench_settings(base: Settings, root: Path, name: str, batch: int) -> Setting
         "storage": base.storage.model_copy(update={"local_root": str(root / name / "store")}),
         "models": base.models.model_copy(update={
             "diffusion_model_dir": str(root / "models" / "tiny-sd"),
+            "ip_adapter_weights": str(root / "models" / "tiny-ip-adapter-faceid.safetensors"),
+            "face_embedder_weights": str(root / "models" / "tiny-arcface.onnx"),
         }),
         "batching": base.batching.model_copy(update={"face": stage, "diffusion": stage}),
     })
 
 
 def ensure_tiny_models(settings: Settings) -> None:
-    """Build the tiny diffusion models once, before any timing, so no run pays for it."""
-    from pipeline.diffusion import build_tiny_models
+    """Build the tiny models once, before any timing, so no run pays for it."""
+    from pipeline.loading import open_face_models, open_generator
 
-    model_dir = Path(settings.models.diffusion_model_dir)
-    if not (model_dir / "model_index.json").is_file():
-        build_tiny_models(model_dir)
+    open_generator(settings)
+    open_face_models(settings)
 
 
 # --- service over HTTP -------------------------------------------------------------------
@@ -228,6 +229,7 @@ class Stages:
     generator: object
     detector: object = None
     embedder: object = None
+    quality: object = None
 
 
 def load_stages(settings: Settings, redis_url: str, kind: str) -> Stages:
@@ -235,10 +237,9 @@ def load_stages(settings: Settings, redis_url: str, kind: str) -> Stages:
     import torch
     from diffusers.utils import logging as diffusers_logging
 
-    from pipeline.diffusion import load_generator
-    from pipeline.faces import FacenetEmbedder, MtcnnDetector
     from pipeline.jobs import JobStore
     from pipeline.ledger import RetentionLedger
+    from pipeline.loading import face_quality, open_face_models, open_generator
     from pipeline.runtime import select_runtime
     from pipeline.storage import LocalObjectStore, StoreSet
 
@@ -250,12 +251,10 @@ def load_stages(settings: Settings, redis_url: str, kind: str) -> Stages:
     stages = Stages(settings=settings, store=StoreSet.single(LocalObjectStore(
                         f"file://{settings.storage.local_root}")),
                     jobs=JobStore(client), ledger=RetentionLedger(client),
-                    generator=load_generator(Path(settings.models.diffusion_model_dir), runtime,
-                                             build_tiny_if_missing=True))
+                    generator=open_generator(settings, runtime))
     if kind == "ai_photo":
-        stages.detector = MtcnnDetector(runtime,
-                                        min_probability=settings.models.face_min_probability)
-        stages.embedder = FacenetEmbedder(runtime, weights=settings.models.face_embedder_weights)
+        stages.detector, stages.embedder = open_face_models(settings, runtime)
+        stages.quality = face_quality(settings.models)
     return stages
 
 
@@ -281,7 +280,7 @@ def run_chunk(stages: Stages, chunk: list) -> list[str]:
     failures = []
     if chunk[0].kind == "ai_photo":
         results = face_stage(chunk, stages.store, stages.jobs, stages.detector,
-                             stages.embedder, stages.settings.retention)
+                             stages.embedder, stages.settings.retention, stages.quality)
         failures += [r.reason for r in results if not r.ok]
         chunk = [replace(it, face_uri=r.face_uri) for it, r in zip(chunk, results, strict=True)
                  if r.ok]

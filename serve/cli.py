@@ -14,6 +14,8 @@
   ephemera models stage SRC DEST                       copy a model folder or file into the
                                                        model store and write its manifest
   ephemera models fetch LOCATION [--sha256 H]          fetch and verify into the local cache
+  ephemera models convert-ip-adapter SRC.bin DEST.safetensors
+                                                       a published .bin adapter as safetensors
   ephemera config check [--config-dir DIR]             validate the YAML files and exit
 """
 
@@ -205,6 +207,19 @@ def _models_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_convert(args: argparse.Namespace) -> int:
+    from pipeline.diffusion import convert_ip_adapter_bin
+    from pipeline.errors import ModelError
+
+    try:
+        convert_ip_adapter_bin(Path(args.src), Path(args.dest))
+    except (ModelError, OSError) as exc:
+        print(f"ephemera: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.dest}; stage it with `ephemera models stage {args.dest} DEST`")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ephemera", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -263,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     fetch.add_argument("location")
     fetch.add_argument("--sha256", help="the manifest hash to insist on")
     fetch.set_defaults(func=_models_fetch)
+    convert = models_sub.add_parser("convert-ip-adapter", parents=[common],
+                                    help="a published IP-Adapter .bin as one safetensors file")
+    convert.add_argument("src")
+    convert.add_argument("dest")
+    convert.set_defaults(func=_models_convert)
     config = sub.add_parser("config", help="configuration")
     config_sub = config.add_subparsers(dest="action", required=True)
     config_sub.add_parser("check", parents=[common], help="validate configs").set_defaults(

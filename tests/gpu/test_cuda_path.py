@@ -9,45 +9,65 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def test_tiny_models_run_in_fp16_on_cuda_with_the_selected_attention(tmp_path):
+def _generator(tmp_path, runtime):
+    from pipeline.diffusion import load_generator
+
+    return load_generator(tmp_path / "m", runtime, ip_adapter=tmp_path / "faceid.safetensors",
+                          build_tiny_if_missing=True)
+
+
+def test_tiny_models_and_faceid_adapter_run_in_fp16_on_cuda_with_the_selected_attention(
+        tmp_path):
     from pipeline.config import ModelsConfig
-    from pipeline.diffusion import GenerationParams, build_tiny_models, load_generator
+    from pipeline.diffusion import GenerationParams
     from pipeline.runtime import select_runtime
 
-    build_tiny_models(tmp_path / "m")
     runtime = select_runtime(ModelsConfig(device="auto", dtype="auto", attention="auto"))
     assert runtime.device == "cuda" and runtime.dtype == torch.float16
-    generator = load_generator(tmp_path / "m", runtime, build_tiny_if_missing=False)
+    generator = _generator(tmp_path, runtime)
+    unet = generator.txt2img.unet
+    assert unet.dtype == torch.float16 and unet.encoder_hid_proj is not None
     params = GenerationParams(prompt="a watercolor painting", resolution_px=64,
                               num_inference_steps=4, guidance_scale=1.0)
     embeddings = np.random.default_rng(0).normal(size=(4, 512)).astype(np.float32)
     images = generator.ai_photos(embeddings, params, seeds=[0, 1, 2, 3])
     assert images.shape == (4, 64, 64, 3) and images.dtype == np.uint8
     assert images.std() > 0  # not a blank (NaN-clipped) fp16 output
+    same_seed = generator.ai_photos(embeddings, params, seeds=[0, 0, 0, 0])
+    assert not np.array_equal(same_seed[0], same_seed[1])  # each row follows its own face
 
 
-def test_face_detector_runs_on_cuda():
+def test_face_stage_runs_on_cuda(tmp_path):
+    """MTCNN on the GPU; the ArcFace ONNX model on onnxruntime's CUDA provider when
+    onnxruntime-gpu is installed (the Docker image's), else on its CPU provider."""
+    import onnxruntime
     import skimage.data
 
     from pipeline.config import ModelsConfig
-    from pipeline.faces import MtcnnDetector
+    from pipeline.faces import MtcnnDetector, embed_faces, load_embedder
+    from pipeline.records import FaceBatch
     from pipeline.runtime import select_runtime
 
-    detector = MtcnnDetector(select_runtime(ModelsConfig()), min_probability=0.9)
-    crops = detector.detect([skimage.data.astronaut(), skimage.data.chelsea()])
-    assert crops[0] is not None and crops[1] is None
+    runtime = select_runtime(ModelsConfig())
+    detector = MtcnnDetector(runtime, min_probability=0.9)
+    embedder = load_embedder(tmp_path / "arcface.onnx", runtime, build_tiny_if_missing=True)
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        assert embedder.providers[0] == "CUDAExecutionProvider"
+    batch = embed_faces(FaceBatch(["a", "c"], [skimage.data.astronaut(), skimage.data.chelsea()]),
+                        detector, embedder)
+    assert batch.embeddings[0] is not None and batch.embeddings[1] is None
+    assert abs(float(np.linalg.norm(batch.embeddings[0])) - 1.0) < 1e-4
 
 
 def test_compiled_channels_last_unet_runs_on_cuda(tmp_path):
     """The optional GPU paths: torch.compile and channels-last, both by config."""
     from pipeline.config import ModelsConfig
-    from pipeline.diffusion import GenerationParams, build_tiny_models, load_generator
+    from pipeline.diffusion import GenerationParams
     from pipeline.runtime import select_runtime
 
-    build_tiny_models(tmp_path / "m")
     runtime = select_runtime(ModelsConfig(channels_last=True, torch_compile=True))
     assert runtime.compile and runtime.channels_last
-    generator = load_generator(tmp_path / "m", runtime, build_tiny_if_missing=False)
+    generator = _generator(tmp_path, runtime)
     params = GenerationParams(prompt="a watercolor painting", resolution_px=64,
                               num_inference_steps=2, guidance_scale=1.0)
     embeddings = np.random.default_rng(0).normal(size=(2, 512)).astype(np.float32)

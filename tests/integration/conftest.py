@@ -8,7 +8,6 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-import torch
 
 from pipeline.config import load_settings
 from pipeline.redis_server import RedisServer, free_port
@@ -31,12 +30,12 @@ def redis_client(redis_server) -> redis.Redis:
 
 @pytest.fixture(scope="session")
 def face_weights_path(tmp_path_factory) -> Path:
-    """InceptionResnetV1 weights in a file: the service loads them through its config path."""
-    from facenet_pytorch import InceptionResnetV1
+    """An ArcFace-format ONNX embedder in a file (not the default one): the service loads it
+    through its config path."""
+    from pipeline.faces import build_tiny_arcface
 
-    torch.manual_seed(1234)
-    path = tmp_path_factory.mktemp("weights") / "facenet.pt"
-    torch.save(InceptionResnetV1(pretrained=None).state_dict(), path)
+    path = tmp_path_factory.mktemp("weights") / "arcface.onnx"
+    build_tiny_arcface(path, seed=1234)
     return path
 
 
@@ -63,6 +62,7 @@ def test_settings(tmp_path_factory, redis_server, face_weights_path):
         }),
         "models": base.models.model_copy(update={
             "diffusion_model_dir": str(root / "models" / "tiny-sd"),
+            "ip_adapter_weights": str(root / "models" / "tiny-ip-adapter-faceid.safetensors"),
             "face_embedder_weights": str(face_weights_path),
             "num_inference_steps": 4,
         }),

@@ -1,6 +1,7 @@
-"""The model store on real protocol servers: a tiny diffusion pipeline staged to S3
-(SeaweedFS) and to GCS (the emulator), fetched and verified by a node, then loaded with
-diffusers' from_pretrained exactly as the diffusion pool does."""
+"""The model store on real protocol servers: a tiny diffusion pipeline, an IP-Adapter-FaceID
+file and an ArcFace ONNX embedder staged to S3 (SeaweedFS) and to GCS (the emulator),
+fetched and verified by a node, then loaded exactly as the GPU pools load them
+(pipeline.loading)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,26 @@ import uuid
 
 import numpy as np
 import pytest
+from skimage import data
 
-from pipeline.config import GcsConfig, ModelsConfig, S3Config, StorageConfig
-from pipeline.diffusion import GenerationParams, build_tiny_models, load_generator
-from pipeline.model_store import ModelStoreError, resolve_model_dir, stage_model
-from pipeline.runtime import select_runtime
+from pipeline.config import GcsConfig, ModelsConfig, S3Config, StorageConfig, load_settings
+from pipeline.diffusion import GenerationParams, build_tiny_ip_adapter, build_tiny_models
+from pipeline.faces import build_tiny_arcface, embed_faces
+from pipeline.loading import open_face_models, open_generator
+from pipeline.model_store import ModelStoreError, stage_model
+from pipeline.records import FaceBatch
 from tests.integration.object_servers import make_gcs_bucket, make_s3_bucket
 
 pytestmark = [pytest.mark.storage, pytest.mark.models]
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "tiny-sd"
-    build_tiny_models(path)
-    return path
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    build_tiny_models(root / "tiny-sd")
+    build_tiny_ip_adapter(root / "tiny-sd", root / "ip-adapter-faceid.safetensors")
+    build_tiny_arcface(root / "arcface.onnx")
+    return root
 
 
 def _storage(request, seaweed, gcs_emulator) -> tuple[StorageConfig, str]:
@@ -31,12 +37,12 @@ def _storage(request, seaweed, gcs_emulator) -> tuple[StorageConfig, str]:
         make_s3_bucket(seaweed.client(), bucket, lifecycle=False)
         s3 = S3Config(bucket=bucket, region="us-east-1", endpoint_url=seaweed.endpoint,
                       output_encryption="none", max_attempts=2)
-        return StorageConfig(outputs="s3", s3=s3), f"s3://{bucket}/sd15"
+        return StorageConfig(outputs="s3", s3=s3), f"s3://{bucket}"
     make_gcs_bucket(gcs_emulator.client(), bucket, compliant=False)
     gcs = GcsConfig(project="ephemera-test", endpoint_url=gcs_emulator.endpoint,
                     buckets={"us-central1": bucket}, fallback_region="us-central1",
                     max_attempts=2)
-    return StorageConfig(inputs="gcs", gcs=gcs), f"gs://{bucket}/sd15"
+    return StorageConfig(inputs="gcs", gcs=gcs), f"gs://{bucket}"
 
 
 @pytest.fixture(params=["s3", "gcs"])
@@ -44,19 +50,33 @@ def store_location(request, seaweed, gcs_emulator):
     return _storage(request, seaweed, gcs_emulator)
 
 
-def test_a_staged_pipeline_is_fetched_verified_and_loads(store_location, tiny_model, tmp_path):
-    storage, location = store_location
-    manifest = stage_model(tiny_model, location, storage)
-    local = resolve_model_dir(location, sha256=manifest.sha256, cache_dir=str(tmp_path / "cache"),
-                              storage=storage)
-    generator = load_generator(local, select_runtime(ModelsConfig(), cuda_available=False,
-                                                     xformers_installed=False),
-                               build_tiny_if_missing=False)
-    [image] = generator.art_styles([np.full((64, 64, 3), 120, np.uint8)],
-                                   GenerationParams(prompt="a watercolor", resolution_px=64,
-                                                    num_inference_steps=2, guidance_scale=1.0,
-                                                    strength=1.0), seeds=[1])
+def test_every_model_is_staged_fetched_verified_and_loaded(store_location, tiny_models,
+                                                           tmp_path):
+    storage, root = store_location
+    pins = {
+        name: stage_model(tiny_models / src, f"{root}/{name}", storage).sha256
+        for name, src in (("sd15", "tiny-sd"), ("faceid", "ip-adapter-faceid.safetensors"),
+                          ("arcface", "arcface.onnx"))
+    }
+    models = ModelsConfig(
+        device="cpu", diffusion_model_dir=f"{root}/sd15", diffusion_model_sha256=pins["sd15"],
+        ip_adapter_weights=f"{root}/faceid", ip_adapter_sha256=pins["faceid"],
+        face_embedder_weights=f"{root}/arcface", face_embedder_sha256=pins["arcface"],
+        model_cache_dir=str(tmp_path / "cache"), build_tiny_if_missing=False)
+    settings = load_settings().model_copy(update={"models": models, "storage": storage})
+
+    detector, embedder = open_face_models(settings)
+    batch = embed_faces(FaceBatch(["j"], [data.astronaut()]), detector, embedder)
+    assert batch.embeddings[0] is not None
+    generator = open_generator(settings)
+    [image] = generator.ai_photos(batch.embeddings[0][None], GenerationParams(
+        prompt="a portrait", resolution_px=64, num_inference_steps=2, guidance_scale=1.0),
+        seeds=[1])
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    cached = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    assert "arcface.onnx" in cached and "ip-adapter-faceid.safetensors" in cached
+
+    wrong = models.model_copy(update={"ip_adapter_sha256": "e" * 64,
+                                      "model_cache_dir": str(tmp_path / "other")})
     with pytest.raises(ModelStoreError, match="models.yaml expects"):
-        resolve_model_dir(location, sha256="e" * 64, cache_dir=str(tmp_path / "other"),
-                          storage=storage)
+        open_generator(settings.model_copy(update={"models": wrong}))

@@ -89,7 +89,7 @@ def test_ai_photo_with_gps_jpeg_end_to_end(client, service, store_root, redis_cl
 def _embedding(clean_png: bytes, weights: Path) -> bytes:
     """The identity embedding the face stage computes for this photo (same weights)."""
     from pipeline.config import ModelsConfig
-    from pipeline.faces import FacenetEmbedder, MtcnnDetector, embed_faces, mean_identity
+    from pipeline.faces import ArcFaceEmbedder, MtcnnDetector, embed_faces, mean_identity
     from pipeline.ingest import decode_clean_png
     from pipeline.records import FaceBatch
     from pipeline.runtime import select_runtime
@@ -97,7 +97,7 @@ def _embedding(clean_png: bytes, weights: Path) -> bytes:
     runtime = select_runtime(ModelsConfig())
     batch = embed_faces(FaceBatch(["j"], [decode_clean_png(clean_png)]),
                         MtcnnDetector(runtime, min_probability=0.9),
-                        FacenetEmbedder(runtime, weights=str(weights)))
+                        ArcFaceEmbedder(weights, runtime))
     return mean_identity([batch.embeddings[0]]).tobytes()
 
 

@@ -14,7 +14,6 @@ import PIL.Image
 import pytest
 import redis
 import skimage.data
-import torch
 
 from pipeline import crypto
 from pipeline.config import GcsConfig, S3Config, StorageConfig, load_settings
@@ -67,14 +66,15 @@ def models(tmp_path_factory):
     """Tiny diffusion models and the real MTCNN, loaded once for the module."""
     from pipeline.config import ModelsConfig
     from pipeline.diffusion import load_generator
-    from pipeline.faces import FacenetEmbedder, MtcnnDetector
+    from pipeline.faces import MtcnnDetector, load_embedder
     from pipeline.runtime import select_runtime
 
     runtime = select_runtime(ModelsConfig())
-    generator = load_generator(tmp_path_factory.mktemp("m") / "tiny", runtime,
+    root = tmp_path_factory.mktemp("m")
+    generator = load_generator(root / "tiny", runtime, ip_adapter=root / "adapter.safetensors",
                                build_tiny_if_missing=True)
     return (MtcnnDetector(runtime, min_probability=0.9),
-            FacenetEmbedder(runtime, weights="random"), generator)
+            load_embedder(root / "arcface.onnx", runtime, build_tiny_if_missing=True), generator)
 
 
 @pytest.fixture(params=["s3", "gcs"])
@@ -446,24 +446,29 @@ def test_gcs_5xx_is_retried_then_fails_clearly(failing_server):
     assert len(sleeps) == 2
 
 
-def test_face_embedder_weights_load_from_a_bucket(seaweed, gcs_emulator, face_weights_path):
-    """models.yaml face_embedder_weights may name an s3:// or gs:// object."""
+def test_face_embedder_loads_from_the_model_store_on_s3_and_gcs(seaweed, gcs_emulator,
+                                                                face_weights_path, tmp_path):
+    """models.yaml face_embedder_weights may name an s3:// or gs:// store location: staged
+    with its manifest, fetched once, verified, and the same model runs."""
     from pipeline.config import ModelsConfig
-    from pipeline.faces import FacenetEmbedder
+    from pipeline.faces import ArcFaceEmbedder
+    from pipeline.model_store import ModelStoreError, resolve_model, stage_model
     from pipeline.runtime import select_runtime
 
     runtime = select_runtime(ModelsConfig())
-    blob = face_weights_path.read_bytes()
     s3_bucket, gcs_bucket = _name("weights"), _name("weights")
     make_s3_bucket(seaweed.client(), s3_bucket, lifecycle=False)
-    seaweed.client().put_object(Bucket=s3_bucket, Key="facenet/v1.pt", Body=blob)
-    gcs_emulator.client().create_bucket(gcs_bucket).blob("facenet/v1.pt").upload_from_string(blob)
+    gcs_emulator.client().create_bucket(gcs_bucket)
     storage = StorageConfig(s3=s3_config(seaweed, "any"),
                             gcs=gcs_config(gcs_emulator, {r: "any" for r in REGIONS}))
-    crops = torch.rand(2, 3, 160, 160)
-    expected = FacenetEmbedder(runtime, weights=str(face_weights_path)).embed(crops)
-    for location in (f"s3://{s3_bucket}/facenet/v1.pt", f"gs://{gcs_bucket}/facenet/v1.pt"):
-        loaded = FacenetEmbedder(runtime, weights=location, storage=storage).embed(crops)
-        np.testing.assert_array_equal(loaded, expected)
-    with pytest.raises(StorageError):
-        FacenetEmbedder(runtime, weights=f"s3://{s3_bucket}/missing.pt", storage=storage)
+    crops = np.random.default_rng(0).integers(0, 255, (2, 112, 112, 3), dtype=np.uint8)
+    expected = ArcFaceEmbedder(face_weights_path, runtime).embed(crops)
+    for location in (f"s3://{s3_bucket}/arcface/v1", f"gs://{gcs_bucket}/arcface/v1"):
+        manifest = stage_model(face_weights_path, location, storage)
+        local = resolve_model(location, sha256=manifest.sha256, cache_dir=str(tmp_path / "c"),
+                              storage=storage, setting="face_embedder_weights")
+        assert local.name == face_weights_path.name and local.is_file()
+        np.testing.assert_array_equal(ArcFaceEmbedder(local, runtime).embed(crops), expected)
+    with pytest.raises(ModelStoreError, match="no manifest.json"):
+        resolve_model(f"s3://{s3_bucket}/missing", sha256=None, cache_dir=str(tmp_path / "c"),
+                      storage=storage)

@@ -1,4 +1,5 @@
-"""diffusion: tiny random-weight SD models, loaded with from_pretrained as in production.
+"""diffusion: tiny random-weight SD models and an IP-Adapter-FaceID file in the published
+layout, loaded with from_pretrained and diffusers' load_ip_adapter as in production.
 
 The models are built and loaded once per module; each generation takes a few hundred ms.
 """
@@ -10,18 +11,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers.models.embeddings import IPAdapterFaceIDImageProjection
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from skimage import data
 
 from pipeline.diffusion import (
     FACE_EMBEDDING_DIM,
+    FACEID_NUM_TOKENS,
     DiffusionGenerator,
     GenerationParams,
+    build_tiny_ip_adapter,
     build_tiny_models,
-    load_face_projection,
+    convert_ip_adapter_bin,
+    ip_adapter_layout,
     load_generator,
-    save_face_projection,
 )
+from pipeline.errors import ModelError
 from tests.unit.factories import cpu_runtime
 
 STEPS = 2
@@ -36,8 +41,16 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def generator(model_dir) -> DiffusionGenerator:
-    return load_generator(model_dir, cpu_runtime(), build_tiny_if_missing=False)
+def adapter(model_dir) -> Path:
+    path = model_dir.parent / "ip-adapter-faceid.safetensors"
+    build_tiny_ip_adapter(model_dir, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def generator(model_dir, adapter) -> DiffusionGenerator:
+    return load_generator(model_dir, cpu_runtime(), ip_adapter=adapter,
+                          build_tiny_if_missing=False)
 
 
 def embeddings(n: int, seed: int) -> np.ndarray:
@@ -46,10 +59,11 @@ def embeddings(n: int, seed: int) -> np.ndarray:
     return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
 
-def params(guidance_scale: float = 1.0, strength: float = 0.6) -> GenerationParams:
+def params(guidance_scale: float = 1.0, strength: float = 0.6,
+           face_scale: float = 0.7) -> GenerationParams:
     return GenerationParams(prompt="a studio portrait photo", resolution_px=64,
                             num_inference_steps=STEPS, guidance_scale=guidance_scale,
-                            strength=strength)
+                            strength=strength, face_scale=face_scale)
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +92,54 @@ def test_face_embedding_conditions_the_image(generator, baseline):
     assert not np.array_equal(other_faces, baseline)
 
 
-def test_face_projection_maps_distinct_identities_to_distinct_tokens(generator):
-    faces = torch.as_tensor(embeddings(2, seed=0))
-    with torch.inference_mode():
-        tokens = generator.face_proj(faces)
+def test_face_tokens_reach_the_adapters_attention_processors(generator):
+    """The adapter is diffusers' own: decoupled IP attention on every cross-attention layer,
+    fed by the FaceID projection (4 tokens per face)."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
-    assert tokens.shape == (2, 4, 32)  # (batch, num_face_tokens, cross_attention_dim)
-    assert (tokens[0] - tokens[1]).abs().mean() > 0.1
+    unet = generator.txt2img.unet
+    ip_layers = [p for p in unet.attn_processors.values()
+                 if isinstance(p, IPAdapterAttnProcessor2_0)]
+    cross_layers = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
+    assert len(ip_layers) == len(cross_layers) > 0
+    assert ip_layers[0].num_tokens == [FACEID_NUM_TOKENS]
+    faces = torch.as_tensor(embeddings(2, seed=0))[:, None, :]
+    with torch.inference_mode():
+        (tokens,) = unet.encoder_hid_proj(faces)
+    assert tokens.shape == (2, 1, FACEID_NUM_TOKENS, unet.config.cross_attention_dim)
+    assert (tokens[0] - tokens[1]).abs().mean() > 0.01
+
+
+def test_zero_face_scale_removes_the_faces_effect(generator):
+    a = generator.ai_photos(embeddings(2, seed=0), params(face_scale=0.0), seeds=[1, 2])
+    b = generator.ai_photos(embeddings(2, seed=1), params(face_scale=0.0), seeds=[1, 2])
+    np.testing.assert_array_equal(a, b)
+    c = generator.ai_photos(embeddings(2, seed=1), params(face_scale=1.0), seeds=[1, 2])
+    assert not np.array_equal(b, c)
+
+
+def test_each_image_of_a_batch_follows_its_own_face(generator, baseline):
+    """Batch rows are paired with their own embeddings (and, under guidance, with their own
+    negatives): swapping the faces swaps the images."""
+    faces = embeddings(2, seed=0)
+    for guidance in (1.0, 3.0):
+        ab = generator.ai_photos(faces, params(guidance_scale=guidance), seeds=[1, 1])
+        ba = generator.ai_photos(faces[::-1].copy(), params(guidance_scale=guidance), seeds=[1, 1])
+        np.testing.assert_array_equal(ab[0], ba[1])
+        np.testing.assert_array_equal(ab[1], ba[0])
+        assert not np.array_equal(ab[0], ab[1])
+
+
+def test_art_styles_ignore_the_adapter_between_ai_photo_calls(generator):
+    before = generator.art_styles([data.coffee()], params(), seeds=[3])
+    generator.ai_photos(embeddings(1, seed=0), params(face_scale=1.5), seeds=[1])
+    after = generator.art_styles([data.coffee()], params(), seeds=[3])
+    np.testing.assert_array_equal(before, after)
+
+
+def test_wrong_embedding_size_is_refused(generator):
+    with pytest.raises(ModelError, match="512"):
+        generator.ai_photos(np.zeros((1, 128), np.float32), params(), seeds=[1])
 
 
 def test_classifier_free_guidance_path_runs_and_changes_the_result(generator, baseline):
@@ -125,30 +180,75 @@ def test_art_styles_with_fewer_than_one_effective_step_fails_clearly_or_runs(gen
         assert images.shape == (1, 64, 64, 3)
 
 
-def test_missing_model_dir_is_refused_when_building_is_off(tmp_path):
-    with pytest.raises(ValueError, match="diffusion_model_dir"):
-        load_generator(tmp_path / "absent", cpu_runtime(), build_tiny_if_missing=False)
+def test_missing_model_dir_is_refused_when_building_is_off(tmp_path, adapter):
+    with pytest.raises(ModelError, match="diffusion_model_dir"):
+        load_generator(tmp_path / "absent", cpu_runtime(), ip_adapter=adapter,
+                       build_tiny_if_missing=False)
     assert not (tmp_path / "absent").exists()
 
 
-def test_face_projection_round_trips_through_disk(tmp_path):
-    torch.manual_seed(0)
-    proj = IPAdapterFaceIDImageProjection(image_embed_dim=FACE_EMBEDDING_DIM,
-                                          cross_attention_dim=32, mult=1, num_tokens=4).eval()
-    save_face_projection(proj, tmp_path / "face_proj")
+@pytest.mark.models
+def test_tiny_adapter_file_has_the_published_faceid_layout(model_dir, adapter):
+    """One safetensors file, image_proj.* (MLP 512->1024->4 tokens, LayerNorm) and
+    ip_adapter.N.* with N the attention layer's position: LoRA on every layer, to_k_ip and
+    to_v_ip on the cross-attention ones (odd N), as in h94/IP-Adapter-FaceID."""
+    from diffusers import UNet2DConditionModel
 
-    loaded = load_face_projection(tmp_path / "face_proj")
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    with safe_open(str(adapter), framework="pt") as f:
+        keys = set(f.keys())
+    assert {k.split(".")[0] for k in keys} == {"image_proj", "ip_adapter"}
+    assert {"image_proj.proj.0.weight", "image_proj.proj.2.weight", "image_proj.norm.weight"} <= keys
+    assert keys == set(ip_adapter_layout(unet))
+    ip_ids = sorted({int(k.split(".")[1]) for k in keys if "to_k_ip" in k})
+    assert ip_ids and all(i % 2 == 1 for i in ip_ids)
+    state = load_file(str(adapter))
+    assert state["image_proj.proj.0.weight"].shape == (2 * FACE_EMBEDDING_DIM, FACE_EMBEDDING_DIM)
+    assert state["image_proj.proj.2.weight"].shape[0] == (
+        FACEID_NUM_TOKENS * unet.config.cross_attention_dim)
 
-    faces = torch.as_tensor(embeddings(3, seed=2))
-    with torch.inference_mode():
-        torch.testing.assert_close(loaded(faces), proj(faces))
+
+@pytest.mark.models
+def test_adapter_errors_name_the_problem(model_dir, adapter, tmp_path):
+    def load(path):
+        load_generator(model_dir, cpu_runtime(), ip_adapter=path, build_tiny_if_missing=False)
+
+    with pytest.raises(ModelError, match="does not exist"):
+        load(tmp_path / "missing.safetensors")
+    state = load_file(str(adapter))
+    wrong_dim = {**state, "image_proj.proj.0.weight": torch.zeros(1024, 128)}
+    save_file(wrong_dim, str(tmp_path / "dim.safetensors"))
+    with pytest.raises(ModelError, match="128-d face embeddings"):
+        load(tmp_path / "dim.safetensors")
+    plus = {k: v for k, v in state.items() if k != "image_proj.norm.weight"}
+    save_file(plus, str(tmp_path / "plus.safetensors"))
+    with pytest.raises(ModelError, match="not an IP-Adapter-FaceID"):
+        load(tmp_path / "plus.safetensors")
+    key = next(k for k in state if "to_k_ip" in k)
+    other_base = {**state, key: torch.zeros(8, 8)}
+    save_file(other_base, str(tmp_path / "base.safetensors"))
+    with pytest.raises(ModelError, match="another base model"):
+        load(tmp_path / "base.safetensors")
 
 
-def test_channels_last_by_config_keeps_the_unet_so_and_still_generates(model_dir):
+@pytest.mark.models
+def test_a_published_bin_converts_to_the_same_adapter(adapter, tmp_path):
+    state = load_file(str(adapter))
+    nested = {part: {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(part + ".")}
+              for part in ("image_proj", "ip_adapter")}
+    torch.save(nested, tmp_path / "ip-adapter-faceid_sd15.bin")
+    convert_ip_adapter_bin(tmp_path / "ip-adapter-faceid_sd15.bin", tmp_path / "out.safetensors")
+    converted = load_file(str(tmp_path / "out.safetensors"))
+    assert converted.keys() == state.keys()
+    assert all(torch.equal(converted[k], state[k]) for k in state)
+
+
+def test_channels_last_by_config_keeps_the_unet_so_and_still_generates(model_dir, adapter):
     from dataclasses import replace
 
     runtime = replace(cpu_runtime(), channels_last=True)
-    generator = load_generator(model_dir, runtime, build_tiny_if_missing=False)
+    generator = load_generator(model_dir, runtime, ip_adapter=adapter,
+                               build_tiny_if_missing=False)
     convs = [m.weight for m in generator.txt2img.unet.modules()
              if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)

@@ -13,7 +13,7 @@ from pipeline.model_store import (
     Manifest,
     ModelStoreError,
     fetch_model,
-    resolve_model_dir,
+    resolve_model,
     stage_model,
 )
 from serve.cli import main as cli
@@ -95,10 +95,10 @@ def test_a_single_file_model_fetches_to_that_file(tmp_path):
 
 def test_a_plain_folder_loads_as_before_and_a_pin_without_manifest_is_refused(tmp_path):
     plain = make_model(tmp_path / "plain")
-    assert resolve_model_dir(str(plain), sha256=None, cache_dir=str(tmp_path / "c"),
+    assert resolve_model(str(plain), sha256=None, cache_dir=str(tmp_path / "c"),
                              storage=STORAGE) == plain
     with pytest.raises(ModelStoreError, match="has no manifest.json"):
-        resolve_model_dir(str(plain), sha256="a" * 64, cache_dir=str(tmp_path / "c"),
+        resolve_model(str(plain), sha256="a" * 64, cache_dir=str(tmp_path / "c"),
                           storage=STORAGE)
 
 
