@@ -4,8 +4,8 @@ tiny CPU models, real sample photos (scikit-image), all over HTTP.
 Run:  make demo        (or: .venv/bin/python scripts/demo.py)
 
 Submits scikit-image's astronaut for ai_photo and art_style, a cat photo with no human face
-(the failure path) and a JPEG with EXIF GPS tags written here; saves outputs to ./out/ and
-prints a table ending with ``inputs purged: N/N verified``.
+and a blurred astronaut (the failure paths) and a JPEG with EXIF GPS tags written here;
+saves outputs to ./out/ and prints a table ending with ``inputs purged: N/N verified``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import skimage.data
-from PIL import Image
+from PIL import Image, ImageFilter
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -76,6 +76,9 @@ def demo_jobs() -> list[DemoJob]:
                 [("astronaut.webp", encode(astronaut, "WEBP"), "image/webp")]),
         DemoJob("cat (no face)", "ai_photo", "portrait",
                 [("chelsea.jpg", encode(skimage.data.chelsea(), "JPEG"), "image/jpeg")]),
+        DemoJob("blurred face", "ai_photo", "portrait",
+                [("blurred.png", encode(np.asarray(Image.fromarray(astronaut).filter(
+                    ImageFilter.GaussianBlur(4))), "PNG"), "image/png")]),
         DemoJob("astronaut+GPS", "ai_photo", "comic",
                 [("gps.jpg", jpeg_with_gps(astronaut), "image/jpeg")]),
     ]
@@ -172,7 +175,7 @@ def wait_for(client: httpx.Client, job_id: str, timeout_s: float = 300.0) -> dic
 RANDOM_WEIGHTS_NOTE = (
     "note: the demo's diffusion and face-embedding models are the real architectures with "
     "RANDOM weights,\n      so the output pictures are noise; point configs/models.yaml at "
-    "real weights for real pictures (README, 'Model store').")
+    "real weights for real pictures (README, 'Serving real models').")
 
 
 def print_table(rows: list[tuple]) -> None:

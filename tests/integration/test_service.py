@@ -136,6 +136,22 @@ def test_photo_without_face_fails_with_reason_and_is_purged(client, store_root, 
     _assert_inputs_gone(store_root, redis_client, view["job_id"])
 
 
+def test_a_blurred_face_among_sharp_ones_fails_the_job_naming_its_file(client, store_root,
+                                                                       redis_client):
+    from PIL import ImageFilter
+
+    blurred = np.asarray(Image.fromarray(ASTRONAUT).filter(ImageFilter.GaussianBlur(4)))
+    response = submit(client, [encode_image(ASTRONAUT, "PNG"), encode_image(blurred, "PNG")],
+                      key=crypto.new_device_key(), kind="ai_photo")
+    assert response.status_code == 202
+    view = wait_finished(client, response.json()["job_id"])
+    assert view["status"] == "failed"
+    assert view["reason"].startswith("file 2: the face is too blurred for identity")
+    assert "upload a sharper" in view["reason"]
+    assert view["output_ids"] == [] and view["num_inputs_purged_verified"] == 2
+    _assert_inputs_gone(store_root, redis_client, view["job_id"])
+
+
 def test_jobs_are_batched_by_key(client, store_root, redis_client):
     """Jobs arriving together with one (kind, style, resolution) share a model call."""
     files = [encode_image(ASTRONAUT, "PNG")]
