@@ -48,6 +48,18 @@ class ServiceConfig(_Strict):
     )
     default_resolution_px: int = Field(64, gt=0, description="Output size when none is given.")
     output_format: Literal["png", "webp"] = Field("png", description="Encoding of outputs.")
+    video_output_format: Literal["mp4", "webp"] = Field(
+        "mp4", description="Clips (animate, styled videos): H.264 MP4, or animated WebP."
+    )
+    max_video_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, le=2 * 1024**3, description="Largest accepted video, in bytes."
+    )
+    max_video_duration_s: float = Field(15.0, gt=0, le=600, description="Longest video.")
+    max_video_frames: int = Field(450, gt=0, le=36_000, description="Most frames in a video.")
+    max_video_fps: float = Field(60.0, gt=0, le=240, description="Highest frame rate.")
+    max_video_pixels: int = Field(
+        1920 * 1080, gt=0, le=8192 * 8192, description="Most pixels per video frame."
+    )
     ray_address: str | None = Field(
         None, description="null starts a local Ray instance; 'auto' joins the running cluster."
     )
@@ -223,6 +235,11 @@ class BatchingConfig(_Strict):
     stage_timeout_s: float = Field(
         120.0, gt=0, le=3600, description="A stage call not answered in this time counts as a crash."
     )
+    video_chunk_frames: int = Field(
+        8, gt=0, le=64, description="Frames of one video (or animation) per diffusion call: "
+        "a long video goes through in chunks, so photo jobs get model calls in between. "
+        "The motion module keeps frames consistent within a chunk; chunks share noise."
+    )
 
     def runner_user_config(self) -> dict:
         return {"max_attempts": self.max_attempts, "stage_timeout_s": self.stage_timeout_s}
@@ -357,6 +374,14 @@ class ModelsConfig(_Strict):
         None, pattern=r"^[0-9a-f]{64}$", description="The sha256 of the adapter's store "
         "manifest.json: a node refuses any other version. null: any."
     )
+    motion_adapter_dir: str = Field(
+        "models/tiny-motion-adapter", description="AnimateDiff MotionAdapter (save_pretrained "
+        "folder) for animate and video art styles: a folder or a model-store location."
+    )
+    motion_adapter_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="The sha256 of the motion adapter's "
+        "store manifest.json. null: any."
+    )
     face_embedder_weights: str = Field(
         "models/tiny-arcface.onnx", description="ArcFace-format ONNX embedder (InsightFace "
         "layout: (N,3,112,112) in, (N,512) out): a file or a model-store location."
@@ -404,6 +429,11 @@ class StyleConfig(_Strict):
     face_scale: float = Field(
         0.7, ge=0.0, le=2.0, description="ai_photo: IP-Adapter scale of the face tokens "
         "(0 ignores the face; about 0.5-1.0 keeps identity and lets the style through)."
+    )
+    num_frames: int = Field(8, ge=2, le=64, description="animate: frames of the clip.")
+    fps: int = Field(8, ge=1, le=60, description="animate: frames per second of the clip.")
+    motion_strength: float = Field(
+        0.7, gt=0, le=1, description="animate: how far frames may move from the photo."
     )
 
 
@@ -469,6 +499,13 @@ class Settings(_Strict):
         service, batching = self.service, self.batching
         side = max(service.allowed_resolutions_px) / batching.reference_resolution_px
         largest = max(1, math.ceil(service.max_files_per_job * side * side))
+        chunk = max(1, math.ceil(batching.video_chunk_frames * side * side))
+        if batching.diffusion.max_batch_cost < chunk:
+            raise ValueError(
+                f"batching.yaml diffusion.max_batch_cost {batching.diffusion.max_batch_cost} is "
+                f"below the cost of one video chunk ({chunk}: video_chunk_frames "
+                f"{batching.video_chunk_frames} at {max(service.allowed_resolutions_px)} px); "
+                "raise it or lower video_chunk_frames")
         for name, pool in (("face", batching.face), ("diffusion", batching.diffusion)):
             if pool.max_batch_cost < largest:
                 raise ValueError(

@@ -8,6 +8,10 @@
   guidance), at an adapter scale per style.
 * ``art_style``: image-to-image from the stripped input, conditioned on the style prompt,
   with the adapter switched off (scale 0, LoRA disabled).
+* clips (``animate`` from one photo, ``art_style`` on a video): AnimateDiff's
+  ``AnimateDiffVideoToVideoPipeline`` (the SD components plus a ``MotionAdapter``, whose
+  temporal attention keeps the frames of a chunk consistent). ``animate`` feeds the photo
+  as a still clip and lets the motion module move it by the style's ``motion_strength``.
 
 Models are always loaded from files: the pipeline with ``from_pretrained`` from a folder,
 the adapter from one file in the published FaceID layout (``image_proj.*`` and
@@ -18,6 +22,8 @@ layouts; on a GPU host they are full-size weights from the model store.
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import (
+    AnimateDiffVideoToVideoPipeline,
     AutoencoderKL,
     DDIMScheduler,
+    MotionAdapter,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
@@ -218,7 +226,8 @@ class GenerationParams:
 class DiffusionGenerator:
     """Holds the pipelines on one device and runs batched generation."""
 
-    def __init__(self, model_dir: Path, runtime: Runtime, *, ip_adapter: Path) -> None:
+    def __init__(self, model_dir: Path, runtime: Runtime, *, ip_adapter: Path,
+                 motion_adapter: Path | None = None) -> None:
         self.runtime = runtime
         pipe = StableDiffusionPipeline.from_pretrained(
             model_dir, torch_dtype=runtime.dtype, safety_checker=None,
@@ -226,6 +235,9 @@ class DiffusionGenerator:
         )
         check_ip_adapter(ip_adapter, pipe.unet)
         pipe = pipe.to(runtime.device)
+        # The motion pipeline copies the plain UNet into a UNetMotionModel, before the
+        # face adapter changes the UNet's attention (one more UNet in GPU memory).
+        self.vid2vid = _motion_pipeline(pipe, motion_adapter, runtime) if motion_adapter else None
         if runtime.attention == "xformers":  # before the adapter: it keeps the backend
             pipe.enable_xformers_memory_efficient_attention()
         pipe.load_ip_adapter(str(ip_adapter.parent), subfolder="", weight_name=ip_adapter.name,
@@ -300,6 +312,30 @@ class DiffusionGenerator:
         return _to_uint8(out.images)
 
     @torch.inference_mode()
+    def clip(self, frames: list[np.ndarray], params: GenerationParams, seed: int,
+             size_px: tuple[int, int]) -> np.ndarray:
+        """One clip chunk: F frames (H, W, 3) uint8 -> (F, height, width, 3) uint8 at
+        ``size_px`` (width, height), temporally consistent through the motion module."""
+        if self.vid2vid is None:
+            raise ModelError("clips need models.yaml motion_adapter_dir (AnimateDiff)")
+        if int(params.num_inference_steps * params.strength) < 1:
+            raise ValueError(
+                f"strength {params.strength} x num_inference_steps {params.num_inference_steps}"
+                " runs no denoising step; raise either so the product is >= 1")
+        cfg = params.guidance_scale > 1.0
+        text, neg_text = self._text_embeds(params.prompt, 1, cfg)
+        pil = [Image.fromarray(f).resize(size_px, Image.Resampling.LANCZOS) for f in frames]
+        with self._model_lock:
+            out = self.vid2vid(
+                video=pil, prompt_embeds=text, negative_prompt_embeds=neg_text,
+                width=size_px[0], height=size_px[1], strength=params.strength,
+                num_inference_steps=params.num_inference_steps,
+                guidance_scale=params.guidance_scale,
+                generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
+            )
+        return _to_uint8(np.asarray(out.frames)[0])
+
+    @torch.inference_mode()
     def art_styles(self, images: list[np.ndarray], params: GenerationParams,
                    seeds: list[int]) -> np.ndarray:
         """B input images (H, W, 3) uint8 -> (B, R, R, 3) uint8 restyled images."""
@@ -331,6 +367,33 @@ class DiffusionGenerator:
         return _to_uint8(out.images)
 
 
+def _motion_pipeline(pipe: StableDiffusionPipeline, motion_adapter: Path,
+                     runtime: Runtime) -> AnimateDiffVideoToVideoPipeline:
+    adapter = MotionAdapter.from_pretrained(motion_adapter, torch_dtype=runtime.dtype)
+    vid2vid = AnimateDiffVideoToVideoPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+        motion_adapter=adapter, scheduler=pipe.scheduler,
+    ).to(runtime.device, runtime.dtype)
+    if runtime.attention == "xformers":
+        vid2vid.enable_xformers_memory_efficient_attention()
+    vid2vid.set_progress_bar_config(disable=True)
+    return vid2vid
+
+
+def build_tiny_motion_adapter(path: Path, *, seed: int = 0) -> None:
+    """A random-weight AnimateDiff MotionAdapter matching ``build_tiny_models``' UNet."""
+    torch.manual_seed(seed)
+    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2,
+                            motion_norm_num_groups=2, motion_num_attention_heads=4,
+                            motion_max_seq_length=32)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    adapter.save_pretrained(staging)
+    try:
+        staging.rename(path)  # whole, or not at all (another process may have won)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _one_face_per_row(ip_adapter_image, ip_adapter_image_embeds, device,
                       num_images_per_prompt, do_classifier_free_guidance) -> list[torch.Tensor]:
     """Replaces the pipelines' ``prepare_ip_adapter_image_embeds``: diffusers repeats one
@@ -345,7 +408,8 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def load_generator(model_dir: Path, runtime: Runtime, *, ip_adapter: Path,
-                   build_tiny_if_missing: bool) -> DiffusionGenerator:
+                   build_tiny_if_missing: bool,
+                   motion_adapter: Path | None = None) -> DiffusionGenerator:
     """Load from ``model_dir`` and ``ip_adapter``; build tiny random weights there first if
     allowed and absent."""
     if not (model_dir / "model_index.json").is_file():
@@ -357,4 +421,10 @@ def load_generator(model_dir: Path, runtime: Runtime, *, ip_adapter: Path,
         build_tiny_models(model_dir)
     if not ip_adapter.is_file() and build_tiny_if_missing:
         build_tiny_ip_adapter(model_dir, ip_adapter)
-    return DiffusionGenerator(model_dir, runtime, ip_adapter=ip_adapter)
+    if motion_adapter is not None and not (motion_adapter / "config.json").is_file():
+        if not build_tiny_if_missing:
+            raise ModelError(f"motion_adapter_dir {motion_adapter} holds no config.json; point "
+                             "it at a MotionAdapter save_pretrained folder")
+        build_tiny_motion_adapter(motion_adapter)
+    return DiffusionGenerator(model_dir, runtime, ip_adapter=ip_adapter,
+                              motion_adapter=motion_adapter)

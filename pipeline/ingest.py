@@ -1,8 +1,10 @@
 """Ingest: decode an upload safely, then strip every byte of metadata by re-encoding pixels.
 
-Runs before anything is stored or processed. The only thing that leaves this module is a
-fresh PNG holding the pixels alone (EXIF orientation already applied), so GPS tags, EXIF,
-XMP, IPTC, ICC profiles, comments and PNG text chunks cannot survive.
+Runs before anything is stored or processed. The only thing that leaves this module for a
+photo is a fresh PNG holding the pixels alone (EXIF orientation already applied), so GPS
+tags, EXIF, XMP, IPTC, ICC profiles, comments and PNG text chunks cannot survive. Photos
+come as JPEG, PNG, WebP, HEIC/HEIF (the iPhone default; a file with several images gives
+its primary one) or AVIF; videos go to ``pipeline/video.py``.
 """
 
 from __future__ import annotations
@@ -11,15 +13,58 @@ import io
 import warnings
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageOps
 
 from pipeline.config import ServiceConfig
 from pipeline.errors import InvalidUpload
 from pipeline.records import CleanImage
+from pipeline.video import CleanVideo, check_video, looks_like_video
+
+pillow_heif.register_heif_opener()  # HEIC/HEIF; Pillow itself reads AVIF
 
 # MPO: a JPEG with extra frames (depth maps, previews) as phones write it; the first
-# frame is the photo.
-ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
+# frame is the photo. HEIF: pillow-heif opens the primary image first (bursts, depth).
+ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "HEIF", "AVIF")
+STILL_WITH_EXTRA_FRAMES = ("MPO", "HEIF")
+PHOTO_FORMATS_TEXT = "JPEG, PNG, WebP, HEIC or AVIF"
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".avif")
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".webm")
+
+
+def declared_media(content_type: str | None, filename: str | None) -> str | None:
+    """"image", "video" or None (unsaid): what the client's part header and file name
+    claim. The name is read for its suffix only and never stored or echoed."""
+    declared = (content_type or "").split(";")[0].strip().lower()
+    if declared.startswith(("image/", "video/")):
+        return declared.split("/")[0]
+    name = (filename or "").lower()
+    if name.endswith(IMAGE_SUFFIXES):
+        return "image"
+    if name.endswith(VIDEO_SUFFIXES):
+        return "video"
+    return None
+
+
+def check_media(data: bytes, *, index: int, limits: ServiceConfig,
+                declared: str | None = None) -> CleanImage | CleanVideo:
+    """A photo or a video, told apart by its bytes; a file declared as the other (a video
+    renamed .jpg, an image sent as video/mp4) is refused: a client bug worth surfacing."""
+    where = f"file {index}"
+    if not data:
+        raise InvalidUpload(f"{where} is empty; select a photo or a video", problem="malformed")
+    is_video = looks_like_video(data)
+    if is_video and declared == "image":
+        raise InvalidUpload(f"{where} is named or typed as an image but holds a video",
+                            problem="unsupported_media")
+    if not is_video and declared == "video":
+        raise InvalidUpload(f"{where} is named or typed as a video but is not a video",
+                            problem="unsupported_media")
+    if is_video:
+        return check_video(data, index=index, limits=limits)
+    return check_upload(data, index=index, limits=limits)
 
 
 def check_upload(data: bytes, *, index: int, limits: ServiceConfig) -> CleanImage:
@@ -30,7 +75,8 @@ def check_upload(data: bytes, *, index: int, limits: ServiceConfig) -> CleanImag
     """
     where = f"file {index}"
     if not data:
-        raise InvalidUpload(f"{where} is empty; select a JPEG, PNG or WebP photo", problem="malformed")
+        raise InvalidUpload(f"{where} is empty; select a {PHOTO_FORMATS_TEXT} photo",
+                            problem="malformed")
     if len(data) > limits.max_file_bytes:
         raise InvalidUpload(
             f"{where} is {len(data)} bytes, over the limit of {limits.max_file_bytes} bytes",
@@ -46,11 +92,11 @@ def check_upload(data: bytes, *, index: int, limits: ServiceConfig) -> CleanImag
         raise InvalidUpload(f"{where} declares too many pixels to decode", problem="too_large") from None
     except Exception:
         raise InvalidUpload(
-            f"{where} is not a readable image; send JPEG, PNG or WebP", problem="unsupported_media"
+            f"{where} is not a readable image; send {PHOTO_FORMATS_TEXT}", problem="unsupported_media"
         ) from None
     if image_format not in ALLOWED_FORMATS:
         raise InvalidUpload(
-            f"{where} is {image_format or 'an unknown format'}; send JPEG, PNG or WebP",
+            f"{where} is {image_format or 'an unknown format'}; send {PHOTO_FORMATS_TEXT}",
             problem="unsupported_media",
         )
     # Check the declared size before decoding a single pixel: a 20000x20000 PNG is tiny on
@@ -67,10 +113,11 @@ def check_upload(data: bytes, *, index: int, limits: ServiceConfig) -> CleanImag
             f"{limits.min_image_side_px}",
             problem="invalid",
         )
-    if image_format != "MPO" and getattr(image, "n_frames", 1) > 1:
+    if image_format not in STILL_WITH_EXTRA_FRAMES and getattr(image, "n_frames", 1) > 1:
         raise InvalidUpload(f"{where} is animated; send a still photo", problem="unsupported_media")
     try:
-        image.seek(0)
+        if image_format != "HEIF":  # pillow-heif opens at the primary image; stay there
+            image.seek(0)
         image.load()  # raises on truncated or corrupt data (LOAD_TRUNCATED_IMAGES is off)
         upright = ImageOps.exif_transpose(image)  # keep what the user saw, drop the tag
         pixels = np.asarray(upright.convert("RGB"), dtype=np.uint8)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pipeline import crypto
 from pipeline.config import Settings
 from pipeline.errors import InvalidUpload, StorageError
-from pipeline.ingest import check_upload
+from pipeline.ingest import check_media
 from pipeline.jobs import JobStore
 from pipeline.orchestration import job_cost_units
 from pipeline.records import (
@@ -41,13 +41,15 @@ from pipeline.storage import (
     key_from_uri,
     object_uri,
 )
+from pipeline.video import CleanVideo
 
 ACCOUNT_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
 class JobRequest:
-    """A validated request: clean images and the parameters, ready to be stored."""
+    """A validated request: clean images (or one clean video) and the parameters, ready to
+    be stored."""
 
     account_id: str
     kind: str
@@ -55,6 +57,23 @@ class JobRequest:
     resolution_px: int
     images: list[CleanImage]
     country: str | None = None  # ISO alpha-2: picks the storage region, then forgotten
+    video: CleanVideo | None = None
+
+    @property
+    def payloads(self) -> list[bytes]:
+        """The stripped bytes to encrypt and store, one object each."""
+        return [self.video.mp4_bytes] if self.video else [i.png_bytes for i in self.images]
+
+    def num_frames(self, settings: Settings) -> int:
+        """Frames of the clip this job makes; 0 for a photo job."""
+        if self.video:
+            return self.video.num_frames
+        return settings.styles.styles[self.style].num_frames if self.kind == "animate" else 0
+
+    def fps(self, settings: Settings) -> float:
+        if self.video:
+            return float(self.video.fps)
+        return float(settings.styles.styles[self.style].fps) if self.kind == "animate" else 0.0
 
 
 def check_account_id(account_id: str | None) -> str:
@@ -67,7 +86,8 @@ def check_account_id(account_id: str | None) -> str:
 
 def check_job_request(*, account_id: str | None, kind: str | None, style: str | None,
                       resolution_px: int | None, files: list[bytes],
-                      settings: Settings, country: str | None = None) -> JobRequest:
+                      settings: Settings, country: str | None = None,
+                      declared: list[str | None] | None = None) -> JobRequest:
     """Validate every field and every file; raises InvalidUpload naming the first problem."""
     account = check_account_id(account_id)
     user_country = check_country(country)
@@ -89,9 +109,22 @@ def check_job_request(*, account_id: str | None, kind: str | None, style: str | 
         raise InvalidUpload(
             f"{len(files)} files were sent; at most {service.max_files_per_job} per job",
             problem="too_large")
-    images = [check_upload(data, index=i, limits=service) for i, data in enumerate(files, 1)]
+    claims = declared or [None] * len(files)
+    media = [check_media(data, index=i, limits=service, declared=claim)
+             for i, (data, claim) in enumerate(zip(files, claims, strict=True), 1)]
+    videos = [m for m in media if isinstance(m, CleanVideo)]
+    images = [m for m in media if isinstance(m, CleanImage)]
+    if videos and len(media) > 1:
+        raise InvalidUpload("a job takes photos or one video, not several files with a video",
+                            problem="invalid")
+    if videos and kind != "art_style":
+        raise InvalidUpload(f"kind {kind} takes photos; send a video with kind art_style",
+                            problem="invalid")
+    if kind == "animate" and len(images) != 1:
+        raise InvalidUpload("kind animate takes exactly one photo", problem="invalid")
     return JobRequest(account_id=account, kind=kind, style=style, resolution_px=resolution,
-                      images=images, country=user_country)
+                      images=images, country=user_country,
+                      video=videos[0] if videos else None)
 
 
 def accept_job(request: JobRequest, device_key: bytes, stores: StoreSet, jobs: JobStore,
@@ -104,7 +137,9 @@ def accept_job(request: JobRequest, device_key: bytes, stores: StoreSet, jobs: J
     store = stores.for_inputs(request.country)
     job_id = uuid.uuid4().hex
     now = time.time()
-    uris = [object_uri(store, input_key(job_id, uuid.uuid4().hex)) for _ in request.images]
+    payloads = request.payloads
+    uris = [object_uri(store, input_key(job_id, uuid.uuid4().hex)) for _ in payloads]
+    num_frames = request.num_frames(settings)
     records = [
         RetentionRecord(uri=u, object_class=ObjectClass.INPUT, account_id=request.account_id,
                         job_id=job_id, created_s=now,
@@ -114,12 +149,11 @@ def accept_job(request: JobRequest, device_key: bytes, stores: StoreSet, jobs: J
     ]
     job = JobRecord(job_id=job_id, account_id=request.account_id, kind=request.kind,
                     style=request.style, resolution_px=request.resolution_px, status=JobStatus.QUEUED,
-                    created_s=now, updated_s=now, input_uris=uris)
+                    created_s=now, updated_s=now, input_uris=uris, frames_total=num_frames)
     jobs.create_job(job, records, max_in_flight=settings.service.max_jobs_in_flight_per_account)
     try:
-        for uri, image in zip(uris, request.images, strict=True):
-            store.put(key_from_uri(store, uri),
-                      crypto.encrypt(image.png_bytes, device_key, uri=uri),
+        for uri, payload in zip(uris, payloads, strict=True):
+            store.put(key_from_uri(store, uri), crypto.encrypt(payload, device_key, uri=uri),
                       customer_key=device_key)
     except StorageError:
         _undo(job_id, uris, records, store, jobs)
@@ -130,9 +164,13 @@ def accept_job(request: JobRequest, device_key: bytes, stores: StoreSet, jobs: J
                     seed=secrets.randbelow(2**31),
                     deadline_s=now + settings.service.job_timeout_s,
                     cost_units=job_cost_units(
-                        1 if request.kind == "ai_photo" else len(request.images),
+                        1 if request.kind in ("ai_photo", "animate") or num_frames
+                        else len(request.images),
                         request.resolution_px,
-                        reference_resolution_px=settings.batching.reference_resolution_px))
+                        reference_resolution_px=settings.batching.reference_resolution_px,
+                        num_frames=min(num_frames, settings.batching.video_chunk_frames) or 1),
+                    num_frames=num_frames, fps=request.fps(settings),
+                    video_input=request.video is not None)
     return job, item
 
 

@@ -14,9 +14,9 @@ from pipeline import keys
 from pipeline.errors import InvalidUpload, NotFound, TooManyJobs
 from pipeline.ledger import RetentionLedger
 from pipeline.records import (
+    PURGED_WITH_INPUTS,
     JobRecord,
     JobStatus,
-    ObjectClass,
     OutputRecord,
     RetentionRecord,
     Stage,
@@ -27,7 +27,7 @@ _LIST_FIELDS = ("input_uris", "output_ids")
 _FLOAT_FIELDS = ("created_s", "updated_s", "succeeded_s", "finished_s", "inputs_purged_s")
 _INT_FIELDS = (
     "resolution_px", "num_inputs_purged_verified", "attempts", "face_batch_size",
-    "diffusion_batch_size",
+    "diffusion_batch_size", "frames_total", "frames_done",
 )
 
 
@@ -195,7 +195,7 @@ class JobStore:
             self._finish_once(keys=[keys.job(job_id), keys.ACTIVE_JOBS,
                                     keys.account_active(account)],
                               args=[job_id, *_flat(fields)])
-        self.ledger.expedite_job(job_id, (ObjectClass.INPUT, ObjectClass.FACE_DATA), now)
+        self.ledger.expedite_job(job_id, PURGED_WITH_INPUTS, now)
 
     def fail_orphan(self, job: JobRecord, reason: str, *, now_s: float,
                     overdue: bool = False) -> bool:
@@ -210,7 +210,7 @@ class JobStore:
             args=[job.job_id, job.runner_id, repr(now_s), "1" if overdue else "0",
                   *_flat(fields)]))
         if failed:
-            self.ledger.expedite_job(job.job_id, (ObjectClass.INPUT, ObjectClass.FACE_DATA),
+            self.ledger.expedite_job(job.job_id, PURGED_WITH_INPUTS,
                                      now_s)
         return failed
 

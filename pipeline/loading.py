@@ -23,10 +23,12 @@ class Model(StrEnum):
 
     DIFFUSION = "diffusion_model_dir"
     IP_ADAPTER = "ip_adapter_weights"
+    MOTION_ADAPTER = "motion_adapter_dir"
     FACE_EMBEDDER = "face_embedder_weights"
 
 
 _PINS = {Model.DIFFUSION: "diffusion_model_sha256", Model.IP_ADAPTER: "ip_adapter_sha256",
+         Model.MOTION_ADAPTER: "motion_adapter_sha256",
          Model.FACE_EMBEDDER: "face_embedder_sha256"}
 
 
@@ -63,4 +65,5 @@ def open_generator(settings: Settings, runtime: Runtime | None = None) -> Diffus
     return load_generator(model_path(settings, Model.DIFFUSION),
                           runtime or select_runtime(settings.models),
                           ip_adapter=model_path(settings, Model.IP_ADAPTER),
+                          motion_adapter=model_path(settings, Model.MOTION_ADAPTER),
                           build_tiny_if_missing=settings.models.build_tiny_if_missing)

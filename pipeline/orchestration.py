@@ -47,8 +47,16 @@ def after_result(stage: Stage, item: WorkItem, result: StageResult, *, max_attem
     if result.ok and stage is Stage.FACE:
         return check_deadline(Next(replace(item, face_uri=result.face_uri),
                                    stage=Stage.DIFFUSION), now_s)
+    if result.ok and item.is_clip and result.frames_done < item.num_frames:
+        # A clip's next chunk: the frames made so far are stored at result.work_uri.
+        if result.frames_done <= item.frames_done or result.work_uri is None:
+            return Next(item, stage=None, ok=False, reason="a clip chunk made no progress")
+        chunk = replace(item, frames_done=result.frames_done,
+                        work_uris=(*item.work_uris, result.work_uri))
+        return check_deadline(Next(chunk, stage=Stage.DIFFUSION), now_s)
     if result.ok:
-        return Next(item, stage=None, ok=True, output_ids=result.output_ids)
+        done = replace(item, frames_done=result.frames_done) if item.is_clip else item
+        return Next(done, stage=None, ok=True, output_ids=result.output_ids)
     if result.retryable:
         return after_crash(stage, item, result.reason, max_attempts=max_attempts, now_s=now_s)
     return Next(item, stage=None, ok=False, reason=result.reason)

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from botocore.exceptions import ClientError
 
 from pipeline.config import US_AWS_REGIONS, S3Config, StorageConfig
-from pipeline.storage import FACE_PREFIX, INPUT_PREFIX, StoreSet
+from pipeline.storage import FACE_PREFIX, INPUT_PREFIX, WORK_PREFIX, StoreSet
 
 MAX_BACKSTOP_DAYS = 1
-PURGED_PREFIXES = (INPUT_PREFIX, FACE_PREFIX)
+PURGED_PREFIXES = (INPUT_PREFIX, FACE_PREFIX, WORK_PREFIX)
 
 
 @dataclass(frozen=True, slots=True)

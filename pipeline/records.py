@@ -8,7 +8,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-JobKind = Literal["ai_photo", "art_style"]
+JobKind = Literal["ai_photo", "art_style", "animate"]
 JOB_KINDS: tuple[str, ...] = get_args(JobKind)
 
 
@@ -37,7 +37,12 @@ class ObjectClass(StrEnum):
 
     INPUT = "input"
     FACE_DATA = "face_data"
+    WORK_DATA = "work_data"  # generated frames of a clip between its chunks
     OUTPUT = "output"
+
+
+# Derived from the user's media: purged with the inputs the moment the job ends.
+PURGED_WITH_INPUTS = (ObjectClass.INPUT, ObjectClass.FACE_DATA, ObjectClass.WORK_DATA)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +108,8 @@ class JobRecord:
     face_batch_size: int = 0  # jobs in the face-stage model call that served this job
     diffusion_batch_size: int = 0  # jobs in the diffusion model call
     runner_id: str = ""  # the job runner holding the job (and its key) in memory
+    frames_total: int = 0  # clips: frames to generate (0 for photos)
+    frames_done: int = 0  # clips: frames generated so far (progress)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,11 +147,24 @@ class WorkItem:
     sent_s: float = 0.0  # when a runner last sent it to a stage (queue-wait metric)
     face_uri: str | None = None
     attempts: int = 0
+    # Clips (animate, or art_style on a video): frames to make, at what rate, how far done,
+    # and the stored chunks made so far (encrypted WORK_DATA).
+    num_frames: int = 0
+    fps: float = 0.0
+    frames_done: int = 0
+    work_uris: tuple[str, ...] = ()
+    video_input: bool = False
+
+    @property
+    def is_clip(self) -> bool:
+        return self.num_frames > 0
 
     @property
     def batch_key(self) -> tuple[str, str, int]:
-        """Jobs with the same key can share one model call."""
-        return (self.kind, self.style, self.resolution_px)
+        """Jobs with the same key can share one model call (a styled video runs another
+        pipeline than a styled photo)."""
+        kind = f"{self.kind}-video" if self.video_input else self.kind
+        return (kind, self.style, self.resolution_px)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +177,8 @@ class StageResult:
     face_uri: str | None = None
     output_ids: tuple[str, ...] = ()
     retryable: bool = False
+    frames_done: int = 0  # clips: frames generated once this chunk is stored
+    work_uri: str | None = None  # clips: where this chunk's frames are stored
 
 
 @dataclass(frozen=True, slots=True)

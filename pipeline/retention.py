@@ -16,11 +16,12 @@ from pipeline.errors import StorageError
 from pipeline.jobs import JobStore
 from pipeline.ledger import RetentionLedger
 from pipeline.receipts import ReceiptLedger
-from pipeline.records import DeletionReceipt, ObjectClass, RetentionRecord
+from pipeline.records import PURGED_WITH_INPUTS, DeletionReceipt, ObjectClass, RetentionRecord
 from pipeline.retry import backoff_s
 from pipeline.storage import (
     FACE_PREFIX,
     INPUT_PREFIX,
+    WORK_PREFIX,
     LocalObjectStore,
     ObjectStore,
     StoreSet,
@@ -28,7 +29,7 @@ from pipeline.storage import (
     object_uri,
 )
 
-PURGED_ON_EVENT = (ObjectClass.INPUT, ObjectClass.FACE_DATA)
+PURGED_ON_EVENT = PURGED_WITH_INPUTS
 FOREIGN_RETRY_S = 3600.0  # a record of a store this worker does not have
 TEMPORARY_FILE_MAX_AGE_S = 600.0  # a local write takes milliseconds; older ones are debris
 
@@ -40,7 +41,7 @@ def purge_receipt_id(job_id: str) -> str:
 
 def deadline_for(object_class: ObjectClass, created_s: float, cfg: RetentionConfig) -> float:
     """Hard-ceiling deadline of a new object. Outputs have none (kept until the user deletes)."""
-    if object_class == ObjectClass.INPUT:
+    if object_class in (ObjectClass.INPUT, ObjectClass.WORK_DATA):
         return created_s + cfg.input_ceiling_h * 3600.0
     if object_class == ObjectClass.FACE_DATA:
         return created_s + cfg.face_data_ceiling_h * 3600.0
@@ -174,7 +175,7 @@ def _reconcile_store(store: ObjectStore, stores: StoreSet, ledger: RetentionLedg
                      chain: ReceiptLedger, *, owner: str, cfg: RetentionConfig,
                      now_s: float) -> list[DeletionReceipt]:
     receipts: list[DeletionReceipt] = []
-    for prefix in (INPUT_PREFIX, FACE_PREFIX):
+    for prefix in (INPUT_PREFIX, FACE_PREFIX, WORK_PREFIX):
         for key in store.list_keys(prefix):
             uri = object_uri(store, key)
             rec = ledger.get(uri)

@@ -46,3 +46,9 @@ class SimulatedGenerator:
     def art_styles(self, images: list[np.ndarray], params: GenerationParams,
                    seeds: list[int]) -> np.ndarray:
         return self._generate(len(images), params.resolution_px)
+
+    def clip(self, frames: list[np.ndarray], params: GenerationParams, seed: int,
+             size_px: tuple[int, int]) -> np.ndarray:
+        """A chunk costs its frames as images (AnimateDiff denoises every frame)."""
+        time.sleep(self.batch_time_s(len(frames), max(size_px)))
+        return np.full((len(frames), size_px[1], size_px[0], 3), 128, dtype=np.uint8)

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from pipeline import crypto
+from pipeline import clips, crypto
 from pipeline.config import RetentionConfig, Settings
 from pipeline.diffusion import FACE_EMBEDDING_DIM, GenerationParams
 from pipeline.errors import StorageError, WrongKey
@@ -63,6 +63,9 @@ class Generator(Protocol):
 
     def art_styles(self, images: list[np.ndarray], params: GenerationParams,
                    seeds: list[int]) -> np.ndarray: ...
+
+    def clip(self, frames: list[np.ndarray], params: GenerationParams, seed: int,
+             size_px: tuple[int, int]) -> np.ndarray: ...
 
 
 class _ItemFailed(Exception):
@@ -207,6 +210,8 @@ def diffusion_stage(items: list[WorkItem], stores: StoreSet, jobs: JobStore,
     """
     if len({it.batch_key for it in items}) != 1:
         raise ValueError("a diffusion batch must share one (kind, style, resolution) key")
+    if items[0].is_clip:
+        return [clip_chunk_stage(item, stores, jobs, generator, settings) for item in items]
     params = generation_params(items[0], settings)
     failed: dict[str, StageResult] = {}
     sources: list[tuple[WorkItem, np.ndarray]] = []
@@ -256,6 +261,39 @@ def diffusion_stage(items: list[WorkItem], stores: StoreSet, jobs: JobStore,
     return results
 
 
+def clip_chunk_stage(item: WorkItem, stores: StoreSet, jobs: JobStore, generator: Generator,
+                     settings: Settings) -> StageResult:
+    """One chunk of a clip (pipeline/clips.py): generate its frames; store them, or, for the
+    last chunk, assemble the clip and its poster and run the output stage."""
+    start, stop = clips.chunk_range(item, settings.batching.video_chunk_frames)
+    try:
+        plain = _read_plain(stores, item.input_uris[0], item.device_key)
+        earlier = [clips.unpack_frames(_read_plain(stores, u, item.device_key))
+                   for u in item.work_uris] if stop >= item.num_frames else []
+    except _ItemFailed as exc:
+        return StageResult(item.job_id, ok=False, reason=exc.reason, retryable=exc.retryable)
+    frames = clips.source_frames(plain, item, start, stop)
+    height_px, width_px = frames[0].shape[:2]
+    size = clips.clip_size_px(height_px, width_px, item.resolution_px)
+    made = generator.clip(frames, clips.clip_params(item, settings), item.seed, size)
+    if jobs.is_finished(item.job_id):
+        return StageResult(item.job_id, ok=False, reason="the job already ended")
+    try:
+        if stop < item.num_frames:
+            return clips.chunk_result(item, stop, clips.store_chunk(stores, jobs, item, made,
+                                                                    settings))
+        blobs = clips.encode_clip(np.concatenate([*earlier, made]), item.fps,
+                                  settings.service.video_output_format,
+                                  settings.service.output_format)
+        output_ids = store_encoded_outputs(item, blobs, stores.outputs, jobs)
+    except JobEnded:
+        return StageResult(item.job_id, ok=False, reason="the job already ended")
+    except StorageError as exc:
+        log.warning("storing a clip failed: %s", exc)
+        return clips.storage_failure(item)
+    return clips.chunk_result(item, stop, output_ids=tuple(output_ids))
+
+
 class JobEnded(Exception):
     """The job ended or its account was deleted while its outputs were being written."""
 
@@ -265,6 +303,13 @@ PENDING_OUTPUT_TTL_S = 3600.0  # an output written but never indexed is purged a
 
 def store_outputs(item: WorkItem, images: list[np.ndarray], store: ObjectStore, jobs: JobStore,
                   output_format: str) -> list[str]:
+    """Encode images in ``output_format`` and store them (``store_encoded_outputs``)."""
+    blobs = [(*encode_output(image, output_format), output_format) for image in images]
+    return store_encoded_outputs(item, blobs, store, jobs)
+
+
+def store_encoded_outputs(item: WorkItem, blobs: list[tuple[bytes, str, str]],
+                          store: ObjectStore, jobs: JobStore) -> list[str]:
     """Output stage: encode, store under the account, add to the account's output index.
 
     Each output gets a pending retention record before it is written, dropped when it is
@@ -273,10 +318,9 @@ def store_outputs(item: WorkItem, images: list[np.ndarray], store: ObjectStore, 
     """
     written: list[tuple[OutputRecord, RetentionRecord]] = []
     try:
-        for image in images:
-            data, media_type = encode_output(image, output_format)
+        for data, media_type, extension in blobs:
             output_id = uuid.uuid4().hex
-            key = output_key(item.account_id, output_id, output_format)
+            key = output_key(item.account_id, output_id, extension)
             now = time.time()
             out = OutputRecord(output_id=output_id, account_id=item.account_id,
                                job_id=item.job_id, uri=object_uri(store, key),

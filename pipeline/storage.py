@@ -24,6 +24,7 @@ from pipeline.errors import StorageError
 
 INPUT_PREFIX = "inputs/"
 FACE_PREFIX = "face/"
+WORK_PREFIX = "work/"
 OUTPUT_PREFIX = "outputs/"
 
 
@@ -66,6 +67,10 @@ def input_key(job_id: str, object_id: str) -> str:
 
 def face_key(job_id: str, object_id: str) -> str:
     return f"{FACE_PREFIX}{job_id}/{object_id}.bin"
+
+
+def work_key(job_id: str, object_id: str) -> str:
+    return f"{WORK_PREFIX}{job_id}/{object_id}.bin"
 
 
 def account_digest(account_id: str) -> str:

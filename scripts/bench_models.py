@@ -86,6 +86,7 @@ def measure(batches: tuple[int, ...], repeats: int, steps: int) -> tuple[dict, d
         models = base.models.model_copy(update={
             "diffusion_model_dir": f"{tmp}/tiny-sd",
             "ip_adapter_weights": f"{tmp}/tiny-ip-adapter-faceid.safetensors",
+            "motion_adapter_dir": f"{tmp}/tiny-motion-adapter",
             "face_embedder_weights": f"{tmp}/tiny-arcface.onnx",
             "build_tiny_if_missing": True,
         })

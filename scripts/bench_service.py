@@ -115,6 +115,7 @@ def bench_settings(base: Settings, root: Path, name: str, batch: int) -> Setting
         "models": base.models.model_copy(update={
             "diffusion_model_dir": str(root / "models" / "tiny-sd"),
             "ip_adapter_weights": str(root / "models" / "tiny-ip-adapter-faceid.safetensors"),
+            "motion_adapter_dir": str(root / "models" / "tiny-motion-adapter"),
             "face_embedder_weights": str(root / "models" / "tiny-arcface.onnx"),
         }),
         "batching": base.batching.model_copy(update={"face": stage, "diffusion": stage}),

@@ -33,6 +33,7 @@ from pipeline.errors import (
     Unauthorized,
     Unavailable,
 )
+from pipeline.ingest import declared_media
 from pipeline.intake import accept_job, check_account_id, check_job_request, withdraw_job
 from pipeline.jobs import JobStore
 from pipeline.metrics import render_prometheus, service_metrics
@@ -116,6 +117,8 @@ def job_view(job: JobRecord) -> dict:
         "num_inputs_purged_verified": job.num_inputs_purged_verified,
         "attempts": job.attempts,
         "batch_sizes": {"face": job.face_batch_size, "diffusion": job.diffusion_batch_size},
+        "progress": ({"frames_done": job.frames_done, "frames_total": job.frames_total}
+                     if job.frames_total else None),
     }
 
 
@@ -132,7 +135,8 @@ class ApiDeployment:
         self.jobs = JobStore(self.redis)
         self.stores = open_stores(settings.storage)
         limits = settings.service
-        self.max_request_bytes = limits.max_files_per_job * limits.max_file_bytes + (1 << 20)
+        self.max_request_bytes = max(limits.max_files_per_job * limits.max_file_bytes,
+                                     limits.max_video_bytes) + (1 << 20)
         self._token_sha256 = _expected_token_digest(settings)
 
     def _authorize(self, request: Request) -> None:
@@ -174,6 +178,7 @@ class ApiDeployment:
                                 problem="malformed") from None
         uploads = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
         files = [await f.read() for f in uploads]
+        declared = [declared_media(f.content_type, f.filename) for f in uploads]
         await form.close()
         resolution = form.get("resolution_px")
         try:
@@ -184,7 +189,7 @@ class ApiDeployment:
             check_job_request, account_id=_text(form.get("account_id")),
             kind=_text(form.get("kind")), style=_text(form.get("style")),
             resolution_px=resolution_px, files=files, settings=self.settings,
-            country=_text(form.get("country")))
+            country=_text(form.get("country")), declared=declared)
         del files, uploads
         # Shielded: a client that disconnects now must not leave a job registered but
         # never queued; the accept-and-submit step always runs to its end.

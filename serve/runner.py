@@ -90,7 +90,11 @@ class JobRunnerDeployment:
                 return False  # withdrawn, reaped or deleted before it got here
             plan = start(item, time.time())
             while plan.stage is not None:
+                done = plan.item.frames_done
                 plan = await self._run_stage(plan.stage, plan.item)
+                if plan.item.frames_done != done:  # a clip's chunk: report progress
+                    await self._redis(self.jobs.update_job, item.job_id,
+                                      frames_done=plan.item.frames_done)
             await self._redis(self.jobs.finish_job, item.job_id, ok=plan.ok, reason=plan.reason,
                               output_ids=plan.output_ids)
         except BaseException:  # Redis gone for long, or the request was cancelled

@@ -63,6 +63,7 @@ def test_settings(tmp_path_factory, redis_server, face_weights_path):
         "models": base.models.model_copy(update={
             "diffusion_model_dir": str(root / "models" / "tiny-sd"),
             "ip_adapter_weights": str(root / "models" / "tiny-ip-adapter-faceid.safetensors"),
+            "motion_adapter_dir": str(root / "models" / "tiny-motion-adapter"),
             "face_embedder_weights": str(face_weights_path),
             "num_inference_steps": 4,
         }),

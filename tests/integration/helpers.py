@@ -34,9 +34,11 @@ def key_header(key: bytes) -> dict[str, str]:
 
 
 def submit(client: httpx.Client, files: list[bytes], *, key: bytes, kind: str = "ai_photo",
-           style: str = "portrait", account_id: str = "acct-1") -> httpx.Response:
-    parts = [("files", (f"photo{i}.jpg", data, "application/octet-stream"))
-             for i, data in enumerate(files)]
+           style: str = "portrait", account_id: str = "acct-1",
+           names: list[str] | None = None) -> httpx.Response:
+    names = names or [f"photo{i}.jpg" for i in range(len(files))]
+    parts = [("files", (name, data, "application/octet-stream"))
+             for name, data in zip(names, files, strict=True)]
     return client.post("/v1/jobs", files=parts, headers=key_header(key),
                        data={"kind": kind, "style": style, "account_id": account_id})
 

@@ -12,7 +12,12 @@ import pytest
 from skimage import data
 
 from pipeline.config import GcsConfig, ModelsConfig, S3Config, StorageConfig, load_settings
-from pipeline.diffusion import GenerationParams, build_tiny_ip_adapter, build_tiny_models
+from pipeline.diffusion import (
+    GenerationParams,
+    build_tiny_ip_adapter,
+    build_tiny_models,
+    build_tiny_motion_adapter,
+)
 from pipeline.faces import build_tiny_arcface, embed_faces
 from pipeline.loading import open_face_models, open_generator
 from pipeline.model_store import ModelStoreError, stage_model
@@ -28,6 +33,7 @@ def tiny_models(tmp_path_factory):
     build_tiny_models(root / "tiny-sd")
     build_tiny_ip_adapter(root / "tiny-sd", root / "ip-adapter-faceid.safetensors")
     build_tiny_arcface(root / "arcface.onnx")
+    build_tiny_motion_adapter(root / "motion-adapter")
     return root
 
 
@@ -56,12 +62,13 @@ def test_every_model_is_staged_fetched_verified_and_loaded(store_location, tiny_
     pins = {
         name: stage_model(tiny_models / src, f"{root}/{name}", storage).sha256
         for name, src in (("sd15", "tiny-sd"), ("faceid", "ip-adapter-faceid.safetensors"),
-                          ("arcface", "arcface.onnx"))
+                          ("arcface", "arcface.onnx"), ("motion", "motion-adapter"))
     }
     models = ModelsConfig(
         device="cpu", diffusion_model_dir=f"{root}/sd15", diffusion_model_sha256=pins["sd15"],
         ip_adapter_weights=f"{root}/faceid", ip_adapter_sha256=pins["faceid"],
         face_embedder_weights=f"{root}/arcface", face_embedder_sha256=pins["arcface"],
+        motion_adapter_dir=f"{root}/motion", motion_adapter_sha256=pins["motion"],
         model_cache_dir=str(tmp_path / "cache"), build_tiny_if_missing=False)
     settings = load_settings().model_copy(update={"models": models, "storage": storage})
 

@@ -90,7 +90,10 @@ def make_settings(**service: object) -> Settings:
     """Settings with defaults, one style ("portrait"), and service overrides."""
     return Settings(
         service=ServiceConfig(**service),  # type: ignore[arg-type]
-        styles=StylesConfig(styles={"portrait": StyleConfig(prompt="a portrait")}),
+        styles=StylesConfig(styles={
+            "portrait": StyleConfig(prompt="a portrait"),
+            "living": StyleConfig(prompt="a moving photo", num_frames=6, fps=12),
+        }),
     )
 
 
@@ -121,3 +124,60 @@ class MemoryJobStore:
         self.discarded.append(job_id)
         for rec in records:
             self.records.pop(rec.uri, None)
+
+
+LOCATION_TAG = "+48.8584+002.2945+035.000/"  # the Eiffel tower, as phones write ISO 6709
+CREATION_TAG = "2024-05-01T10:00:00Z"
+MAKE_TAG, MODEL_TAG = "Apple", "iPhone 15 Pro"
+
+
+def make_video(*, frames: int = 12, width: int = 96, height: int = 64, fps: int = 24,
+               container: str = "mp4", tagged: bool = True, audio: bool = True) -> bytes:
+    """A phone-style clip written with PyAV: moving real-photo frames, and optionally the
+    tags a phone writes (location, ISO 6709 key, creation time, make, model) and an audio
+    track. ``container``: mp4, mov or webm."""
+    import av
+    from av.audio.frame import AudioFrame
+    from av.video.frame import VideoFrame
+
+    codec = {"webm": "libvpx-vp9"}.get(container, "libx264")
+    audio_codec = {"webm": "libopus"}.get(container, "aac")
+    photo = np.asarray(Image.fromarray(data.astronaut()).resize((width * 2, height * 2)))
+    buffer = io.BytesIO()
+    options = {"movflags": "use_metadata_tags"} if container != "webm" else {}
+    with av.open(buffer, mode="w", format=container, options=options) as out:
+        if tagged:
+            out.metadata.update({"location": LOCATION_TAG, "creation_time": CREATION_TAG,
+                                 "com.apple.quicktime.location.ISO6709": LOCATION_TAG,
+                                 "make": MAKE_TAG, "model": MODEL_TAG})
+        video = out.add_stream(codec, rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        sound = out.add_stream(audio_codec, rate=48000) if audio else None
+        for i in range(frames):
+            pixels = np.ascontiguousarray(photo[i: i + height, i: i + width])
+            out.mux(video.encode(VideoFrame.from_ndarray(pixels, format="rgb24")))
+        out.mux(video.encode(None))
+        if sound is not None:
+            tone = AudioFrame(format="fltp", layout="stereo", samples=960)
+            for plane in tone.planes:
+                plane.update(np.full(960, 0.1, np.float32).tobytes())
+            tone.sample_rate, tone.pts = 48000, 0
+            out.mux(sound.encode(tone))
+            out.mux(sound.encode(None))
+    return buffer.getvalue()
+
+
+def heic_with_two_images(primary: np.ndarray, other: np.ndarray) -> bytes:
+    """A HEIC holding two images (a burst, a depth map) whose second one is the primary,
+    with EXIF carrying a GPS-like tag (pillow-heif writes it)."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x010F] = MAKE_TAG
+    exif[0x0110] = MODEL_TAG
+    Image.fromarray(other).save(buffer, format="HEIF", save_all=True,
+                                append_images=[Image.fromarray(primary)], primary_index=1,
+                                exif=exif.tobytes())
+    return buffer.getvalue()

@@ -50,7 +50,8 @@ def adapter(model_dir) -> Path:
 @pytest.fixture(scope="module")
 def generator(model_dir, adapter) -> DiffusionGenerator:
     return load_generator(model_dir, cpu_runtime(), ip_adapter=adapter,
-                          build_tiny_if_missing=False)
+                          motion_adapter=model_dir.parent / "motion-adapter",
+                          build_tiny_if_missing=True)
 
 
 def embeddings(n: int, seed: int) -> np.ndarray:
@@ -254,3 +255,33 @@ def test_channels_last_by_config_keeps_the_unet_so_and_still_generates(model_dir
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     images = generator.ai_photos(embeddings(1, seed=0), params(), seeds=[1])
     assert images.shape == (1, 64, 64, 3) and images.dtype == np.uint8
+
+
+@pytest.mark.video
+def test_clip_makes_one_frame_per_input_frame_at_the_asked_size(generator):
+    frames = [np.full((40, 64, 3), 20 * i, np.uint8) for i in range(6)]
+    clip = generator.clip(frames, params(strength=0.6), seed=3, size_px=(64, 40))
+    assert clip.shape == (6, 40, 64, 3) and clip.dtype == np.uint8
+    again = generator.clip(frames, params(strength=0.6), seed=3, size_px=(64, 40))
+    np.testing.assert_array_equal(clip, again)
+    still = generator.clip([data.astronaut()] * 4, params(strength=0.6), seed=3,
+                           size_px=(64, 64))
+    assert still.shape == (4, 64, 64, 3)
+
+
+@pytest.mark.video
+def test_the_motion_module_couples_the_frames_of_a_chunk(generator):
+    """Temporal attention: changing one input frame changes the other generated frames too
+    (a per-frame image-to-image would leave them untouched)."""
+    frames = [np.full((64, 64, 3), 90, np.uint8) for _ in range(4)]
+    changed = [*frames[:3], np.full((64, 64, 3), 250, np.uint8)]
+    a = generator.clip(frames, params(strength=0.8), seed=1, size_px=(64, 64))
+    b = generator.clip(changed, params(strength=0.8), seed=1, size_px=(64, 64))
+    assert not np.array_equal(a[0], b[0])
+
+
+def test_clips_without_a_motion_adapter_are_refused_clearly(model_dir, adapter):
+    plain = load_generator(model_dir, cpu_runtime(), ip_adapter=adapter,
+                           build_tiny_if_missing=False)
+    with pytest.raises(ModelError, match="motion_adapter_dir"):
+        plain.clip([np.zeros((64, 64, 3), np.uint8)], params(), seed=1, size_px=(64, 64))

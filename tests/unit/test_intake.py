@@ -11,7 +11,7 @@ from pipeline.ingest import decode_clean_png
 from pipeline.intake import accept_job, check_account_id, check_job_request
 from pipeline.storage import LocalObjectStore, StoreSet, key_from_uri
 from serve.errors import http_status
-from tests.unit.factories import MemoryJobStore, encode, make_settings, photo
+from tests.unit.factories import MemoryJobStore, encode, make_settings, make_video, photo
 
 SETTINGS = make_settings()
 
@@ -65,7 +65,7 @@ def test_valid_request_gets_the_default_resolution_and_clean_images():
 
 
 @pytest.mark.parametrize(("overrides", "status", "field"), [
-    ({"kind": "animate"}, 422, "kind"),
+    ({"kind": "sculpt"}, 422, "kind"),
     ({"style": "baroque"}, 422, "style"),
     ({"resolution_px": 512}, 422, "resolution_px"),
     ({"files": []}, 400, "no files"),
@@ -120,3 +120,41 @@ def test_failed_write_deletes_what_was_written_and_discards_the_job(tmp_path):
     assert store.list_keys("") == []
     assert len(jobs.discarded) == 1
     assert jobs.jobs == {} and jobs.records == {}
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    ({"files": [make_video(tagged=False), encode(photo(), "PNG")]}, "photos or one video"),
+    ({"files": [make_video(tagged=False)], "kind": "ai_photo"}, "send a video with kind art_style"),
+    ({"files": [encode(photo(), "PNG")] * 2, "kind": "animate"}, "exactly one photo"),
+])
+def test_media_that_do_not_fit_the_kind_are_refused(overrides, words):
+    with pytest.raises(InvalidUpload, match=words) as info:
+        request_for(**overrides)
+    assert http_status(info.value) == 422
+
+
+def test_an_accepted_video_is_one_encrypted_clip_costed_per_chunk(tmp_path):
+    store = LocalObjectStore(f"file://{tmp_path / 'store'}")
+    jobs = MemoryJobStore(store)
+    request = request_for(files=[make_video(frames=12)])
+    key = crypto.new_device_key()
+
+    job, item = accept_job(request, key, StoreSet.single(store), jobs, SETTINGS)
+
+    assert request.video is not None and request.images == []
+    assert job.frames_total == item.num_frames == 12 and item.fps == 24.0
+    assert item.video_input and item.batch_key[0] == "art_style-video"
+    chunk = SETTINGS.batching.video_chunk_frames
+    assert item.cost_units == min(chunk, 12)  # one chunk at the reference resolution
+    [uri] = job.input_uris
+    assert crypto.decrypt(store.get(key_from_uri(store, uri)), key, uri=uri) == (
+        request.video.mp4_bytes)
+
+
+def test_animate_takes_frames_and_fps_from_its_style(tmp_path):
+    store = LocalObjectStore(f"file://{tmp_path / 'store'}")
+    request = request_for(kind="animate", style="living")
+    _, item = accept_job(request, crypto.new_device_key(), StoreSet.single(store),
+                         MemoryJobStore(store), SETTINGS)
+    style = SETTINGS.styles.styles["living"]
+    assert (item.num_frames, item.fps, item.video_input) == (style.num_frames, style.fps, False)

@@ -3,6 +3,8 @@ expired, and when an unfinished job can never finish. Pure: the clock is a numbe
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from pipeline.orchestration import (
@@ -40,6 +42,35 @@ def test_face_success_goes_to_diffusion_with_the_face_uri():
     assert plan.stage is Stage.DIFFUSION
     assert plan.item.face_uri == FACE_URI
     assert plan.item.job_id == "job1" and plan.item.device_key == b"k" * 32
+
+
+def test_a_clip_goes_chunk_by_chunk_carrying_its_stored_frames():
+    clip = replace(make_item(kind="animate"), num_frames=20, fps=8.0)
+    first = after_result(Stage.DIFFUSION, clip, ok_result(frames_done=8, work_uri="w1"),
+                         max_attempts=3, now_s=NOW)
+    assert first.stage is Stage.DIFFUSION
+    assert (first.item.frames_done, first.item.work_uris) == (8, ("w1",))
+    second = after_result(Stage.DIFFUSION, first.item, ok_result(frames_done=16, work_uri="w2"),
+                          max_attempts=3, now_s=NOW)
+    assert second.item.work_uris == ("w1", "w2") and second.stage is Stage.DIFFUSION
+    last = after_result(Stage.DIFFUSION, second.item,
+                        ok_result(frames_done=20, output_ids=("clip", "poster")),
+                        max_attempts=3, now_s=NOW)
+    assert (last.stage, last.ok, last.output_ids) == (None, True, ("clip", "poster"))
+
+
+def test_a_chunk_without_progress_ends_the_clip_instead_of_looping():
+    clip = replace(make_item(kind="animate"), num_frames=20, frames_done=8)
+    plan = after_result(Stage.DIFFUSION, clip, ok_result(frames_done=8, work_uri="w"),
+                        max_attempts=3, now_s=NOW)
+    assert plan.stage is None and not plan.ok and "no progress" in plan.reason
+
+
+def test_the_next_chunk_of_an_expired_clip_is_never_sent():
+    clip = replace(make_item(kind="animate", deadline_s=NOW), num_frames=20)
+    plan = after_result(Stage.DIFFUSION, clip, ok_result(frames_done=8, work_uri="w"),
+                        max_attempts=3, now_s=NOW)
+    assert plan.stage is None and plan.reason == TIMEOUT_REASON
 
 
 def test_diffusion_success_finishes_the_job_with_its_outputs():
