@@ -34,6 +34,7 @@ lint: install
 bench: install
 	$(BIN)/python scripts/bench_service.py --quick
 	$(BIN)/python scripts/bench_models.py --quick
+	$(BIN)/python scripts/bench_video.py --quick
 	$(BIN)/python scripts/bench_scale.py --quick
 	$(BIN)/python scripts/load.py --quick
 	$(BIN)/python scripts/bench_retention.py

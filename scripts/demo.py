@@ -3,9 +3,10 @@ tiny CPU models, real sample photos (scikit-image), all over HTTP.
 
 Run:  make demo        (or: .venv/bin/python scripts/demo.py)
 
-Submits scikit-image's astronaut for ai_photo and art_style, a cat photo with no human face
-and a blurred astronaut (the failure paths) and a JPEG with EXIF GPS tags written here;
-saves outputs to ./out/ and prints a table ending with ``inputs purged: N/N verified``.
+Submits scikit-image's astronaut for ai_photo, art_style and animate, a cat photo with no
+human face and a blurred astronaut (the failure paths), a JPEG with EXIF GPS tags and a
+phone-style video with location tags and audio (both written here); saves outputs to
+./out/ and prints a table ending with ``inputs purged: N/N verified``.
 """
 
 from __future__ import annotations
@@ -52,9 +53,65 @@ def encode(pixels: np.ndarray, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def has_metadata(png: bytes) -> bool:
-    with Image.open(io.BytesIO(png)) as image:
+CONTAINER_FIELDS = {"major_brand", "minor_version", "compatible_brands"}  # format, not data
+
+
+def phone_video() -> bytes:
+    """A 12-frame clip as a phone writes it: location, creation time, make and model tags
+    and an audio track (made here with PyAV)."""
+    import av
+    from av.audio.frame import AudioFrame
+    from av.video.frame import VideoFrame
+
+    photo = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((192, 128)))
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mov", options={"movflags": "use_metadata_tags"}) as out:
+        out.metadata.update({"location": "+27.9881+086.9250+8848.000/",
+                             "com.apple.quicktime.location.ISO6709": "+27.9881+086.9250/",
+                             "creation_time": "2024-05-01T10:00:00Z", "make": "Apple",
+                             "model": "iPhone 15 Pro"})
+        video = out.add_stream("libx264", rate=24)
+        video.width, video.height, video.pix_fmt = 96, 64, "yuv420p"
+        sound = out.add_stream("aac", rate=48000)
+        for i in range(12):
+            pixels = np.ascontiguousarray(photo[i: i + 64, 2 * i: 2 * i + 96])
+            out.mux(video.encode(VideoFrame.from_ndarray(pixels, format="rgb24")))
+        out.mux(video.encode(None))
+        tone = AudioFrame(format="fltp", layout="stereo", samples=960)
+        for plane in tone.planes:
+            plane.update(np.full(960, 0.1, np.float32).tobytes())
+        tone.sample_rate, tone.pts = 48000, 0
+        out.mux(sound.encode(tone))
+        out.mux(sound.encode(None))
+    return buffer.getvalue()
+
+
+def has_metadata(plain: bytes) -> bool:
+    """Whether a stored (decrypted) input still carries tags: EXIF/text for a photo;
+    container tags or an audio track for a video."""
+    if plain[4:8] == b"ftyp":
+        import av
+
+        with av.open(io.BytesIO(plain)) as clip:
+            tags = set(clip.metadata) - CONTAINER_FIELDS
+            return bool(tags) or any(s.type == "audio" for s in clip.streams)
+    with Image.open(io.BytesIO(plain)) as image:
         return bool(image.getexif()) or bool(image.info.get("exif")) or bool(image.text)
+
+
+def check_output(path: Path, media_type: str) -> None:
+    """The output decodes: every frame of a clip, or the image."""
+    if media_type == "video/mp4":
+        import av
+
+        with av.open(str(path)) as clip:
+            if not sum(1 for _ in clip.decode(video=0)):
+                raise RuntimeError(f"{path} holds no frames")
+        return
+    Image.open(path).load()
+
+
+EXTENSIONS = {"video/mp4": "mp4", "image/webp": "webp", "image/png": "png"}
 
 
 @dataclass
@@ -81,6 +138,10 @@ def demo_jobs() -> list[DemoJob]:
                     ImageFilter.GaussianBlur(4))), "PNG"), "image/png")]),
         DemoJob("astronaut+GPS", "ai_photo", "comic",
                 [("gps.jpg", jpeg_with_gps(astronaut), "image/jpeg")]),
+        DemoJob("astronaut", "animate", "living",
+                [("astronaut.png", encode(astronaut, "PNG"), "image/png")]),
+        DemoJob("phone video+GPS+audio", "art_style", "watercolor",
+                [("clip.mov", phone_video(), "video/quicktime")]),
     ]
 
 
@@ -116,10 +177,10 @@ def main() -> int:
                 for n, url in enumerate(view["output_urls"]):
                     r = client.get(url)
                     r.raise_for_status()
-                    ext = "webp" if r.headers["content-type"] == "image/webp" else "png"
-                    path = out_dir / f"{job.job_id[:8]}-{job.kind}-{n}.{ext}"
+                    media_type = r.headers["content-type"]
+                    path = out_dir / f"{job.job_id[:8]}-{job.kind}-{n}.{EXTENSIONS[media_type]}"
                     path.write_bytes(r.content)
-                    Image.open(path).load()  # the output decodes
+                    check_output(path, media_type)
                     saved.append(path.relative_to(REPO).as_posix())
                 gone = inputs_gone(stores, jobs_redis, job.job_id)
                 ok = gone and view["num_inputs_purged_verified"] == view["num_inputs"]
@@ -157,7 +218,7 @@ def check_stored_inputs(stores, jobs_redis, job_id: str, key: bytes) -> str:
 
 def inputs_gone(stores, jobs_redis, job_id: str) -> bool:
     """Independent check: no input or face-data object of the job is left in any store."""
-    leftovers = [k for store in stores.all() for prefix in ("inputs/", "face/")
+    leftovers = [k for store in stores.all() for prefix in ("inputs/", "face/", "work/")
                  for k in store.list_keys(f"{prefix}{job_id}/")]
     return not leftovers and not jobs_redis.scard(f"eph:ret:job:{job_id}")
 

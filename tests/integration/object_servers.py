@@ -18,6 +18,7 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
+from pipeline.posture import PURGED_PREFIXES
 from pipeline.redis_server import free_port
 
 FAKE_AWS_ENV = {"AWS_ACCESS_KEY_ID": "ephemera-test", "AWS_SECRET_ACCESS_KEY": "ephemera-test",
@@ -127,7 +128,7 @@ def make_s3_bucket(client, name: str, *, lifecycle: bool = True, versioning: boo
     if lifecycle:
         client.put_bucket_lifecycle_configuration(Bucket=name, LifecycleConfiguration={
             "Rules": [{"ID": f"expire-{p[:-1]}", "Filter": {"Prefix": p}, "Status": "Enabled",
-                       "Expiration": {"Days": 1}} for p in ("inputs/", "face/")]})
+                       "Expiration": {"Days": 1}} for p in PURGED_PREFIXES]})
     if versioning:
         client.put_bucket_versioning(Bucket=name,
                                      VersioningConfiguration={"Status": "Enabled"})
@@ -137,6 +138,6 @@ def make_gcs_bucket(client, name: str, *, compliant: bool = True):
     bucket = client.create_bucket(name)
     if compliant:
         bucket.soft_delete_policy.retention_duration_seconds = 0
-        bucket.add_lifecycle_delete_rule(age=1, matches_prefix=["inputs/", "face/"])
+        bucket.add_lifecycle_delete_rule(age=1, matches_prefix=list(PURGED_PREFIXES))
         bucket.patch()
     return bucket

@@ -232,7 +232,8 @@ def test_s3_posture_on_seaweedfs(seaweed):
     assert "Object Lock" in settings
     problems = check_s3_bucket(client, s3_config(seaweed, bare), holds_inputs=True)
     assert {p.setting for p in problems} == {"lifecycle rule for inputs/",
-                                            "lifecycle rule for face/"}
+                                            "lifecycle rule for face/",
+                                            "lifecycle rule for work/"}
     assert check_s3_bucket(client, s3_config(seaweed, bare), holds_inputs=False) == []
     wrong_region = S3Config(bucket=good, region="us-west-2", endpoint_url=seaweed.endpoint)
     assert [p.setting for p in check_s3_bucket(client, wrong_region, holds_inputs=True)] == [
@@ -257,7 +258,7 @@ def test_gcs_posture_on_the_emulator_and_recorded_resources(gcs_emulator):
     fresh.reload()
     settings = {p.setting for p in check_gcs_bucket(fresh, "US", holds_inputs=True)}
     assert settings == {"soft-delete retention", "lifecycle rule for inputs/",
-                        "lifecycle rule for face/"}
+                        "lifecycle rule for face/", "lifecycle rule for work/"}
     fixed = make_gcs_bucket(client, _name("fixed"))
     fixed.reload()
     # The emulator ignores locations (always "US"), so location is checked on recorded
@@ -268,7 +269,7 @@ def test_gcs_posture_on_the_emulator_and_recorded_resources(gcs_emulator):
         "name": "in-euw1", "location": "EUROPE-WEST1", "versioning": {"enabled": False},
         "softDeletePolicy": {"retentionDurationSeconds": "0"},
         "lifecycle": {"rule": [{"action": {"type": "Delete"},
-                                "condition": {"age": 1, "matchesPrefix": ["inputs/", "face/"]}}]},
+                                "condition": {"age": 1, "matchesPrefix": ["inputs/", "face/", "work/"]}}]},
     }
     good = _recorded(client, recorded_good)
     assert check_gcs_bucket(good, "europe-west1", holds_inputs=True) == []

@@ -1,0 +1,217 @@
+"""Benchmark: clips, in-process and through the service.
+
+Run:  .venv/bin/python scripts/bench_video.py [--quick]
+      (a few minutes on 2 CPU cores with the tiny models; --quick: shorter clips)
+
+In one run it measures
+  a. frames/s of AnimateDiff video-to-video (tiny models, in-process) with a clip's frames
+     batched video_chunk_frames at a time vs one frame per call;
+  b. the latency of a photo job (art_style, one photo) submitted while a long video is
+     being styled, with the video chunked (video_chunk_frames = 8) and unchunked (the
+     whole video in one diffusion call), against the same photo job on an idle service.
+Everything lives in a temporary directory; one diffusion replica, so the photo job has to
+wait for a model call of the video to end. Prints a table, writes bench-out/bench_video.json
+and bench-out/bench_video.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import httpx
+import numpy as np
+import skimage.data
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pipeline import crypto  # noqa: E402
+from pipeline.config import Settings, StageBatchConfig, load_settings  # noqa: E402
+
+OUT = REPO / "bench-out"
+
+
+def astronaut_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def long_video(frames: int) -> bytes:
+    """A moving crop of a real photo, 96x64 at 24 fps, made here with PyAV."""
+    from pipeline.video import encode_mp4
+
+    photo = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((192, 128)))
+    clip = [np.ascontiguousarray(photo[i % 64: i % 64 + 64, i % 96: i % 96 + 96])
+            for i in range(frames)]
+    return encode_mp4(clip, fps=24)
+
+
+def measure_in_process(frames: int, chunk: int, steps: int) -> dict[str, float]:
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+
+    from pipeline.diffusion import GenerationParams
+    from pipeline.loading import open_generator
+    from pipeline.video import decode_frames
+
+    diffusers_logging.set_verbosity_error()
+    base = load_settings()
+    torch.set_num_threads(base.models.torch_num_threads)
+    with tempfile.TemporaryDirectory(prefix="bench-video-") as tmp:
+        models = base.models.model_copy(update={
+            "diffusion_model_dir": f"{tmp}/tiny-sd",
+            "ip_adapter_weights": f"{tmp}/ip.safetensors",
+            "motion_adapter_dir": f"{tmp}/motion", "build_tiny_if_missing": True})
+        generator = open_generator(base.model_copy(update={"models": models}))
+        source = decode_frames(long_video(frames))
+        params = GenerationParams(prompt="a watercolor painting", resolution_px=64,
+                                  num_inference_steps=steps, guidance_scale=1.0, strength=0.6)
+
+        def run(per_call: int) -> float:
+            start = time.perf_counter()
+            for i in range(0, frames, per_call):
+                generator.clip(source[i: i + per_call], params, seed=1, size_px=(64, 40))
+            return frames / (time.perf_counter() - start)
+
+        run(chunk)  # warm-up
+        return {f"chunk {chunk}": statistics.median(run(chunk) for _ in range(2)),
+                "chunk 1": statistics.median(run(1) for _ in range(2))}
+
+
+def service_settings(base: Settings, root: Path, chunk: int) -> Settings:
+    stage = base.batching.diffusion.model_copy(update={"max_batch_cost": max(8, chunk)})
+    return base.model_copy(update={
+        "service": base.service.model_copy(update={"redis_url": None}),
+        "storage": base.storage.model_copy(update={"local_root": str(root / "store")}),
+        "models": base.models.model_copy(update={
+            "diffusion_model_dir": str(root.parent / "models" / "tiny-sd"),
+            "ip_adapter_weights": str(root.parent / "models" / "ip.safetensors"),
+            "motion_adapter_dir": str(root.parent / "models" / "motion"),
+            "face_embedder_weights": str(root.parent / "models" / "arcface.onnx")}),
+        "batching": base.batching.model_copy(update={
+            "video_chunk_frames": chunk, "diffusion": StageBatchConfig(**{
+                **stage.model_dump(), "max_concurrent_batches": 1})}),
+        "deployments": base.deployments.model_copy(update={
+            "diffusion": base.deployments.diffusion.model_copy(update={
+                "autoscaling": None, "num_replicas": 1})}),
+    })
+
+
+def submit(client: httpx.Client, data: bytes, name: str, headers: dict) -> str:
+    response = client.post("/v1/jobs", headers=headers,
+                           files=[("files", (name, data, "application/octet-stream"))],
+                           data={"kind": "art_style", "style": "watercolor",
+                                 "account_id": "bench-video"})
+    response.raise_for_status()
+    return response.json()["job_id"]
+
+
+def wait(client: httpx.Client, job_id: str) -> dict:
+    while True:
+        view = client.get(f"/v1/jobs/{job_id}").json()
+        if view["status"] in ("succeeded", "failed"):
+            if view["status"] != "succeeded":
+                raise RuntimeError(f"job failed: {view['reason']}")
+            return view
+        time.sleep(0.05)
+
+
+def photo_latency(client: httpx.Client, headers: dict) -> float:
+    start = time.time()
+    view = wait(client, submit(client, astronaut_png(), "photo.png", headers))
+    return view["succeeded_s"] - start
+
+
+def measure_service(root: Path, chunk: int, frames: int) -> dict[str, float]:
+    from serve.launcher import start_service
+
+    settings = service_settings(load_settings(), root, chunk)
+    headers = {"X-Device-Key": base64.b64encode(crypto.new_device_key()).decode()}
+    video = long_video(frames)
+    with start_service(settings, workdir=root / "work") as service, \
+            httpx.Client(base_url=service.base_url, timeout=120) as client:
+        photo_latency(client, headers)  # warm-up
+        idle = statistics.median(photo_latency(client, headers) for _ in range(3))
+        start = time.time()
+        video_id = submit(client, video, "clip.mp4", headers)
+        time.sleep(0.5)  # the video's first chunk is on the GPU
+        busy = photo_latency(client, headers)
+        video_view = wait(client, video_id)
+    return {"photo idle s": idle, "photo during video s": busy,
+            "video s": video_view["succeeded_s"] - start}
+
+
+def write_plot(results: dict) -> Path:
+    png = OUT / "bench_video.png"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return png
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fps = results["in_process_frames_per_s"]
+    left.bar(list(fps), list(fps.values()), color=["tab:blue", "tab:grey"])
+    left.set_ylabel("frames/s")
+    left.set_title("AnimateDiff vid2vid: frames per call")
+    names = list(results["service"])
+    idle = [results["service"][n]["photo idle s"] for n in names]
+    busy = [results["service"][n]["photo during video s"] for n in names]
+    x = np.arange(len(names))
+    right.bar(x - 0.2, idle, 0.4, label="photo, idle service")
+    right.bar(x + 0.2, busy, 0.4, label="photo, during a long video")
+    right.set_xticks(x, names)
+    right.set_ylabel("photo job latency (s)")
+    right.set_title("photo latency while a video runs")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    return png
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    frames = 24 if args.quick else 48
+    steps = load_settings().models.num_inference_steps
+    print(f"in-process: {frames} frames, {steps} steps ...", flush=True)
+    fps = measure_in_process(frames, 8, steps)
+    results: dict = {"frames": frames, "steps": steps, "in_process_frames_per_s": fps,
+                     "service": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-video-svc-") as tmp:
+        for name, chunk in (("chunked (8)", 8), (f"unchunked ({frames})", frames)):
+            print(f"service, {name} ...", flush=True)
+            results["service"][name] = measure_service(Path(tmp) / f"c{chunk}", chunk, frames)
+    print(f"\n{'frames per call':<22}{'frames/s':>10}")
+    for name, value in fps.items():
+        print(f"{name:<22}{value:>10.2f}")
+    print(f"batched/one-at-a-time frames/s: {fps['chunk 8'] / fps['chunk 1']:.2f}")
+    print(f"\n{'service':<18}{'photo idle s':>14}{'photo during video s':>22}{'video s':>9}")
+    for name, row in results["service"].items():
+        print(f"{name:<18}{row['photo idle s']:>14.2f}{row['photo during video s']:>22.2f}"
+              f"{row['video s']:>9.2f}")
+    for name, row in results["service"].items():
+        print(f"photo latency during video / idle, {name}: "
+              f"{row['photo during video s'] / row['photo idle s']:.2f}")
+    OUT.mkdir(exist_ok=True)
+    (OUT / "bench_video.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {write_plot(results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
