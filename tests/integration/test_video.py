@@ -5,6 +5,7 @@ kept. Videos are made in the test with PyAV."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import av
 import numpy as np
@@ -44,6 +45,13 @@ def _decode_clip(data: bytes) -> tuple[list[np.ndarray], list[str], float]:
     return frames, kinds, rate
 
 
+def _ray_logs() -> Path:
+    """This test session's Ray logs: every actor's and replica's stdout, stderr and logs."""
+    import ray
+
+    return Path(ray._private.worker._global_node.get_logs_dir_path())
+
+
 def _nothing_left(store_root, redis_client, job_id: str) -> None:
     for prefix in ("inputs", "face", "work"):
         assert [p for p in (store_root / prefix / job_id).rglob("*") if p.is_file()] == []
@@ -72,6 +80,7 @@ def test_a_phone_video_gets_an_art_style_without_its_tags_or_audio(
                "lat": b"48.8584"}
     stored = files_under(store_root, redis_server.data_dir) + redis_values(redis_client)
     assert find_needles(stored, needles) == []
+    assert find_needles(files_under(_ray_logs()), needles) == []  # every replica's logs
     for data in outputs.values():
         assert not any(n in data for n in needles.values())
     _nothing_left(store_root, redis_client, view["job_id"])

@@ -145,3 +145,20 @@ def test_photo_formats_in_the_error_text():
     with pytest.raises(InvalidUpload, match="HEIC or AVIF"):
         check_media(b"GIF89a" + b"\x00" * 64, index=1, limits=LIMITS)
     assert Image.registered_extensions().get(".heic") == "HEIF"
+
+
+@pytest.mark.video
+@pytest.mark.parametrize(("fmt", "media_type"), [("mp4", "video/mp4"), ("webp", "image/webp")])
+def test_a_clip_encodes_as_configured_with_a_poster(fmt, media_type):
+    from pipeline.clips import encode_clip
+
+    frames = np.stack([np.full((40, 64, 3), 25 * i, np.uint8) for i in range(6)])
+    (clip, clip_type, ext), (poster, poster_type, _) = encode_clip(frames, 12.0, fmt, "png")
+    assert (clip_type, ext, poster_type) == (media_type, fmt, "image/png")
+    if fmt == "mp4":
+        assert len(decode_frames(clip)) == 6
+    else:
+        with Image.open(io.BytesIO(clip)) as animated:
+            assert animated.n_frames == 6 and animated.size == (64, 40)
+            assert animated.info["loop"] == 0
+    assert Image.open(io.BytesIO(poster)).size == (64, 40)
