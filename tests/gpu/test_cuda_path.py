@@ -73,3 +73,19 @@ def test_compiled_channels_last_unet_runs_on_cuda(tmp_path):
     embeddings = np.random.default_rng(0).normal(size=(2, 512)).astype(np.float32)
     images = generator.ai_photos(embeddings, params, seeds=[0, 1])
     assert images.shape == (2, 64, 64, 3) and images.std() > 0
+
+
+def test_clips_run_in_fp16_on_cuda(tmp_path):
+    """AnimateDiff's video-to-video pipeline (animate, styled videos) on the GPU."""
+    from pipeline.config import ModelsConfig
+    from pipeline.diffusion import GenerationParams, load_generator
+    from pipeline.runtime import select_runtime
+
+    runtime = select_runtime(ModelsConfig())
+    generator = load_generator(tmp_path / "m", runtime, ip_adapter=tmp_path / "faceid.safetensors",
+                               motion_adapter=tmp_path / "motion", build_tiny_if_missing=True)
+    params = GenerationParams(prompt="a watercolor painting", resolution_px=64,
+                              num_inference_steps=4, guidance_scale=1.0, strength=0.6)
+    frames = [np.full((64, 96, 3), 20 * i, np.uint8) for i in range(8)]
+    clip = generator.clip(frames, params, seed=1, size_px=(64, 40))
+    assert clip.shape == (8, 40, 64, 3) and clip.std() > 0
