@@ -517,18 +517,24 @@ class Settings(_Strict):
 
     @model_validator(mode="after")
     def _simulation_never_serves_users(self) -> Settings:
-        service, storage = self.service, self.storage
-        production = [what for what, yes in (
-            ("service.yaml api_token_env", service.api_token_env is not None),
-            ("service.yaml ray_address", service.ray_address is not None),
-            ("storage.yaml cloud stores", "local" not in (storage.inputs, storage.outputs)),
-            ("service.yaml http_host", service.http_host not in ("127.0.0.1", "localhost")),
-        ) if yes]
+        production = self.production_markers
         if self.models.diffusion_backend == "simulated" and production:
             raise ValueError("models.yaml diffusion_backend: simulated is a benchmark tool "
                              f"and is refused with {', '.join(production)} set; use "
                              "diffusers")
         return self
+
+    @property
+    def production_markers(self) -> list[str]:
+        """What makes this config look like production (serving real users); empty for
+        the embedded loopback demo."""
+        service, storage = self.service, self.storage
+        return [what for what, yes in (
+            ("service.yaml api_token_env", service.api_token_env is not None),
+            ("service.yaml ray_address", service.ray_address is not None),
+            ("storage.yaml cloud stores", "local" not in (storage.inputs, storage.outputs)),
+            ("service.yaml http_host", service.http_host not in ("127.0.0.1", "localhost")),
+        ) if yes]
 
     @model_validator(mode="after")
     def _every_style_denoises(self) -> Settings:

@@ -141,5 +141,10 @@ def _delete_account(account_id: str, receipt_id: str, stores: StoreSet, jobs: Jo
     if done:
         jobs.redis.hdel(keys.PENDING_ACCOUNT_DELETIONS, receipt_id)
         jobs.redis.expire(keys.account_tombstone(account_id), TOMBSTONE_AFTER_S)
+        # The account's indexes and choices go too; receipts and privacy requests stay,
+        # under their own ids and with the account's pseudonym only (proof of deletion).
+        jobs.redis.delete(keys.account_receipts(account_id),
+                          keys.account_privacy_requests(account_id),
+                          keys.account_opt_out(account_id))
     chain.close_request(receipt_id, complete=done)
     return count

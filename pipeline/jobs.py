@@ -11,8 +11,9 @@ import time
 import redis
 
 from pipeline import keys
-from pipeline.errors import InvalidUpload, NotFound, TooManyJobs
+from pipeline.errors import Forbidden, InvalidUpload, NotFound, TooManyJobs
 from pipeline.ledger import RetentionLedger
+from pipeline.pseudonyms import account_ref
 from pipeline.records import (
     PURGED_WITH_INPUTS,
     JobRecord,
@@ -140,10 +141,14 @@ class JobStore:
         fields = {k: getattr(job, k) for k in job.__slots__ if getattr(job, k) is not None}
         tombstone = keys.account_tombstone(job.account_id)
         active = keys.account_active(job.account_id)
+        blocked = keys.blocked_account(account_ref(job.account_id))
 
         def attempt() -> None:
             with self.redis.pipeline(transaction=True) as p:
-                p.watch(tombstone, active)
+                p.watch(tombstone, active, blocked)
+                if p.exists(blocked):
+                    raise Forbidden("this account was reported as belonging to a child under "
+                                    "13; its data was deleted and no new jobs are accepted")
                 if p.exists(tombstone):
                     raise InvalidUpload("this account is being deleted; no new jobs are "
                                         "accepted for it", problem="conflict")
@@ -301,6 +306,7 @@ class JobStore:
             provider=d.get("provider", ""),
             region=d.get("region", ""),
             bucket=d.get("bucket", ""),
+            size_bytes=int(d.get("size_bytes") or 0),
         )
 
     def list_outputs(self, account_id: str) -> list[OutputRecord]:

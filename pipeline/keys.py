@@ -96,3 +96,33 @@ def deletion_request(receipt_id: str) -> str:
 def deletion_entries(receipt_id: str) -> str:
     """List of chain sequence numbers belonging to a deletion request."""
     return f"eph:deletion:{receipt_id}:entries"
+
+
+# Privacy rights (pipeline/privacy.py)
+PRIVACY_OPEN = "eph:privacy:open"            # zset request_id -> received_s (not completed)
+
+
+def privacy_request(request_id: str) -> str:
+    """Hash of a PrivacyRequest: kind, account pseudonym, received/acknowledged/completed."""
+    return f"eph:privacy:req:{request_id}"
+
+
+def account_privacy_requests(account_id: str) -> str:
+    """Set of the account's privacy request ids (for the export)."""
+    return f"eph:acct:{account_id}:privacy"
+
+
+def account_receipts(account_id: str) -> str:
+    """Set of the account's deletion receipt ids (for the export)."""
+    return f"eph:acct:{account_id}:receipts"
+
+
+def account_opt_out(account_id: str) -> str:
+    """Set when the account opted out of sale and sharing."""
+    return f"eph:acct:{account_id}:opt-out"
+
+
+def blocked_account(account_ref: str) -> str:
+    """Permanent: the account belongs to a child under 13; no job is ever accepted. Keyed
+    by the pseudonym, so the block outlives the account without keeping its id."""
+    return f"eph:blocked:{account_ref}"

@@ -1,7 +1,8 @@
 """Deletion receipts: an append-only, hash-chained ledger of verified deletions.
 
 Each entry holds the SHA-256 of the object URI (never the URI, never content), its class,
-the account id, when deletion was requested and verified, and the verifier's result. Entry
+the account's keyed pseudonym (never the raw id), when deletion was requested and
+verified, and the verifier's result. Entry
 ``n`` stores ``prev_hash`` = hash of entry ``n-1``; its own ``hash`` covers every other
 field. Editing, removing, reordering or truncating entries breaks the chain, and
 ``verify_chain`` says where.
@@ -25,6 +26,7 @@ import redis
 
 from pipeline import keys
 from pipeline.errors import NotFound
+from pipeline.pseudonyms import account_ref
 from pipeline.records import DeletionReceipt
 from pipeline.retry import retry_on_conflict
 
@@ -37,7 +39,7 @@ class ChainEntry:
     receipt_id: str
     uri_sha256: str
     object_class: str
-    account_id: str
+    account_ref: str  # pipeline.pseudonyms.account_ref; "" for objects of no account
     requested_s: float
     verified_s: float
     result: str  # "verified_gone"
@@ -73,10 +75,12 @@ class ReceiptLedger:
         key = keys.deletion_request(receipt_id)
         if self.redis.hsetnx(key, "receipt_id", receipt_id):
             self.redis.hset(key, mapping={
-                "kind": kind, "account_id": account_id,
+                "kind": kind, "account_ref": account_ref(account_id) if account_id else "",
                 "subject_sha256": uri_digest(subject), "requested_s": repr(time.time()),
                 "status": "pending",
             })
+            if account_id and kind in ("output", "account"):  # for the account's export
+                self.redis.sadd(keys.account_receipts(account_id), receipt_id)
         return receipt_id
 
     def close_request(self, receipt_id: str, *, complete: bool) -> None:
@@ -95,7 +99,8 @@ class ReceiptLedger:
                 prev = head.get(b"hash", GENESIS_HASH.encode()).decode()
                 entry = ChainEntry(
                     seq=seq, receipt_id=receipt_id, uri_sha256=uri_digest(receipt.uri),
-                    object_class=receipt.object_class, account_id=account_id,
+                    object_class=receipt.object_class,
+                    account_ref=account_ref(account_id) if account_id else "",
                     requested_s=requested_s, verified_s=receipt.deleted_at_s,
                     result="verified_gone" if receipt.verified_gone else "not_verified",
                     prev_hash=prev,

@@ -125,6 +125,7 @@ class OutputRecord:
     provider: str = ""
     region: str = ""
     bucket: str = ""
+    size_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -325,7 +325,8 @@ def store_encoded_outputs(item: WorkItem, blobs: list[tuple[bytes, str, str]],
             out = OutputRecord(output_id=output_id, account_id=item.account_id,
                                job_id=item.job_id, uri=object_uri(store, key),
                                media_type=media_type, created_s=now, provider=store.provider,
-                               region=store.region, bucket=store.bucket)
+                               region=store.region, bucket=store.bucket,
+                               size_bytes=len(data))
             pending = RetentionRecord(uri=out.uri, object_class=ObjectClass.OUTPUT,
                                       account_id=item.account_id, job_id=item.job_id,
                                       created_s=now, deadline_s=now + PENDING_OUTPUT_TTL_S,

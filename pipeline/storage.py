@@ -11,7 +11,6 @@ picks one), the output store, and ``locate(uri)`` to find the store of any objec
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import time
@@ -74,8 +73,11 @@ def work_key(job_id: str, object_id: str) -> str:
 
 
 def account_digest(account_id: str) -> str:
-    """A stable, non-reversible folder name for an account's outputs."""
-    return hashlib.sha256(f"ephemera-account:{account_id}".encode()).hexdigest()[:32]
+    """The folder of an account's outputs: its keyed pseudonym (pipeline/pseudonyms.py),
+    so a guessable account id cannot be found in a bucket listing."""
+    from pipeline.pseudonyms import account_ref
+
+    return account_ref(account_id)
 
 
 def output_key(account_id: str, output_id: str, extension: str) -> str:

@@ -37,6 +37,14 @@ from pipeline.ingest import declared_media
 from pipeline.intake import accept_job, check_account_id, check_job_request, withdraw_job
 from pipeline.jobs import JobStore
 from pipeline.metrics import render_prometheus, service_metrics
+from pipeline.privacy import (
+    PrivacyRequests,
+    RequestKind,
+    block_child_account,
+    export_account,
+    set_opt_out,
+)
+from pipeline.pseudonyms import check_secret
 from pipeline.receipts import ReceiptLedger
 from pipeline.records import JobRecord
 from pipeline.storage import open_stores
@@ -94,6 +102,23 @@ def _expected_token_digest(settings: Settings) -> bytes | None:
     return hashlib.sha256(token.encode()).digest()
 
 
+async def _json_body(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except Exception:
+        raise InvalidUpload("body must be a JSON object", problem="malformed") from None
+    if not isinstance(body, dict):
+        raise InvalidUpload("body must be a JSON object", problem="malformed")
+    return body
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name)
+    if not isinstance(value, bool):
+        raise InvalidUpload(f"{name} must be true or false", problem="invalid")
+    return value
+
+
 def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -138,6 +163,8 @@ class ApiDeployment:
         self.max_request_bytes = max(limits.max_files_per_job * limits.max_file_bytes,
                                      limits.max_video_bytes) + (1 << 20)
         self._token_sha256 = _expected_token_digest(settings)
+        if settings.production_markers:  # real users: pseudonyms need a real secret
+            check_secret()
 
     def _authorize(self, request: Request) -> None:
         """The app backend authenticates users; it authenticates itself with a bearer token."""
@@ -285,12 +312,60 @@ class ApiDeployment:
         """Recorded durably at once, carried out by a retention actor within seconds."""
         self._authorize(request)
         check_account_id(account_id)
+        receipt_id = await self._start_account_deletion(account_id, RequestKind.DELETE)
+        return JSONResponse({"receipt_id": receipt_id, "status": "pending",
+                             "receipt_url": f"/v1/deletions/{receipt_id}"}, status_code=202)
+
+    async def _start_account_deletion(self, account_id: str, kind: RequestKind) -> str:
+        """A deletion as a privacy request: recorded, then carried out in the background."""
+        requests = PrivacyRequests(self.redis)
+        privacy_request = await asyncio.to_thread(requests.open, kind, account_id)
         receipt_id = await asyncio.to_thread(request_account_deletion, account_id, self.jobs)
+        await asyncio.to_thread(requests.attach_receipt, privacy_request.request_id, receipt_id)
         task = asyncio.get_running_loop().create_task(self._delete_account(account_id, receipt_id))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return receipt_id
+
+    @app.get("/v1/accounts/{account_id}/privacy/export")
+    def export_account(self, request: Request, account_id: str) -> dict:
+        """Right to know: every category and piece held for the account."""
+        self._authorize(request)
+        check_account_id(account_id)
+        requests = PrivacyRequests(self.redis)
+        requests.settle_deletions()
+        record = requests.open(RequestKind.KNOW, account_id)
+        export = export_account(account_id, self.jobs)
+        requests.complete(record.request_id)
+        return export
+
+    @app.post("/v1/accounts/{account_id}/privacy/opt-out")
+    async def opt_out(self, request: Request, account_id: str) -> dict:
+        """Opt out of (or back into) sale and sharing: body {"opt_out": true|false}."""
+        self._authorize(request)
+        check_account_id(account_id)
+        opted_out = _flag(await _json_body(request), "opt_out")
+        requests = PrivacyRequests(self.redis)
+        kind = RequestKind.OPT_OUT if opted_out else RequestKind.OPT_IN
+        record = await asyncio.to_thread(requests.open, kind, account_id)
+        await asyncio.to_thread(set_opt_out, self.redis, account_id, opted_out)
+        await asyncio.to_thread(requests.complete, record.request_id)
+        return {"account_id": account_id, "opted_out_of_sale_and_sharing": opted_out,
+                "request_id": record.request_id}
+
+    @app.post("/v1/accounts/{account_id}/age-signal")
+    async def age_signal(self, request: Request, account_id: str) -> JSONResponse:
+        """{"under_13": true}: the account belongs to a child. Everything is deleted at
+        once (with a receipt) and no job is accepted for the account again."""
+        self._authorize(request)
+        check_account_id(account_id)
+        if not _flag(await _json_body(request), "under_13"):
+            return JSONResponse({"account_id": account_id, "status": "no action"})
+        await asyncio.to_thread(block_child_account, self.redis, account_id)
+        receipt_id = await self._start_account_deletion(account_id, RequestKind.UNDER_13)
         return JSONResponse({"receipt_id": receipt_id, "status": "pending",
-                             "receipt_url": f"/v1/deletions/{receipt_id}"}, status_code=202)
+                             "receipt_url": f"/v1/deletions/{receipt_id}",
+                             "new_jobs": "refused"}, status_code=202)
 
     async def _delete_account(self, account_id: str, receipt_id: str) -> None:
         try:

@@ -10,6 +10,7 @@
   ephemera retention sweep [--redis-url URL]           purge every object past its deadline
   ephemera retention reconcile [--redis-url URL]       delete orphans of crashes from the store
   ephemera retention verify-ledger [--redis-url URL]   detect tampering with deletion receipts
+  ephemera privacy report [--redis-url URL]            open privacy requests; exit 1 if one is late
   ephemera storage check [--config-dir DIR]            check every bucket's settings
   ephemera models stage SRC DEST                       copy a model folder or file into the
                                                        model store and write its manifest
@@ -95,6 +96,32 @@ def _verify_ledger(args: argparse.Namespace) -> int:
         return 1
     print(f"deletion ledger intact: {jobs.redis.llen(keys.RECEIPT_CHAIN)} entries, hash chain verified")
     return 0
+
+
+def _privacy_report(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from pipeline.privacy import PrivacyRequests, late_requests
+
+    _, jobs, _ = _backends(args)
+    requests = PrivacyRequests(jobs.redis)
+    requests.settle_deletions()
+    now = time.time()
+    pending = requests.open_requests()
+    late = late_requests(pending, now)
+
+    def day(t: float | None) -> str:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d") if t else "-"
+
+    print(f"{len(pending)} open privacy requests, {len(late)} late")
+    print(f"{'request':<34}{'kind':<10}{'received':<12}{'acknowledged':<14}{'ack due':<12}"
+          f"{'complete due':<14}")
+    for r in pending:
+        print(f"{r.request_id:<34}{r.kind:<10}{day(r.received_s):<12}"
+              f"{day(r.acknowledged_s):<14}{day(r.ack_due_s):<12}{day(r.complete_due_s):<14}")
+    for r, why in late:
+        print(f"LATE {r.request_id} ({r.kind}): {why}")
+    return 1 if late else 0
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -262,6 +289,13 @@ def main(argv: list[str] | None = None) -> int:
         action.add_argument("--redis-url", help="overrides service.yaml redis_url")
         action.add_argument("--store-url", help="overrides service.yaml store_url")
         action.set_defaults(func=func)
+    privacy = sub.add_parser("privacy", help="users' privacy requests")
+    privacy_sub = privacy.add_subparsers(dest="action", required=True)
+    report = privacy_sub.add_parser("report", parents=[common],
+                                    help="open requests and any past a deadline")
+    report.add_argument("--redis-url", help="overrides service.yaml redis_url")
+    report.add_argument("--store-url", help="overrides service.yaml store_url")
+    report.set_defaults(func=_privacy_report)
     storage = sub.add_parser("storage", help="object stores")
     storage_sub = storage.add_subparsers(dest="action", required=True)
     storage_sub.add_parser("check", parents=[common],

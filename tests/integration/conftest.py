@@ -3,6 +3,7 @@ cluster running the whole Serve application, all on loopback, stopped by the fix
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import httpx
@@ -14,6 +15,9 @@ from pipeline.redis_server import RedisServer, free_port
 
 API_TOKEN_ENV = "EPHEMERA_TEST_API_TOKEN"
 API_TOKEN = "test-token-" + "0123456789abcdef"
+# Services started by these tests look like production (a token, cloud stores), so they
+# need the account-pseudonym secret; Ray workers and `serve run` inherit it.
+os.environ.setdefault("EPHEMERA_ACCOUNT_SECRET", "integration-tests-" + "s" * 32)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,136 @@
+"""Users' rights over HTTP on the real service: the export lists every piece held for an
+account and nothing of another; opt-out is stored; an under-13 signal deletes everything
+with a receipt and blocks the account; deletions are privacy requests; the report finds
+late ones; receipts and bucket keys carry pseudonyms, never account ids."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import skimage.data
+
+from pipeline import crypto, keys
+from pipeline.privacy import PrivacyRequests, RequestKind
+from pipeline.pseudonyms import account_ref
+from serve.cli import main as cli
+from tests.integration.helpers import encode_image, submit, wait_finished
+
+pytestmark = [pytest.mark.integration, pytest.mark.privacy]
+PHOTO = encode_image(skimage.data.astronaut(), "PNG")
+
+
+def _job(client, account: str) -> dict:
+    response = submit(client, [PHOTO], key=crypto.new_device_key(), kind="art_style",
+                      style="watercolor", account_id=account)
+    assert response.status_code == 202, response.text
+    view = wait_finished(client, response.json()["job_id"])
+    assert view["status"] == "succeeded", view
+    return view
+
+
+def _deleted(client, receipt_id: str, timeout_s: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        receipt = client.get(f"/v1/deletions/{receipt_id}").json()
+        if receipt["status"] == "complete":
+            return receipt
+        time.sleep(0.2)
+    raise AssertionError(f"deletion {receipt_id} did not complete")
+
+
+def test_the_export_lists_every_piece_held_and_nothing_of_another_account(client, store_root):
+    mine, theirs = "acct-export-me", "acct-export-other"
+    kept, deleted = _job(client, mine), _job(client, mine)
+    other = _job(client, theirs)
+    gone_id = deleted["output_ids"][0]
+    receipt_id = client.delete(f"/v1/accounts/{mine}/outputs/{gone_id}").json()["receipt_id"]
+    assert client.post(f"/v1/accounts/{mine}/privacy/opt-out",
+                       json={"opt_out": True}).status_code == 200
+
+    export = client.get(f"/v1/accounts/{mine}/privacy/export").json()
+
+    assert export["account_id"] == mine
+    assert [o["output_id"] for o in export["outputs"]] == kept["output_ids"]
+    [output] = export["outputs"]
+    stored = list(store_root.rglob(f"{output['output_id']}.*"))
+    assert len(stored) == 1 and output["size_bytes"] == stored[0].stat().st_size > 0
+    assert output["provider"] == "local" and output["media_type"] == "image/png"
+    assert {j["job_id"] for j in export["jobs"]} == {kept["job_id"], deleted["job_id"]}
+    assert all(j["num_inputs_purged_verified"] == j["num_inputs"] == 1 for j in export["jobs"])
+    [receipt] = export["deletion_receipts"]
+    assert receipt["receipt_id"] == receipt_id and receipt["objects_verified_gone"] == 1
+    kinds = sorted(r["kind"] for r in export["privacy_requests"])
+    assert kinds == ["know", "opt_out"]
+    assert export["flags"] == {"opted_out_of_sale_and_sharing": True}
+    text = json.dumps(export)
+    assert theirs not in text and other["job_id"] not in text
+    assert not set(other["output_ids"]) & set(text.split('"'))
+
+
+def test_under_13_deletes_everything_with_a_receipt_and_blocks_the_account(
+        client, store_root, redis_client):
+    child = "acct-under-13"
+    view = _job(client, child)
+    [output_id] = view["output_ids"]
+    assert list(store_root.rglob(f"{output_id}.*"))
+
+    response = client.post(f"/v1/accounts/{child}/age-signal", json={"under_13": True})
+
+    assert response.status_code == 202, response.text
+    receipt = _deleted(client, response.json()["receipt_id"])
+    assert any(o["object_class"] == "output" for o in receipt["objects"])
+    assert list(store_root.rglob(f"{output_id}.*")) == []
+    assert client.get(f"/v1/accounts/{child}/outputs").json()["outputs"] == []
+    assert client.get(f"/v1/jobs/{view['job_id']}").status_code == 404
+    again = submit(client, [PHOTO], key=crypto.new_device_key(), kind="art_style",
+                   style="watercolor", account_id=child)
+    assert again.status_code == 403 and "under 13" in again.json()["detail"]
+    assert redis_client.exists(keys.blocked_account(account_ref(child)))
+    assert not [k for k in redis_client.scan_iter(f"eph:acct:{child}:*")
+                if not k.endswith(b":deleting")]  # only the tombstone, which expires
+    requests = PrivacyRequests(redis_client)
+    requests.settle_deletions()  # what the report does: the finished deletion completes it
+    assert not [r for r in requests.open_requests() if r.account_ref == account_ref(child)]
+
+
+def test_receipts_and_bucket_keys_carry_pseudonyms_not_account_ids(client, store_root,
+                                                                   redis_client):
+    account = "acct-pseudonym"
+    view = _job(client, account)
+    [output_id] = view["output_ids"]
+    [path] = store_root.rglob(f"{output_id}.*")
+    assert account_ref(account) in path.as_posix() and account not in path.as_posix()
+    client.delete(f"/v1/accounts/{account}/outputs/{output_id}")
+    chain = [json.loads(e) for e in redis_client.lrange(keys.RECEIPT_CHAIN, 0, -1)]
+    assert chain and all("account_id" not in e for e in chain)
+    assert any(e["account_ref"] == account_ref(account) for e in chain)
+    assert not any(account.encode() in e for e in redis_client.lrange(keys.RECEIPT_CHAIN, 0, -1))
+    assert cli(["retention", "verify-ledger", "--redis-url", _url(redis_client)]) == 0
+
+
+def _url(client) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
+
+
+def test_the_report_exits_non_zero_when_a_request_is_late(redis_client, capsys):
+    requests = PrivacyRequests(redis_client)
+    late = requests.open(RequestKind.DELETE, "acct-late", now_s=time.time() - 50 * 86400,
+                         acknowledged=False)
+    try:
+        assert cli(["privacy", "report", "--redis-url", _url(redis_client)]) == 1
+        out = capsys.readouterr().out
+        assert f"LATE {late.request_id}" in out and "business days" in out
+    finally:
+        requests.complete(late.request_id)
+    assert cli(["privacy", "report", "--redis-url", _url(redis_client)]) == 0
+
+
+def test_privacy_calls_refuse_a_bad_body(client):
+    response = client.post("/v1/accounts/acct-x/age-signal", json={"under_13": "yes"})
+    assert response.status_code == 422 and "under_13" in response.json()["detail"]
+    response = client.post("/v1/accounts/acct-x/privacy/opt-out", content=b"[1]",
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 400
