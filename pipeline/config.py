@@ -85,6 +85,10 @@ class ServiceConfig(_Strict):
     retry_after_s: int = Field(
         5, gt=0, le=3600, description="Retry-After sent with 429 and 503 (service full)."
     )
+    usage_flush_s: float = Field(
+        10.0, gt=0, le=3600, description="Job runners write their usage events (Parquet, "
+        "under usage/ in the outputs store) this often."
+    )
     runner_lease_s: float = Field(
         15.0, ge=2, le=600, description="A job runner not heard from this long is gone: the "
         "jobs it held fail (their device keys died with it) and are purged."
@@ -460,6 +464,14 @@ class RetentionConfig(_Strict):
     )
     purge_max_attempts: int = Field(
         5, gt=0, le=20, description="Store retries per deletion before it is left to the sweep."
+    )
+    usage_ttl_days: float = Field(
+        90.0, gt=0, le=3650, description="Usage data (Parquet under usage/) older than this "
+        "is deleted, with receipts."
+    )
+    usage_min_group_size: int = Field(
+        5, ge=2, le=1000, description="k: an aggregate group with fewer distinct accounts "
+        "is suppressed (`ephemera usage aggregate`)."
     )
     reconcile_interval_s: float = Field(
         60.0, gt=0, le=86400, description="How often actors list the store for orphans."

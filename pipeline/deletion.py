@@ -16,10 +16,12 @@ from pipeline import keys
 from pipeline.config import RetentionConfig
 from pipeline.errors import NotFound
 from pipeline.jobs import JobStore
+from pipeline.pseudonyms import account_ref
 from pipeline.receipts import ReceiptLedger
 from pipeline.records import DeletionReceipt, ObjectClass
 from pipeline.retention import purge_finished_job
 from pipeline.storage import OUTPUT_PREFIX, StoreSet, account_digest, delete_verified, object_uri
+from pipeline.usage import forget_account
 
 ACCOUNT_DELETED_REASON = "the account was deleted"
 
@@ -146,5 +148,8 @@ def _delete_account(account_id: str, receipt_id: str, stores: StoreSet, jobs: Jo
         jobs.redis.delete(keys.account_receipts(account_id),
                           keys.account_privacy_requests(account_id),
                           keys.account_opt_out(account_id))
+        # Its usage rows go as well; until then (and for any copy) it is never shared.
+        jobs.redis.sadd(keys.OPTED_OUT_REFS, account_ref(account_id))
+        forget_account(stores.outputs, account_ref(account_id))
     chain.close_request(receipt_id, complete=done)
     return count

@@ -170,7 +170,8 @@ def accept_job(request: JobRequest, device_key: bytes, stores: StoreSet, jobs: J
                         reference_resolution_px=settings.batching.reference_resolution_px,
                         num_frames=min(num_frames, settings.batching.video_chunk_frames) or 1),
                     num_frames=num_frames, fps=request.fps(settings),
-                    video_input=request.video is not None)
+                    video_input=request.video is not None, accepted_s=now,
+                    country=request.country or "")
     return job, item
 
 

@@ -100,6 +100,7 @@ def deletion_entries(receipt_id: str) -> str:
 
 # Privacy rights (pipeline/privacy.py)
 PRIVACY_OPEN = "eph:privacy:open"            # zset request_id -> received_s (not completed)
+OPTED_OUT_REFS = "eph:privacy:excluded-refs"  # set of account pseudonyms left out of shared usage
 
 
 def privacy_request(request_id: str) -> str:

@@ -158,10 +158,20 @@ def late_requests(requests: list[PrivacyRequest], now_s: float) -> list[tuple[Pr
 # ---------------------------------------------------------------- flags
 
 def set_opt_out(client: redis.Redis, account_id: str, opted_out: bool) -> None:
-    if opted_out:
-        client.set(keys.account_opt_out(account_id), "1")
-    else:
-        client.delete(keys.account_opt_out(account_id))
+    """The flag, and the account's pseudonym in the set third-party exports leave out."""
+    with client.pipeline(transaction=True) as p:
+        if opted_out:
+            p.set(keys.account_opt_out(account_id), "1")
+            p.sadd(keys.OPTED_OUT_REFS, account_ref(account_id))
+        else:
+            p.delete(keys.account_opt_out(account_id))
+            p.srem(keys.OPTED_OUT_REFS, account_ref(account_id))
+        p.execute()
+
+
+def excluded_from_sharing(client: redis.Redis) -> set[str]:
+    """Pseudonyms whose usage never leaves the service: opted out, or deleted."""
+    return {r.decode() for r in client.smembers(keys.OPTED_OUT_REFS)}
 
 
 def is_opted_out(client: redis.Redis, account_id: str) -> bool:

@@ -155,6 +155,9 @@ class WorkItem:
     frames_done: int = 0
     work_uris: tuple[str, ...] = ()
     video_input: bool = False
+    # For the usage event at the end (never stored with the job record).
+    accepted_s: float = 0.0
+    country: str = ""
 
     @property
     def is_clip(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from pipeline import keys
 from pipeline.config import RetentionConfig
 from pipeline.errors import StorageError
 from pipeline.jobs import JobStore
@@ -21,6 +22,7 @@ from pipeline.retry import backoff_s
 from pipeline.storage import (
     FACE_PREFIX,
     INPUT_PREFIX,
+    OUTPUT_PREFIX,
     WORK_PREFIX,
     LocalObjectStore,
     ObjectStore,
@@ -152,6 +154,7 @@ def note_purges(jobs: JobStore, receipts: list[DeletionReceipt], *,
 
 
 RECONCILE_RECEIPT_ID = "reconcile"
+USAGE_RECEIPT_ID = "usage-ttl"
 
 
 def reconcile(stores: StoreSet, ledger: RetentionLedger, *, owner: str, cfg: RetentionConfig,
@@ -192,4 +195,47 @@ def _reconcile_store(store: ObjectStore, stores: StoreSet, ledger: RetentionLedg
                                       deleted_at_s=time.time(), verified_gone=True)
             chain.append(RECONCILE_RECEIPT_ID, receipt, account_id="", requested_s=now_s)
             receipts.append(receipt)
+    receipts += _reconcile_outputs(store, ledger, chain, now_s=now_s)
+    receipts += _expire_usage(store, chain, cfg=cfg, now_s=now_s)
+    return receipts
+
+
+def _reconcile_outputs(store: ObjectStore, ledger: RetentionLedger, chain: ReceiptLedger, *,
+                       now_s: float) -> list[DeletionReceipt]:
+    """An output object with neither an index entry nor a pending record belongs to no one
+    (a crash between writing and indexing, after the pending record was lost): delete it.
+    Never one in use: an output gets its pending record before it is written."""
+    receipts = []
+    for key in store.list_keys(OUTPUT_PREFIX):
+        output_id = key.rsplit("/", 1)[-1].split(".", 1)[0]
+        uri = object_uri(store, key)
+        if ledger.redis.exists(keys.output(output_id)) or ledger.get(uri) is not None:
+            continue
+        try:
+            delete_verified(store, key)
+        except StorageError:
+            ledger.note_purge_failure()
+            continue
+        receipt = DeletionReceipt(uri=uri, object_class="orphan_output", job_id="",
+                                  deleted_at_s=time.time(), verified_gone=True)
+        chain.append(RECONCILE_RECEIPT_ID, receipt, account_id="", requested_s=now_s)
+        receipts.append(receipt)
+    return receipts
+
+
+def _expire_usage(store: ObjectStore, chain: ReceiptLedger, *, cfg: RetentionConfig,
+                  now_s: float) -> list[DeletionReceipt]:
+    """Usage data past ``usage_ttl_days``: deleted, verified, with receipts."""
+    from pipeline.usage import expired_usage_keys
+
+    receipts = []
+    for key in expired_usage_keys(store, ttl_days=cfg.usage_ttl_days, now_s=now_s):
+        try:
+            delete_verified(store, key)
+        except StorageError:
+            continue
+        receipt = DeletionReceipt(uri=object_uri(store, key), object_class="usage_data",
+                                  job_id="", deleted_at_s=time.time(), verified_gone=True)
+        chain.append(USAGE_RECEIPT_ID, receipt, account_id="", requested_s=now_s)
+        receipts.append(receipt)
     return receipts

@@ -11,6 +11,8 @@
   ephemera retention reconcile [--redis-url URL]       delete orphans of crashes from the store
   ephemera retention verify-ledger [--redis-url URL]   detect tampering with deletion receipts
   ephemera privacy report [--redis-url URL]            open privacy requests; exit 1 if one is late
+  ephemera usage aggregate --out FILE [--redis-url URL]
+                                                       de-identified usage aggregates (Parquet)
   ephemera storage check [--config-dir DIR]            check every bucket's settings
   ephemera models stage SRC DEST                       copy a model folder or file into the
                                                        model store and write its manifest
@@ -122,6 +124,22 @@ def _privacy_report(args: argparse.Namespace) -> int:
     for r, why in late:
         print(f"LATE {r.request_id} ({r.kind}): {why}")
     return 1 if late else 0
+
+
+def _usage_aggregate(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from pipeline.privacy import excluded_from_sharing
+    from pipeline.usage import aggregate, read_events
+
+    settings, jobs, stores = _backends(args)
+    events = read_events(stores.outputs)
+    table = aggregate(events, opted_out_refs=excluded_from_sharing(jobs.redis),
+                      min_group_size=settings.retention.usage_min_group_size)
+    pq.write_table(table, args.out)
+    print(f"{events.num_rows} usage events -> {table.num_rows} groups of at least "
+          f"{settings.retention.usage_min_group_size} accounts, written to {args.out}")
+    return 0
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -296,6 +314,14 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--redis-url", help="overrides service.yaml redis_url")
     report.add_argument("--store-url", help="overrides service.yaml store_url")
     report.set_defaults(func=_privacy_report)
+    usage = sub.add_parser("usage", help="usage data")
+    usage_sub = usage.add_subparsers(dest="action", required=True)
+    agg = usage_sub.add_parser("aggregate", parents=[common],
+                               help="de-identified aggregates for sharing (Parquet)")
+    agg.add_argument("--out", required=True, help="the Parquet file to write")
+    agg.add_argument("--redis-url", help="overrides service.yaml redis_url")
+    agg.add_argument("--store-url", help="overrides service.yaml store_url")
+    agg.set_defaults(func=_usage_aggregate)
     storage = sub.add_parser("storage", help="object stores")
     storage_sub = storage.add_subparsers(dest="action", required=True)
     storage_sub.add_parser("check", parents=[common],

@@ -37,14 +37,18 @@ from pipeline.orchestration import (
     stage_timeout_s,
     start,
 )
+from pipeline.pseudonyms import account_ref
 from pipeline.records import Stage, StageResult, WorkItem
 from pipeline.retry import backoff_s
+from pipeline.storage import open_stores
+from pipeline.usage import UsageEvent, day_of, write_events
 from serve.telemetry import observe_stage
 
 log = logging.getLogger("ray.serve")
 
 INTERRUPTED_REASON = "the job was interrupted; please try again"
 MAX_REDIS_TRIES = 12  # about a minute of backoff; after that the reaper settles the job
+MAX_BUFFERED_USAGE = 10_000  # usage events held while the store is away
 
 
 def bucket_id(item: WorkItem) -> str:
@@ -67,6 +71,8 @@ class JobRunnerDeployment:
         self.stage_timeout_s = settings.batching.stage_timeout_s
         self.lease_s = settings.service.runner_lease_s
         self.held: dict[str, WorkItem] = {}  # the only copies of these jobs' device keys
+        self.usage: list[UsageEvent] = []  # written as Parquet every usage_flush_s
+        self.usage_store = open_stores(settings.storage).outputs
         self._tasks: set[asyncio.Task] = set()
         self._background: list[asyncio.Task] = []
         self.jobs.heartbeat_runner(self.runner_id, lease_s=self.lease_s, now_s=time.time())
@@ -85,6 +91,7 @@ class JobRunnerDeployment:
         Returns whether it succeeded; the caller need not wait for it."""
         self._ensure_background()
         self.held[item.job_id] = item
+        started_s = time.time()
         try:
             if not await self._redis(self.jobs.claim_job, item.job_id, self.runner_id):
                 return False  # withdrawn, reaped or deleted before it got here
@@ -97,6 +104,7 @@ class JobRunnerDeployment:
                                       frames_done=plan.item.frames_done)
             await self._redis(self.jobs.finish_job, item.job_id, ok=plan.ok, reason=plan.reason,
                               output_ids=plan.output_ids)
+            self._note_usage(plan.item, plan.ok, started_s)
         except BaseException:  # Redis gone for long, or the request was cancelled
             self._spawn(self._settle(item.job_id, INTERRUPTED_REASON))
             raise
@@ -104,6 +112,33 @@ class JobRunnerDeployment:
             del self.held[item.job_id]  # the device key goes with it
         self._spawn(self._purge(item.job_id))
         return plan.ok
+
+    def _note_usage(self, item: WorkItem, ok: bool, started_s: float) -> None:
+        """One usage event per finished job: counts, timings, outcome, country, and the
+        account's pseudonym; nothing of the media, the key or the reason."""
+        if len(self.usage) >= MAX_BUFFERED_USAGE:
+            return  # the store has been away for long: usage data is best-effort
+        now = time.time()
+        accepted = item.accepted_s or started_s
+        self.usage.append(UsageEvent(
+            day=day_of(now), account_ref=account_ref(item.account_id), kind=item.kind,
+            style=item.style, resolution_px=item.resolution_px,
+            num_inputs=len(item.input_uris), num_frames=item.num_frames,
+            outcome="succeeded" if ok else "failed", country=item.country,
+            queue_s=max(0.0, started_s - accepted), total_s=max(0.0, now - accepted)))
+
+    async def _flush_usage(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.service.usage_flush_s)
+            events, self.usage = self.usage, []
+            if not events:
+                continue
+            try:
+                await asyncio.to_thread(write_events, self.usage_store, events,
+                                        writer_id=self.runner_id)
+            except Exception:  # the store is away: keep them for the next round
+                self.usage = events + self.usage
+                log.warning("usage events not written; retrying")
 
     async def _settle(self, job_id: str, reason: str) -> None:
         """End a job this runner cannot finish (first outcome wins), then purge it."""
@@ -201,7 +236,8 @@ class JobRunnerDeployment:
                 task.cancel()
             loop = asyncio.get_running_loop()
             self._background = [loop.create_task(self._heartbeat()),
-                                loop.create_task(self._reaper())]
+                                loop.create_task(self._reaper()),
+                                loop.create_task(self._flush_usage())]
 
     async def _heartbeat(self) -> None:
         """Renew this runner's lease; its own task, so a long reap never delays it."""

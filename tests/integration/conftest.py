@@ -55,6 +55,7 @@ def test_settings(tmp_path_factory, redis_server, face_weights_path):
             "ray_object_store_mb": 150,  # small, so a test can fill it
             "api_token_env": API_TOKEN_ENV,
             "runner_lease_s": 4.0,  # a killed runner's jobs are reaped within seconds
+            "usage_flush_s": 1.0,  # usage events reach the store within a second
             "ray_metrics_export_port": free_port(),
         }),
         # Fixed pools, so fault tests know which replica holds what; two runners, so

@@ -134,3 +134,52 @@ def test_privacy_calls_refuse_a_bad_body(client):
     response = client.post("/v1/accounts/acct-x/privacy/opt-out", content=b"[1]",
                            headers={"content-type": "application/json"})
     assert response.status_code == 400
+
+
+def test_usage_events_hold_no_personal_data_and_aggregates_honour_opt_outs(
+        client, store_root, redis_client, tmp_path):
+    """Jobs of six accounts (one opted out) leave Parquet usage events under usage/day=...;
+    they carry pseudonyms, kind, timings and outcome, never an account id, a reason or a
+    file name; the aggregate for sharing leaves the opted-out account out and suppresses
+    groups smaller than k."""
+    import pyarrow.parquet as pq
+
+    accounts = [f"acct-usage-{i}" for i in range(6)]
+    assert client.post(f"/v1/accounts/{accounts[0]}/privacy/opt-out",
+                       json={"opt_out": True}).status_code == 200
+    for account in accounts:
+        _job(client, account)
+    refs = {account_ref(a) for a in accounts}
+    deadline = time.monotonic() + 30
+    rows: list[dict] = []
+    while time.monotonic() < deadline:
+        files = sorted(store_root.glob("usage/day=*/*.parquet"))
+        rows = [r for f in files for r in pq.read_table(f).to_pylist()
+                if r["account_ref"] in refs]
+        if len(rows) >= len(accounts):
+            break
+        time.sleep(0.5)
+    assert {r["account_ref"] for r in rows} == refs
+    assert all(r["kind"] == "art_style" and r["outcome"] == "succeeded" and r["total_s"] > 0
+               for r in rows)
+    raw = b"".join(f.read_bytes() for f in store_root.glob("usage/day=*/*.parquet"))
+    assert not any(a.encode() in raw for a in accounts)
+    assert b"astronaut" not in raw and b".png" not in raw
+
+    out = tmp_path / "aggregate.parquet"
+    assert cli(["usage", "aggregate", "--out", str(out), "--redis-url", _url(redis_client),
+                "--store-url", f"file://{store_root}"]) == 0
+    groups = pq.read_table(out).to_pylist()
+    assert all(g["accounts"] >= 5 for g in groups)
+    every = [r for f in store_root.glob("usage/day=*/*.parquet") for r in pq.read_table(f).to_pylist()]
+    excluded = {r.decode() for r in redis_client.smembers(keys.OPTED_OUT_REFS)}
+    assert account_ref(accounts[0]) in excluded
+    day = rows[0]["day"]
+    expected = {r["account_ref"] for r in every if r["day"] == day and r["kind"] == "art_style"
+                and r["style"] == "watercolor" and r["country"] == ""
+                and r["outcome"] == "succeeded"} - excluded
+    [group] = [g for g in groups if (g["day"], g["kind"], g["style"], g["country"],
+                                     g["outcome"]) == (day, "art_style", "watercolor", "",
+                                                       "succeeded")]
+    assert group["accounts"] == len(expected)  # the opted-out account is not counted
+    assert "account_ref" not in pq.read_table(out).column_names
