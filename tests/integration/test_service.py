@@ -213,7 +213,9 @@ def _snapshot(store_root: Path, redis_client) -> tuple[list[str], list[str]]:
     names = sorted(k.decode() for k in redis_client.scan_iter(match=keys.PREFIX + "*",
                                                                count=1000)
                    if not k.decode().startswith(background))
-    stored = sorted(str(p.relative_to(store_root)) for p in store_root.rglob("*") if p.is_file())
+    # Usage events of earlier jobs are flushed by the runners in the background.
+    stored = sorted(str(p.relative_to(store_root)) for p in store_root.rglob("*")
+                    if p.is_file() and not p.relative_to(store_root).as_posix().startswith("usage/"))
     return names, stored
 
 
