@@ -42,6 +42,7 @@ class RetentionDeployment:
             # Each pass on its own: one failing pass never starves the others.
             await self._guarded("sweep", self.sweep)
             await self._guarded("account deletions", self.resume_account_deletions)
+            await self._guarded("job records", self.minimise_jobs)
             if time.time() - last_reconcile >= self.settings.retention.reconcile_interval_s:
                 await self._guarded("reconcile", self.reconcile)
                 last_reconcile = time.time()
@@ -63,6 +64,12 @@ class RetentionDeployment:
                              cfg=self.settings.retention)
         note_purges(self.jobs, receipts)
         return len(receipts)
+
+    def minimise_jobs(self) -> int:
+        cfg = self.settings.retention
+        minimised, deleted = self.jobs.minimise_and_expire(
+            now_s=time.time(), grace_s=cfg.job_record_grace_s, ttl_s=cfg.job_record_ttl_h * 3600)
+        return minimised + deleted
 
     def reconcile(self) -> int:
         from pipeline.retention import note_purges, reconcile

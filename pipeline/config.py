@@ -465,6 +465,14 @@ class RetentionConfig(_Strict):
     purge_max_attempts: int = Field(
         5, gt=0, le=20, description="Store retries per deletion before it is left to the sweep."
     )
+    job_record_grace_s: float = Field(
+        600.0, ge=0, le=7 * 86400, description="After a job's inputs are purged, the app has "
+        "this long to read its full status; then the record loses its personal fields."
+    )
+    job_record_ttl_h: float = Field(
+        720.0, gt=0, le=24 * 3650, description="Job records are deleted this long after "
+        "their inputs were purged (outputs stay until the user deletes them)."
+    )
     usage_ttl_days: float = Field(
         90.0, gt=0, le=3650, description="Usage data (Parquet under usage/) older than this "
         "is deleted, with receipts."

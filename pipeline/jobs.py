@@ -25,7 +25,10 @@ from pipeline.records import (
 from pipeline.retry import retry_on_conflict
 
 _LIST_FIELDS = ("input_uris", "output_ids")
-_FLOAT_FIELDS = ("created_s", "updated_s", "succeeded_s", "finished_s", "inputs_purged_s")
+# What identifies a person in a job record: gone once the job is minimised.
+PERSONAL_JOB_FIELDS = ("account_id", "input_uris", "reason", "runner_id")
+_FLOAT_FIELDS = ("created_s", "updated_s", "succeeded_s", "finished_s", "inputs_purged_s",
+                 "minimised_s")
 _INT_FIELDS = (
     "resolution_px", "num_inputs_purged_verified", "attempts", "face_batch_size",
     "diffusion_batch_size", "frames_total", "frames_done",
@@ -91,6 +94,7 @@ def _to_record(job_id: str, raw: dict) -> JobRecord:
     for name in _INT_FIELDS:
         d[name] = int(str(d.get(name) or 0))
     d["status"] = JobStatus(str(d.get("status") or JobStatus.QUEUED))
+    d.setdefault("account_id", "")  # minimised records have none
     try:
         return JobRecord(**d)  # type: ignore[arg-type]
     except TypeError:  # a record being deleted right now
@@ -230,7 +234,37 @@ class JobStore:
             p = self.redis.pipeline(transaction=True)
             p.lpush(keys.PURGE_LAGS, repr(lag_s))
             p.ltrim(keys.PURGE_LAGS, 0, 9999)
+            p.zadd(keys.PURGED_JOBS, {job_id: now})
             p.execute()
+
+    def minimise_and_expire(self, *, now_s: float, grace_s: float, ttl_s: float) -> tuple[int, int]:
+        """Data minimisation of ended jobs whose inputs are purged: after ``grace_s`` (the
+        app has read the result) a record loses its personal fields (account id, input
+        URIs, reason, runner) and its link to the account; after ``ttl_s`` it is deleted.
+        The status call answers with what remains until then. Returns (minimised, deleted)."""
+        expired = [j.decode() for j in self.redis.zrangebyscore(keys.PURGED_JOBS, 0,
+                                                                now_s - ttl_s)]
+        for job_id in expired:
+            account = self.account_of(job_id)
+            p = self.redis.pipeline(transaction=True)
+            p.delete(keys.job(job_id))
+            p.zrem(keys.PURGED_JOBS, job_id)
+            if account:
+                p.srem(keys.account_jobs(account), job_id)
+            p.execute()
+        minimised = 0
+        for job_id in (j.decode() for j in self.redis.zrangebyscore(
+                keys.PURGED_JOBS, 0, now_s - grace_s)):
+            account = self.account_of(job_id)
+            if not account:
+                continue  # already minimised
+            p = self.redis.pipeline(transaction=True)
+            p.hdel(keys.job(job_id), *PERSONAL_JOB_FIELDS)
+            p.hset(keys.job(job_id), "minimised_s", repr(now_s))
+            p.srem(keys.account_jobs(account), job_id)
+            p.execute()
+            minimised += 1
+        return minimised, len(expired)
 
     def account_job_ids(self, account_id: str) -> list[str]:
         return sorted(j.decode() for j in self.redis.smembers(keys.account_jobs(account_id)))

@@ -13,6 +13,7 @@ PREFIX = "eph:"
 ACTIVE_JOBS = "eph:jobs:active"              # set of unfinished job ids
 RUNNERS = "eph:runners"                      # zset runner_id -> lease expiry
 PURGE_LAGS = "eph:metrics:purge_lag_s"       # list: newest 10,000 purge lags
+PURGED_JOBS = "eph:jobs:purged"              # zset job_id -> inputs_purged_s (minimise, expire)
 
 
 def job(job_id: str) -> str:

@@ -27,6 +27,7 @@ from pipeline.errors import NotFound
 from pipeline.jobs import JobStore
 from pipeline.pseudonyms import account_ref
 from pipeline.receipts import ReceiptLedger
+from pipeline.storage import ObjectStore
 
 ACK_BUSINESS_DAYS = 10
 COMPLETE_DAYS = 45
@@ -189,7 +190,8 @@ def is_blocked(client: redis.Redis, account_id: str) -> bool:
 
 # ---------------------------------------------------------------- right to know
 
-def export_account(account_id: str, jobs: JobStore) -> dict:
+def export_account(account_id: str, jobs: JobStore, usage_store: ObjectStore | None = None
+                   ) -> dict:
     """Every category and piece of data the service holds for ``account_id``: what the
     right to know returns. Media bytes, embeddings and keys are never held outside a running
     job, so they appear only as counts and places."""
@@ -235,16 +237,27 @@ def export_account(account_id: str, jobs: JobStore) -> dict:
             "jobs": "records of your generation requests (no media, no keys)",
             "deletion_receipts": "proofs that deleted data is gone",
             "privacy_requests": "your rights requests and their handling",
+            "usage": "one record per job: kind, style, timings, outcome, country",
             "flags": "your choices",
         },
         "outputs": outputs,
         "jobs": job_records,
         "deletion_receipts": receipts,
         "privacy_requests": requests,
+        "usage": _usage_of(account_id, usage_store) if usage_store is not None else [],
         "flags": {"opted_out_of_sale_and_sharing": is_opted_out(client, account_id)},
         "not_held": ["original photos and videos after generation", "face data after "
                      "generation", "device keys", "file names", "precise location"],
     }
+
+
+def _usage_of(account_id: str, store: ObjectStore) -> list[dict]:
+    """The account's usage events (read from every usage file: O(usage data))."""
+    from pipeline.usage import read_events
+
+    ref = account_ref(account_id)
+    return [{k: v for k, v in row.items() if k != "account_ref"}
+            for row in read_events(store).to_pylist() if row["account_ref"] == ref]
 
 
 def _place(uri: str) -> str:

@@ -110,6 +110,7 @@ class JobRecord:
     runner_id: str = ""  # the job runner holding the job (and its key) in memory
     frames_total: int = 0  # clips: frames to generate (0 for photos)
     frames_done: int = 0  # clips: frames generated so far (progress)
+    minimised_s: float | None = None  # personal fields dropped (data minimisation)
 
 
 @dataclass(frozen=True, slots=True)

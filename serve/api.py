@@ -134,7 +134,8 @@ def job_view(job: JobRecord) -> dict:
         "reason": job.reason or None,
         "num_inputs": len(job.input_uris),
         "output_ids": job.output_ids,
-        "output_urls": [f"/v1/accounts/{job.account_id}/outputs/{o}" for o in job.output_ids],
+        "output_urls": ([f"/v1/accounts/{job.account_id}/outputs/{o}" for o in job.output_ids]
+                        if job.account_id else []),  # minimised: the account is forgotten
         "created_s": job.created_s,
         "succeeded_s": job.succeeded_s,
         "finished_s": job.finished_s,
@@ -144,6 +145,7 @@ def job_view(job: JobRecord) -> dict:
         "batch_sizes": {"face": job.face_batch_size, "diffusion": job.diffusion_batch_size},
         "progress": ({"frames_done": job.frames_done, "frames_total": job.frames_total}
                      if job.frames_total else None),
+        "minimised_s": job.minimised_s,
     }
 
 
@@ -335,7 +337,7 @@ class ApiDeployment:
         requests = PrivacyRequests(self.redis)
         requests.settle_deletions()
         record = requests.open(RequestKind.KNOW, account_id)
-        export = export_account(account_id, self.jobs)
+        export = export_account(account_id, self.jobs, self.stores.outputs)
         requests.complete(record.request_id)
         return export
 

@@ -79,3 +79,26 @@ def test_a_job_claimed_after_the_reapers_snapshot_is_left_alone(jobs):
     assert jobs.claim_job(job.job_id, "runner-b")
     assert not jobs.fail_orphan(unclaimed, "never started", now_s=time.time() + 3600)
     assert jobs.get_job(job.job_id).runner_id == "runner-b"
+
+
+@pytest.mark.privacy
+def test_a_purged_job_loses_its_personal_fields_after_the_grace_then_goes(jobs):
+    job = new_job(jobs, "acct-minimise")
+    jobs.finish_job(job.job_id, ok=False, reason="file 1: no human face was found")
+    jobs.record_purge(job.job_id, num_inputs_verified=1, complete=True)
+    purged_s = jobs.get_job(job.job_id).inputs_purged_s
+
+    assert jobs.minimise_and_expire(now_s=purged_s + 10, grace_s=60, ttl_s=3600) == (0, 0)
+    assert jobs.get_job(job.job_id).account_id == "acct-minimise"  # the app can still read it
+
+    assert jobs.minimise_and_expire(now_s=purged_s + 61, grace_s=60, ttl_s=3600) == (1, 0)
+    kept = jobs.get_job(job.job_id)
+    assert (kept.account_id, kept.input_uris, kept.reason, kept.runner_id) == ("", [], "", "")
+    assert kept.status == JobStatus.FAILED and kept.minimised_s == purged_s + 61
+    raw = b"".join(jobs.redis.hgetall(keys.job(job.job_id)).values())
+    assert b"acct-minimise" not in raw and b"inputs/" not in raw
+    assert jobs.account_job_ids("acct-minimise") == []
+
+    assert jobs.minimise_and_expire(now_s=purged_s + 3601, grace_s=60, ttl_s=3600) == (0, 1)
+    assert not jobs.redis.exists(keys.job(job.job_id))
+    assert jobs.redis.zscore(keys.PURGED_JOBS, job.job_id) is None
