@@ -269,3 +269,31 @@ def test_an_indexed_output_keeps_no_retention_record(store, jobs):
     [output_id] = store_outputs(item, [np.zeros((64, 64, 3), np.uint8)], store, jobs, "png")
     assert [o.output_id for o in jobs.list_outputs("acct-idx")] == [output_id]
     assert [r for r in jobs.ledger.records_for_job(job.job_id) if r.object_class == "output"] == []
+
+
+@pytest.mark.privacy
+def test_reconciler_deletes_orphan_outputs_and_expired_usage_with_receipts(store, jobs):
+    from pipeline.storage import output_key
+    from pipeline.usage import UsageEvent, day_of, write_events
+
+    job, (kept,) = finished_job_with_outputs(store, jobs, 1)
+    orphan = output_key(job.account_id, uuid.uuid4().hex, "png")  # written, never indexed
+    store.put(orphan, b"an output nobody indexed")
+    now = time.time()
+
+    def event(day: str) -> UsageEvent:
+        return UsageEvent(day=day, account_ref="r", kind="art_style", style="s",
+                          resolution_px=64, num_inputs=1, num_frames=0, outcome="succeeded",
+                          country="", queue_s=0.0, total_s=1.0)
+
+    [old] = write_events(store, [event(day_of(now - 100 * 86400))], writer_id="w")
+    [fresh] = write_events(store, [event(day_of(now))], writer_id="w")
+
+    receipts = reconcile(StoreSet.single(store), jobs.ledger, owner="t", cfg=CFG, now_s=now)
+
+    assert sorted(r.object_class for r in receipts) == ["orphan_output", "usage_data"]
+    assert not store.exists(orphan) and not store.exists(old)
+    assert store.exists(fresh) and store.exists(key_from_uri(store, kept.uri))
+    chain = [json.loads(e) for e in jobs.redis.lrange(keys.RECEIPT_CHAIN, 0, -1)]
+    assert {e["object_class"] for e in chain} >= {"orphan_output", "usage_data"}
+    assert verify_chain(jobs.redis) == []
