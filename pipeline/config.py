@@ -42,6 +42,13 @@ class ServiceConfig(_Strict):
     max_image_pixels: int = Field(
         40_000_000, gt=0, description="Largest width*height decoded (decompression-bomb guard)."
     )
+    max_pixels_per_byte: float = Field(
+        2000.0, gt=0, description="A photo declaring more pixels per byte of file than this is "
+        "refused before decoding (a 40 MP header on an 800-byte file is a bomb, not a photo)."
+    )
+    max_request_pixels: int = Field(
+        80_000_000, gt=0, description="Decoded-pixel budget of one request, all files together."
+    )
     min_image_side_px: int = Field(32, gt=0, description="Smallest accepted width or height.")
     allowed_resolutions_px: list[Annotated[int, Field(ge=64, le=4096, multiple_of=8)]] = Field(
         [64], min_length=1, description="Output sizes (square, 64..4096, multiples of 8)."

@@ -5,7 +5,12 @@ header, lives in memory for the job's life only, and is never logged, stored or 
 Redis. Each ciphertext is bound to its object URI (GCM associated data), so an object copied
 to another name does not decrypt.
 
-Layout of a stored object: b"EPH1" | 12-byte nonce | ciphertext+tag.
+Layout of a stored object: b"EPH2" | 12-byte nonce | ciphertext+tag.
+
+Key separation: the device key itself never encrypts anything. HKDF-SHA256 derives one
+subkey for the AES-GCM encryption done here (``app_key``) and another for the provider's
+server-side encryption (S3 SSE-C, GCS CSEK: ``provider_key``), so a provider that keeps the
+key it was sent still holds nothing that opens the ciphertext inside.
 """
 
 from __future__ import annotations
@@ -15,13 +20,32 @@ import binascii
 import os
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from pipeline.errors import InvalidUpload, WrongKey
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
-MAGIC = b"EPH1"
+MAGIC = b"EPH2"
+_APP_INFO = b"ephemera/v2/app-aes-gcm"
+_PROVIDER_INFO = b"ephemera/v2/provider-sse"
+
+
+def _derive(device_key: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(
+        device_key)
+
+
+def app_key(device_key: bytes) -> bytes:
+    """The subkey of the in-application AES-GCM encryption."""
+    return _derive(device_key, _APP_INFO)
+
+
+def provider_key(device_key: bytes) -> bytes:
+    """The subkey sent to a provider for SSE-C / CSEK: unrelated to ``app_key``."""
+    return _derive(device_key, _PROVIDER_INFO)
 
 
 def check_device_key(header_value: str | None) -> bytes:
@@ -51,7 +75,7 @@ def new_device_key() -> bytes:
 def encrypt(plaintext: bytes, key: bytes, *, uri: str) -> bytes:
     """Encrypt ``plaintext`` for storage at ``uri``."""
     nonce = os.urandom(NONCE_BYTES)
-    return MAGIC + nonce + AESGCM(key).encrypt(nonce, plaintext, uri.encode())
+    return MAGIC + nonce + AESGCM(app_key(key)).encrypt(nonce, plaintext, uri.encode())
 
 
 def decrypt(blob: bytes, key: bytes, *, uri: str) -> bytes:
@@ -60,7 +84,8 @@ def decrypt(blob: bytes, key: bytes, *, uri: str) -> bytes:
         raise WrongKey("stored object is not Ephemera ciphertext")
     nonce = blob[len(MAGIC) : len(MAGIC) + NONCE_BYTES]
     try:
-        return AESGCM(key).decrypt(nonce, blob[len(MAGIC) + NONCE_BYTES :], uri.encode())
+        return AESGCM(app_key(key)).decrypt(nonce, blob[len(MAGIC) + NONCE_BYTES :],
+                                            uri.encode())
     except InvalidTag:
         raise WrongKey(
             "stored object did not decrypt with this device key; upload again from the "

@@ -17,6 +17,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import storage
 
 from pipeline.config import GcsConfig
+from pipeline.crypto import provider_key
 from pipeline.errors import StorageError, WrongKey
 from pipeline.retry import backoff_s
 
@@ -64,7 +65,8 @@ class GcsObjectStore:
         raise StorageError(f"{failure} after {self.cfg.max_attempts} attempts")
 
     def _blob(self, key: str, customer_key: bytes | None = None) -> storage.Blob:
-        use_key = customer_key if self.cfg.csek_inputs else None
+        # The provider gets its own subkey, never the one of the ciphertext inside.
+        use_key = provider_key(customer_key) if self.cfg.csek_inputs and customer_key else None
         return self._bucket.blob(key, encryption_key=use_key)
 
     def put(self, key: str, data: bytes, *, customer_key: bytes | None = None) -> None:

@@ -27,6 +27,7 @@ pillow_heif.register_heif_opener()  # HEIC/HEIF; Pillow itself reads AVIF
 # frame is the photo. HEIF: pillow-heif opens the primary image first (bursts, depth).
 ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "HEIF", "AVIF")
 STILL_WITH_EXTRA_FRAMES = ("MPO", "HEIF")
+DECODERS = ("JPEG", "PNG", "WEBP", "HEIF", "AVIF")  # Pillow's opener ids; JPEG also opens MPO
 PHOTO_FORMATS_TEXT = "JPEG, PNG, WebP, HEIC or AVIF"
 
 
@@ -46,6 +47,18 @@ def declared_media(content_type: str | None, filename: str | None) -> str | None
     if name.endswith(VIDEO_SUFFIXES):
         return "video"
     return None
+
+
+def declared_pixels(data: bytes) -> int:
+    """What a photo's header claims (width x height), read without decoding; 0 for
+    anything that is not an allowed photo."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data), formats=DECODERS) as image:
+                return int(image.size[0]) * int(image.size[1])
+    except Exception:
+        return 0
 
 
 def check_media(data: bytes, *, index: int, limits: ServiceConfig,
@@ -85,7 +98,8 @@ def check_upload(data: bytes, *, index: int, limits: ServiceConfig) -> CleanImag
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            # Only the allowed decoders ever see the bytes (no TIFF, PSD, EPS, ...).
+            image = Image.open(io.BytesIO(data), formats=DECODERS)
             image_format = image.format or ""
             width, height = image.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -101,6 +115,10 @@ def check_upload(data: bytes, *, index: int, limits: ServiceConfig) -> CleanImag
         )
     # Check the declared size before decoding a single pixel: a 20000x20000 PNG is tiny on
     # the wire and 1.2 GB in memory.
+    if width * height > limits.max_pixels_per_byte * len(data):
+        raise InvalidUpload(
+            f"{where} declares {width}x{height} pixels in {len(data)} bytes, far more than "
+            "its bytes can hold; it is refused before decoding", problem="too_large")
     if width * height > limits.max_image_pixels:
         raise InvalidUpload(
             f"{where} is {width}x{height} pixels, over the limit of "
@@ -120,7 +138,7 @@ def check_upload(data: bytes, *, index: int, limits: ServiceConfig) -> CleanImag
             image.seek(0)
         image.load()  # raises on truncated or corrupt data (LOAD_TRUNCATED_IMAGES is off)
         upright = ImageOps.exif_transpose(image)  # keep what the user saw, drop the tag
-        pixels = np.asarray(upright.convert("RGB"), dtype=np.uint8)
+        pixels = to_rgb8(upright)
     except Exception:
         raise InvalidUpload(
             f"{where} is truncated or corrupt; upload the complete file", problem="invalid"
@@ -131,6 +149,17 @@ def check_upload(data: bytes, *, index: int, limits: ServiceConfig) -> CleanImag
         height_px=pixels.shape[0],
         source_format="JPEG" if image_format == "MPO" else image_format,
     )
+
+
+def to_rgb8(image: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8, keeping the contrast of high-bit-depth images: Pillow's own
+    conversion clips 16-bit greyscale to white, so it is rescaled here first."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.uint32 if image.mode == "I" else np.uint16)
+        top = 65535 if image.mode != "I" or values.max() > 255 else 255
+        grey = (values.astype(np.float64) * (255.0 / top)).round().clip(0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

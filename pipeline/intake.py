@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pipeline import crypto
 from pipeline.config import Settings
 from pipeline.errors import InvalidUpload, StorageError
-from pipeline.ingest import check_media
+from pipeline.ingest import check_media, declared_pixels
 from pipeline.jobs import JobStore
 from pipeline.orchestration import job_cost_units
 from pipeline.records import (
@@ -109,6 +109,11 @@ def check_job_request(*, account_id: str | None, kind: str | None, style: str | 
         raise InvalidUpload(
             f"{len(files)} files were sent; at most {service.max_files_per_job} per job",
             problem="too_large")
+    budget = sum(declared_pixels(data) for data in files)
+    if budget > service.max_request_pixels:
+        raise InvalidUpload(f"the files declare {budget} pixels together, over the "
+                            f"per-request limit of {service.max_request_pixels}; send fewer "
+                            "or smaller photos", problem="too_large")
     claims = declared or [None] * len(files)
     media = [check_media(data, index=i, limits=service, declared=claim)
              for i, (data, claim) in enumerate(zip(files, claims, strict=True), 1)]

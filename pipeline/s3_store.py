@@ -18,6 +18,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.config import S3Config
+from pipeline.crypto import provider_key
 from pipeline.errors import StorageError, WrongKey
 from pipeline.retry import backoff_s
 
@@ -67,7 +68,8 @@ class S3ObjectStore:
     def _sse_c(self, customer_key: bytes | None) -> dict:
         if customer_key is None or not self.cfg.sse_c_inputs:
             return {}
-        return {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": customer_key}
+        # The provider gets its own subkey, never the one of the ciphertext inside.
+        return {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": provider_key(customer_key)}
 
     def put(self, key: str, data: bytes, *, customer_key: bytes | None = None) -> None:
         extra = self._sse_c(customer_key)

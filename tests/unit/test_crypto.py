@@ -97,3 +97,24 @@ def test_bad_header_is_refused_without_echoing_it(header):
     assert "X-Device-Key" in message
     if header and header.strip():
         assert header.strip() not in message
+
+
+def test_the_provider_key_cannot_open_the_ciphertext_inside():
+    """Key separation: SSE-C/CSEK get one HKDF subkey, the application's AES-GCM another;
+    neither is the device key, and the provider's cannot decrypt the stored ciphertext."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from pipeline.config import S3Config
+    from pipeline.s3_store import S3ObjectStore
+
+    key = crypto.new_device_key()
+    assert len({key, crypto.app_key(key), crypto.provider_key(key)}) == 3
+    blob = crypto.encrypt(b"a face", key, uri="s3://b/inputs/j/x.bin")
+    nonce, body = blob[4:16], blob[16:]
+    for wrong in (crypto.provider_key(key), key):
+        with pytest.raises(InvalidTag):
+            AESGCM(wrong).decrypt(nonce, body, b"s3://b/inputs/j/x.bin")
+    store = S3ObjectStore.__new__(S3ObjectStore)
+    store.cfg = S3Config(bucket="bkt", region="us-east-1", sse_c_inputs=True)
+    assert store._sse_c(key)["SSECustomerKey"] == crypto.provider_key(key)

@@ -205,3 +205,24 @@ def test_encode_output_decodes_to_the_declared_type(output_format, media_type, p
     out = opened(data)
     assert out.format == pil_format and out.size == (64, 64)
     assert len(out.getexif()) == 0
+
+
+def test_sixteen_bit_greyscale_keeps_its_contrast():
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    clean = check_upload(encode(ramp, "PNG"), index=1, limits=LIMITS)
+    pixels = decode_clean_png(clean.png_bytes)
+    assert pixels.min() == 0 and pixels.max() == 255
+    assert abs(float(pixels.mean()) - 127.5) < 2  # not blown to white
+
+
+def test_a_header_claiming_far_more_pixels_than_its_bytes_is_refused():
+    with pytest.raises(InvalidUpload, match="far more than its bytes") as info:
+        check_upload(png_declaring(6320, 6320), index=1, limits=LIMITS)
+    assert http_status(info.value) == 413
+
+
+def test_only_the_allowed_decoders_run():
+    tiff = encode(photo(), "TIFF")
+    with pytest.raises(InvalidUpload, match="not a readable image") as info:
+        check_upload(tiff, index=1, limits=LIMITS)
+    assert http_status(info.value) == 415

@@ -158,3 +158,16 @@ def test_animate_takes_frames_and_fps_from_its_style(tmp_path):
                          MemoryJobStore(store), SETTINGS)
     style = SETTINGS.styles.styles["living"]
     assert (item.num_frames, item.fps, item.video_input) == (style.num_frames, style.fps, False)
+
+
+def test_a_request_over_its_decoded_pixel_budget_is_refused_before_decoding():
+    from pipeline.config import Settings
+
+    tight = Settings(service=SETTINGS.service.model_copy(update={"max_request_pixels": 10_000}),
+                     styles=SETTINGS.styles)
+    files = [encode(photo(64, 64), "PNG"), encode(photo(64, 64), "PNG"),
+             encode(photo(64, 64), "PNG")]  # 3 x 4,096 pixels
+    with pytest.raises(InvalidUpload, match="per-request limit of 10000") as info:
+        check_job_request(settings=tight, account_id="acct-1", kind="art_style",
+                          style="portrait", resolution_px=None, files=files)
+    assert http_status(info.value) == 413
