@@ -564,6 +564,16 @@ class Settings(_Strict):
         ) if yes]
 
     @model_validator(mode="after")
+    def _fail_closed(self) -> Settings:
+        """Anything that can reach real users or real data needs the API token."""
+        exposed = [m for m in self.production_markers if m != "service.yaml api_token_env"]
+        if exposed and self.service.api_token_env is None:
+            raise ValueError(f"service.yaml api_token_env must name the API token's variable "
+                             f"with {', '.join(exposed)} set; the service never runs open "
+                             "beyond loopback")
+        return self
+
+    @model_validator(mode="after")
     def _every_style_denoises(self) -> Settings:
         steps = self.models.num_inference_steps
         for name, style in self.styles.styles.items():

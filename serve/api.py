@@ -57,7 +57,10 @@ starlette.formparsers.MultiPartParser.spool_max_size = 1 << 40
 
 log = logging.getLogger("ray.serve")
 
-app = FastAPI(title="Ephemera", version="0.1.0")
+# The interactive docs and the schema are served by the ingress below, behind the same
+# token as /v1 (FastAPI's own routes would be open to anyone).
+app = FastAPI(title="Ephemera", version="0.1.0", docs_url=None, redoc_url=None,
+              openapi_url=None)
 
 
 @app.exception_handler(redis.RedisError)
@@ -177,6 +180,20 @@ class ApiDeployment:
         digest = hashlib.sha256(sent.encode()).digest()
         if not sent or not hmac.compare_digest(digest, self._token_sha256):
             raise Unauthorized("missing or wrong API token; send Authorization: Bearer <token>")
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi_document(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        from fastapi.openapi.utils import get_openapi
+
+        return JSONResponse(get_openapi(title=app.title, version=app.version, routes=app.routes))
+
+    @app.get("/docs", include_in_schema=False)
+    def docs(self, request: Request):
+        self._authorize(request)
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="Ephemera API")
 
     @app.get("/healthz")
     def healthz(self) -> dict:

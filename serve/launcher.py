@@ -72,7 +72,10 @@ def start_service(settings: Settings, *, workdir: Path, startup_timeout_s: float
 
     from serve.app import serve_config
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throwaway local cluster
+    if settings.service.ray_address:
+        require_ray_token_auth()
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster
     refuse_bad_buckets(settings)
     workdir.mkdir(parents=True, exist_ok=True)
     settings, redis_server = resolve_settings(settings, workdir=workdir)
@@ -147,6 +150,14 @@ def refuse_bad_buckets(settings: Settings) -> None:
     if problems:
         raise ValueError("refusing to start; fix the storage buckets:\n  "
                          + "\n  ".join(str(p) for p in problems))
+
+
+def require_ray_token_auth() -> None:
+    """Joining a cluster: Ray's token authentication must be on, so no one on the network
+    can submit work to the cluster that holds users' keys in memory."""
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        raise ValueError("service.yaml ray_address joins a cluster: set RAY_AUTH_MODE=token "
+                         "(and the cluster's token, RAY_AUTH_TOKEN) in this environment")
 
 
 def memory_spill_dir(root: str) -> Path:

@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import PIL
 import pytest
@@ -477,3 +478,13 @@ def test_ray_metrics_agent_exports_stage_latency_queue_wait_and_batch_size(clien
         found = {line.split("{")[0] for line in text.splitlines() if not line.startswith("#")}
         time.sleep(1)
     assert wanted <= found, wanted - found
+
+
+def test_the_api_schema_and_docs_need_the_token_like_v1(service, client):
+    with httpx.Client(base_url=service.base_url, timeout=30) as anonymous:
+        for path in ("/openapi.json", "/docs"):
+            assert anonymous.get(path).status_code == 401
+        assert anonymous.get("/healthz").status_code == 200
+    document = client.get("/openapi.json")
+    assert document.status_code == 200 and "/v1/jobs" in document.json()["paths"]
+    assert client.get("/docs").status_code == 200

@@ -178,3 +178,29 @@ def test_a_batch_limit_below_the_largest_job_is_refused(tmp_path):
                            diffusion={"max_batch_cost": 2, "max_wait_ms": 100})
     with pytest.raises(ValueError, match="diffusion.max_batch_cost 2 is below"):
         load_settings(root)
+
+
+@pytest.mark.parametrize("service", [
+    {"http_host": "0.0.0.0"},
+    {"ray_address": "auto"},
+])
+def test_the_service_never_runs_open_beyond_loopback(service):
+    from pipeline.config import ServiceConfig, Settings, StyleConfig, StylesConfig
+
+    styles = StylesConfig(styles={"p": StyleConfig(prompt="p")})
+    with pytest.raises(ValueError, match="api_token_env must name"):
+        Settings(service=ServiceConfig(**service), styles=styles)
+    Settings(service=ServiceConfig(**service, api_token_env="EPHEMERA_API_TOKEN"), styles=styles)
+
+
+def test_joining_a_cluster_needs_ray_token_auth(monkeypatch):
+    from serve.launcher import require_ray_token_auth
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(ValueError, match="RAY_AUTH_MODE=token"):
+        require_ray_token_auth()
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with pytest.raises(ValueError):
+        require_ray_token_auth()
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    require_ray_token_auth()
