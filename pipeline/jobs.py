@@ -260,7 +260,8 @@ class JobStore:
                 continue  # already minimised
             p = self.redis.pipeline(transaction=True)
             p.hdel(keys.job(job_id), *PERSONAL_JOB_FIELDS)
-            p.hset(keys.job(job_id), "minimised_s", repr(now_s))
+            p.hset(keys.job(job_id), mapping={"minimised_s": repr(now_s),
+                                              "account_ref": account_ref(account)})
             p.srem(keys.account_jobs(account), job_id)
             p.execute()
             minimised += 1

@@ -111,6 +111,7 @@ class JobRecord:
     frames_total: int = 0  # clips: frames to generate (0 for photos)
     frames_done: int = 0  # clips: frames generated so far (progress)
     minimised_s: float | None = None  # personal fields dropped (data minimisation)
+    account_ref: str = ""  # the account's pseudonym, kept once the id is dropped
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,7 +79,7 @@ def purge_lags(client: httpx.Client, num_jobs: int) -> dict:
     pending, views = set(job_ids), {}
     while pending:
         for job_id in list(pending):
-            view = client.get(f"/v1/jobs/{job_id}").json()
+            view = client.get(f"/v1/accounts/bench/jobs/{job_id}").json()
             if view["inputs_purged_s"]:
                 views[job_id] = view
                 pending.discard(job_id)

@@ -156,14 +156,14 @@ def post_job(client: httpx.Client, spec: JobSpec) -> tuple[str, float, float]:
 
 def wait_all(client: httpx.Client, job_ids: list[str], timeout_s: float = JOB_WAIT_S,
              poll_s: float = 0.25) -> dict[str, dict]:
-    """Poll GET /v1/jobs/{id} until every job succeeded or failed; returns the views."""
+    """Poll GET /v1/accounts/{a}/jobs/{id} until every job succeeded or failed; returns the views."""
     pending, done = set(job_ids), {}
     deadline = time.monotonic() + timeout_s
     while pending:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{len(pending)} jobs did not finish within {timeout_s} s")
         for job_id in list(pending):
-            view = client.get(f"/v1/jobs/{job_id}").json()
+            view = client.get(f"/v1/accounts/{ACCOUNT}/jobs/{job_id}").json()
             if view["status"] in ("succeeded", "failed"):
                 done[job_id] = view
                 pending.discard(job_id)

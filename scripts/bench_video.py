@@ -119,7 +119,7 @@ def submit(client: httpx.Client, data: bytes, name: str, headers: dict) -> str:
 
 def wait(client: httpx.Client, job_id: str) -> dict:
     while True:
-        view = client.get(f"/v1/jobs/{job_id}").json()
+        view = client.get(f"/v1/accounts/bench-video/jobs/{job_id}").json()
         if view["status"] in ("succeeded", "failed"):
             if view["status"] != "succeeded":
                 raise RuntimeError(f"job failed: {view['reason']}")

@@ -226,7 +226,7 @@ def inputs_gone(stores, jobs_redis, job_id: str) -> bool:
 def wait_for(client: httpx.Client, job_id: str, timeout_s: float = 300.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        view = client.get(f"/v1/jobs/{job_id}").json()
+        view = client.get(f"/v1/accounts/demo-account/jobs/{job_id}").json()
         if view["status"] in ("succeeded", "failed") and view["inputs_purged_s"]:
             return view
         time.sleep(0.2)

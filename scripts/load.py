@@ -148,7 +148,7 @@ def main() -> int:
                 with lock:
                     outcomes[str(code)] += 1
                     if code == 202:
-                        accepted.append(r.json()["job_id"])
+                        accepted.append(r.json()["status_url"])  # the job under its account
 
             def sample_rss(t0: float) -> None:
                 kinds = rss_by_kind()
@@ -182,7 +182,7 @@ def main() -> int:
                     if job_id in views:
                         continue
                     try:
-                        view = client.get(f"/v1/jobs/{job_id}").json()
+                        view = client.get(job_id).json()
                     except (httpx.HTTPError, ValueError):
                         continue
                     if view.get("status") in ("succeeded", "failed") and view["inputs_purged_s"]:

@@ -44,7 +44,7 @@ from pipeline.privacy import (
     export_account,
     set_opt_out,
 )
-from pipeline.pseudonyms import check_secret
+from pipeline.pseudonyms import account_ref, check_secret
 from pipeline.receipts import ReceiptLedger
 from pipeline.records import JobRecord
 from pipeline.storage import open_stores
@@ -126,7 +126,14 @@ def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def job_view(job: JobRecord) -> dict:
+def belongs_to(job: JobRecord, account_id: str) -> bool:
+    """Whether ``job`` is this account's: by id, or by pseudonym once minimised."""
+    if job.account_id:
+        return job.account_id == account_id
+    return bool(job.account_ref) and job.account_ref == account_ref(account_id)
+
+
+def job_view(job: JobRecord, account_id: str) -> dict:
     """What a client sees of a job: never a URI of an input, never a key."""
     return {
         "job_id": job.job_id,
@@ -137,8 +144,7 @@ def job_view(job: JobRecord) -> dict:
         "reason": job.reason or None,
         "num_inputs": len(job.input_uris),
         "output_ids": job.output_ids,
-        "output_urls": ([f"/v1/accounts/{job.account_id}/outputs/{o}" for o in job.output_ids]
-                        if job.account_id else []),  # minimised: the account is forgotten
+        "output_urls": [f"/v1/accounts/{account_id}/outputs/{o}" for o in job.output_ids],
         "created_s": job.created_s,
         "succeeded_s": job.succeeded_s,
         "finished_s": job.finished_s,
@@ -246,7 +252,8 @@ class ApiDeployment:
             count_rejection(http_status(exc))
             raise
         return JSONResponse({"job_id": job_id, "status": "queued",
-                             "status_url": f"/v1/jobs/{job_id}"}, status_code=202)
+                             "status_url": f"/v1/accounts/{job_request.account_id}/jobs/{job_id}"},
+                            status_code=202)
 
     async def _accept_and_submit(self, job_request, device_key: bytes) -> str:
         """Store the job, then hand it to a job runner. When every runner and this caller's
@@ -276,10 +283,18 @@ class ApiDeployment:
         task.add_done_callback(self._handed_off.discard)
         return job.job_id
 
-    @app.get("/v1/jobs/{job_id}")
-    def get_job(self, request: Request, job_id: str) -> dict:
+    @app.get("/v1/accounts/{account_id}/jobs/{job_id}")
+    def get_job(self, request: Request, account_id: str, job_id: str) -> dict:
+        """Another account's job is reported exactly like a missing one."""
         self._authorize(request)
-        return job_view(self.jobs.get_job(job_id))
+        check_account_id(account_id)
+        try:
+            job = self.jobs.get_job(job_id)
+        except NotFound:
+            job = None
+        if job is None or not belongs_to(job, account_id):
+            raise NotFound(f"job {job_id} not found for this account")
+        return job_view(job, account_id)
 
     @app.get("/v1/accounts/{account_id}/outputs")
     def list_outputs(self, request: Request, account_id: str) -> dict:
@@ -324,7 +339,7 @@ class ApiDeployment:
         check_account_id(account_id)
         receipt_id = delete_output(account_id, output_id, self.stores, self.jobs)
         return {"receipt_id": receipt_id, "status": "complete",
-                "receipt_url": f"/v1/deletions/{receipt_id}"}
+                "receipt_url": f"/v1/accounts/{account_id}/deletions/{receipt_id}"}
 
     @app.delete("/v1/accounts/{account_id}", status_code=202)
     async def delete_account(self, request: Request, account_id: str) -> JSONResponse:
@@ -333,7 +348,8 @@ class ApiDeployment:
         check_account_id(account_id)
         receipt_id = await self._start_account_deletion(account_id, RequestKind.DELETE)
         return JSONResponse({"receipt_id": receipt_id, "status": "pending",
-                             "receipt_url": f"/v1/deletions/{receipt_id}"}, status_code=202)
+                             "receipt_url": f"/v1/accounts/{account_id}/deletions/{receipt_id}"},
+                            status_code=202)
 
     async def _start_account_deletion(self, account_id: str, kind: RequestKind) -> str:
         """A deletion as a privacy request: recorded, then carried out in the background."""
@@ -383,7 +399,7 @@ class ApiDeployment:
         await asyncio.to_thread(block_child_account, self.redis, account_id)
         receipt_id = await self._start_account_deletion(account_id, RequestKind.UNDER_13)
         return JSONResponse({"receipt_id": receipt_id, "status": "pending",
-                             "receipt_url": f"/v1/deletions/{receipt_id}",
+                             "receipt_url": f"/v1/accounts/{account_id}/deletions/{receipt_id}",
                              "new_jobs": "refused"}, status_code=202)
 
     async def _delete_account(self, account_id: str, receipt_id: str) -> None:
@@ -392,8 +408,17 @@ class ApiDeployment:
         except Exception:
             pass  # still pending in Redis: the retention actors' next round resumes it
 
-    @app.get("/v1/deletions/{receipt_id}")
-    def get_deletion(self, request: Request, receipt_id: str) -> dict:
+    @app.get("/v1/accounts/{account_id}/deletions/{receipt_id}")
+    def get_deletion(self, request: Request, account_id: str, receipt_id: str) -> dict:
+        """A deletion receipt of this account; another account's is reported as missing."""
         self._authorize(request)
-        return ReceiptLedger(self.redis).get_request(receipt_id)
+        check_account_id(account_id)
+        missing = NotFound(f"deletion receipt {receipt_id} not found for this account")
+        try:
+            receipt = ReceiptLedger(self.redis).get_request(receipt_id)
+        except NotFound:
+            raise missing from None
+        if receipt.get("account_ref") != account_ref(account_id):
+            raise missing
+        return receipt
 

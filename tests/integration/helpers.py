@@ -33,14 +33,27 @@ def key_header(key: bytes) -> dict[str, str]:
     return {"X-Device-Key": base64.b64encode(key).decode()}
 
 
+# Which account each submitted job belongs to, as the app's backend remembers it: every
+# read of a job is scoped to its account.
+_ACCOUNT_OF: dict[str, str] = {}
+
+
 def submit(client: httpx.Client, files: list[bytes], *, key: bytes, kind: str = "ai_photo",
            style: str = "portrait", account_id: str = "acct-1",
            names: list[str] | None = None) -> httpx.Response:
     names = names or [f"photo{i}.jpg" for i in range(len(files))]
     parts = [("files", (name, data, "application/octet-stream"))
              for name, data in zip(names, files, strict=True)]
-    return client.post("/v1/jobs", files=parts, headers=key_header(key),
-                       data={"kind": kind, "style": style, "account_id": account_id})
+    response = client.post("/v1/jobs", files=parts, headers=key_header(key),
+                           data={"kind": kind, "style": style, "account_id": account_id})
+    if response.status_code == 202:
+        _ACCOUNT_OF[response.json()["job_id"]] = account_id
+    return response
+
+
+def job_url(job_id: str) -> str:
+    """The job's status URL under its account."""
+    return f"/v1/accounts/{_ACCOUNT_OF[job_id]}/jobs/{job_id}"
 
 
 def wait_finished(client: httpx.Client, job_id: str, timeout_s: float = 180.0) -> dict:
@@ -48,7 +61,7 @@ def wait_finished(client: httpx.Client, job_id: str, timeout_s: float = 180.0) -
     deadline = time.monotonic() + timeout_s
     view: dict = {}
     while time.monotonic() < deadline:
-        view = client.get(f"/v1/jobs/{job_id}").json()
+        view = client.get(job_url(job_id)).json()
         if view["status"] in ("succeeded", "failed") and view["inputs_purged_s"]:
             return view
         time.sleep(0.1)

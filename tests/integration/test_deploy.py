@@ -90,7 +90,7 @@ def test_serve_run_of_the_shipped_config_serves_a_job(serve_run):
                 data={"kind": "art_style", "style": "comic", "account_id": "acct-serve-run"})
         job_id = response.json()["job_id"]
         while True:
-            view = client.get(f"/v1/jobs/{job_id}").json()
+            view = client.get(f"/v1/accounts/acct-serve-run/jobs/{job_id}").json()
             if view["status"] in ("succeeded", "failed") and view["inputs_purged_s"]:
                 break
             assert time.monotonic() < deadline, view

@@ -24,7 +24,7 @@ from pipeline.config import RetentionConfig
 from pipeline.ledger import RetentionLedger
 from pipeline.retention import reconcile
 from pipeline.storage import open_stores
-from tests.integration.helpers import encode_image, replica_pid, submit, windows
+from tests.integration.helpers import encode_image, job_url, replica_pid, submit, windows
 
 pytestmark = pytest.mark.faults
 
@@ -46,7 +46,7 @@ def wait_all_settled(client, job_ids: list[str], timeout_s: float = 240.0) -> li
     views: list[dict] = []
     while time.monotonic() < deadline:
         try:
-            views = [client.get(f"/v1/jobs/{j}").json() for j in job_ids]
+            views = [client.get(job_url(j)).json() for j in job_ids]
         except Exception:  # the API itself may be restarting
             time.sleep(0.5)
             continue
@@ -73,7 +73,7 @@ def wait_running(client, job_ids: list[str], stage: str, timeout_s: float = 60.0
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for job_id in job_ids:
-            view = client.get(f"/v1/jobs/{job_id}").json()
+            view = client.get(job_url(job_id)).json()
             if view["status"] == "running" and view["batch_sizes"][stage]:
                 return
         time.sleep(0.02)
@@ -94,7 +94,7 @@ def test_gpu_actor_killed_mid_batch(client, service, store_root):
 def test_retention_actor_killed_mid_purge(client, service, store_root):
     job_ids = submit_many(client, 4, kind="ai_photo")
     deadline = time.monotonic() + 120
-    while not any(client.get(f"/v1/jobs/{j}").json()["status"] == "succeeded" for j in job_ids):
+    while not any(client.get(job_url(j)).json()["status"] == "succeeded" for j in job_ids):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     os.kill(replica_pid("RetentionDeployment"), signal.SIGKILL)
@@ -188,7 +188,7 @@ def test_job_runner_killed_fails_only_the_jobs_it_held(client, service, store_ro
         assert len(set(holders.values())) == 2, holders  # Serve spread them over both
         victim = sorted(set(holders.values()))[0]
         doomed = [j for j, r in holders.items() if r == victim]
-        assert all(client.get(f"/v1/jobs/{j}").json()["status"] in ("queued", "running")
+        assert all(client.get(job_url(j)).json()["status"] in ("queued", "running")
                    for j in doomed)  # in flight at the kill
         os.kill(int(victim.split("-")[1]), signal.SIGKILL)
     finally:

@@ -16,7 +16,7 @@ from pipeline import crypto, keys
 from pipeline.privacy import PrivacyRequests, RequestKind
 from pipeline.pseudonyms import account_ref
 from serve.cli import main as cli
-from tests.integration.helpers import encode_image, submit, wait_finished
+from tests.integration.helpers import encode_image, job_url, submit, wait_finished
 
 pytestmark = [pytest.mark.integration, pytest.mark.privacy]
 PHOTO = encode_image(skimage.data.astronaut(), "PNG")
@@ -31,14 +31,14 @@ def _job(client, account: str) -> dict:
     return view
 
 
-def _deleted(client, receipt_id: str, timeout_s: float = 60.0) -> dict:
+def _deleted(client, receipt_url: str, timeout_s: float = 60.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        receipt = client.get(f"/v1/deletions/{receipt_id}").json()
+        receipt = client.get(receipt_url).json()
         if receipt["status"] == "complete":
             return receipt
         time.sleep(0.2)
-    raise AssertionError(f"deletion {receipt_id} did not complete")
+    raise AssertionError(f"deletion {receipt_url} did not complete")
 
 
 def test_the_export_lists_every_piece_held_and_nothing_of_another_account(client, store_root):
@@ -85,11 +85,11 @@ def test_under_13_deletes_everything_with_a_receipt_and_blocks_the_account(
     response = client.post(f"/v1/accounts/{child}/age-signal", json={"under_13": True})
 
     assert response.status_code == 202, response.text
-    receipt = _deleted(client, response.json()["receipt_id"])
+    receipt = _deleted(client, response.json()["receipt_url"])
     assert any(o["object_class"] == "output" for o in receipt["objects"])
     assert list(store_root.rglob(f"{output_id}.*")) == []
     assert client.get(f"/v1/accounts/{child}/outputs").json()["outputs"] == []
-    assert client.get(f"/v1/jobs/{view['job_id']}").status_code == 404
+    assert client.get(job_url(view["job_id"])).status_code == 404
     again = submit(client, [PHOTO], key=crypto.new_device_key(), kind="art_style",
                    style="watercolor", account_id=child)
     assert again.status_code == 403 and "under 13" in again.json()["detail"]

@@ -23,6 +23,7 @@ from tests.integration.helpers import (
     encode_image,
     files_under,
     find_needles,
+    job_url,
     jpeg_with_gps,
     key_header,
     redis_values,
@@ -60,7 +61,7 @@ def test_ai_photo_with_gps_jpeg_end_to_end(client, service, store_root, redis_cl
     response = submit(client, [upload], key=key, kind="ai_photo", style="portrait")
     assert response.status_code == 202, response.text
     body = response.json()
-    assert body["status_url"] == f"/v1/jobs/{body['job_id']}"
+    assert body["status_url"] == f"/v1/accounts/acct-1/jobs/{body['job_id']}"
 
     view = wait_finished(client, body["job_id"])
     assert view["status"] == "succeeded", view
@@ -169,7 +170,7 @@ def test_jobs_are_batched_by_key(client, store_root, redis_client):
 
 
 def test_unknown_job_is_404(client):
-    assert client.get("/v1/jobs/does-not-exist").status_code == 404
+    assert client.get("/v1/accounts/acct-1/jobs/does-not-exist").status_code == 404
 
 
 # -- bad input: a 4xx with a reason, and nothing stored or registered -----------------
@@ -316,10 +317,10 @@ def test_delete_account_removes_outputs_jobs_and_index(client, store_root):
     assert sum(o["object_class"] == "output" for o in receipt["objects"]) == 2
     assert client.get("/v1/accounts/acct-del-all/outputs").json()["outputs"] == []
     for view in views:
-        assert client.get(f"/v1/jobs/{view['job_id']}").status_code == 404
+        assert client.get(job_url(view["job_id"])).status_code == 404
         for output_id in view["output_ids"]:
             assert not list(store_root.rglob(f"{output_id}.*"))
-    assert client.get("/v1/deletions/not-a-receipt").status_code == 404
+    assert client.get("/v1/accounts/acct-del-all/deletions/not-a-receipt").status_code == 404
 
 
 def test_metrics_export_purge_lag_and_oldest_input(client):
@@ -354,7 +355,7 @@ def test_calls_without_the_api_token_are_refused_and_change_nothing(service, sto
                                data={"kind": "ai_photo", "style": "portrait",
                                      "account_id": "acct-1"})
         assert wrong.status_code == 401
-        for path in ("/v1/accounts/acct-1/outputs", "/v1/jobs/x", "/metrics"):
+        for path in ("/v1/accounts/acct-1/outputs", "/v1/accounts/acct-1/jobs/x", "/metrics"):
             assert anonymous.get(path).status_code == 401
         assert anonymous.delete("/v1/accounts/acct-1").status_code == 401
     assert _snapshot(store_root, redis_client) == before
@@ -488,3 +489,21 @@ def test_the_api_schema_and_docs_need_the_token_like_v1(service, client):
     document = client.get("/openapi.json")
     assert document.status_code == 200 and "/v1/jobs" in document.json()["paths"]
     assert client.get("/docs").status_code == 200
+
+
+def test_another_accounts_job_and_receipt_look_exactly_like_missing_ones(client):
+    view = _generate(client, "acct-scope-a")
+    job_id, output_id = view["job_id"], view["output_ids"][0]
+    mine = client.get(f"/v1/accounts/acct-scope-a/jobs/{job_id}")
+    assert mine.status_code == 200 and mine.json()["output_urls"][0].startswith(
+        "/v1/accounts/acct-scope-a/outputs/")
+    theirs = client.get(f"/v1/accounts/acct-scope-b/jobs/{job_id}")
+    missing = client.get("/v1/accounts/acct-scope-b/jobs/" + "0" * 32)
+    assert theirs.status_code == missing.status_code == 404
+    assert theirs.json()["error"] == missing.json()["error"] == "NotFound"
+    deletion = client.delete(f"/v1/accounts/acct-scope-a/outputs/{output_id}").json()
+    receipt_id = deletion["receipt_id"]
+    assert deletion["receipt_url"] == f"/v1/accounts/acct-scope-a/deletions/{receipt_id}"
+    assert client.get(deletion["receipt_url"]).status_code == 200
+    assert client.get(f"/v1/accounts/acct-scope-b/deletions/{receipt_id}").status_code == 404
+    assert receipt_id not in (job_id, f"purge-{job_id}")

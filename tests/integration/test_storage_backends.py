@@ -307,6 +307,9 @@ def test_service_refuses_to_start_on_a_bad_bucket(seaweed, tmp_path):
     config_dir.mkdir()
     for path in (load_settings.__globals__["CONFIG_DIR"]).glob("*.yaml"):
         (config_dir / path.name).write_text(path.read_text())
+    service_yaml = (config_dir / "service.yaml").read_text()  # cloud stores need a token
+    (config_dir / "service.yaml").write_text(
+        service_yaml.replace("api_token_env: null", "api_token_env: EPHEMERA_API_TOKEN"))
     (config_dir / "storage.yaml").write_text(
         f"inputs: s3\noutputs: s3\ns3:\n  bucket: {bad}\n  region: us-east-1\n"
         f"  endpoint_url: {seaweed.endpoint}\n  output_encryption: none\n")

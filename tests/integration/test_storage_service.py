@@ -23,6 +23,7 @@ import skimage.data
 from pipeline import crypto
 from pipeline.config import CONFIG_DIR
 from pipeline.redis_server import free_port
+from tests.integration.conftest import API_TOKEN, API_TOKEN_ENV
 from tests.integration.helpers import encode_image, submit, wait_finished
 from tests.integration.object_servers import FAKE_AWS_ENV, make_gcs_bucket, make_s3_bucket
 
@@ -43,6 +44,8 @@ def cloud_service(tmp_path, seaweed, gcs_emulator, redis_server):
     service_yaml = service_yaml.replace("redis_url: null", f"redis_url: {redis_server.url[:-2]}/6")
     service_yaml = service_yaml.replace("http_port: 0", f"http_port: {port}")
     service_yaml = service_yaml.replace("ray_object_store_mb: null", "ray_object_store_mb: 150")
+    # Cloud stores: the service refuses to run without its API token (fail closed).
+    service_yaml = service_yaml.replace("api_token_env: null", f"api_token_env: {API_TOKEN_ENV}")
     (configs / "service.yaml").write_text(service_yaml)
     models_yaml = (configs / "models.yaml").read_text()
     models_yaml = models_yaml.replace("diffusion_model_dir: models/tiny-sd",
@@ -63,7 +66,7 @@ gcs:
   buckets: {{us: {inputs_bucket}}}
   fallback_region: us
 """)
-    env = {**os.environ, **FAKE_AWS_ENV, "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, **FAKE_AWS_ENV, "RAY_AUTH_MODE": "disabled", API_TOKEN_ENV: API_TOKEN}
     log = (tmp_path / "serve.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "serve.cli", "--config-dir", str(configs), "serve",
@@ -95,7 +98,8 @@ def test_http_path_on_gcs_inputs_and_s3_outputs(cloud_service, seaweed, gcs_emul
     gcs, s3 = gcs_emulator.client(), seaweed.client()
     key = crypto.new_device_key()
     photo = encode_image(skimage.data.astronaut(), "JPEG")
-    with httpx.Client(base_url=base_url, timeout=120) as client:
+    with httpx.Client(base_url=base_url, timeout=120,
+                      headers={"Authorization": f"Bearer {API_TOKEN}"}) as client:
         views = []
         for kind, style in (("ai_photo", "portrait"), ("art_style", "comic")):
             response = submit(client, [photo], key=key, kind=kind, style=style,
