@@ -12,20 +12,17 @@ encodes the clip (MP4 or animated WebP) and a poster image, and runs the output 
 from __future__ import annotations
 
 import io
-import time
-import uuid
 from fractions import Fraction
 
 import numpy as np
 
-from pipeline import crypto
 from pipeline.config import Settings
 from pipeline.diffusion import GenerationParams
 from pipeline.ingest import decode_clean_png, encode_output
 from pipeline.jobs import JobStore
-from pipeline.records import ObjectClass, RetentionRecord, StageResult, WorkItem
-from pipeline.retention import deadline_for
-from pipeline.storage import StoreSet, key_from_uri, object_uri, work_key
+from pipeline.records import ObjectClass, StageResult, WorkItem
+from pipeline.retention import store_with_inputs
+from pipeline.storage import StoreSet
 from pipeline.video import decode_frames, encode_mp4, encode_webp
 
 MEDIA_TYPES = {"mp4": "video/mp4", "webp": "image/webp"}
@@ -74,19 +71,8 @@ def unpack_frames(data: bytes) -> np.ndarray:
 def store_chunk(stores: StoreSet, jobs: JobStore, item: WorkItem, frames: np.ndarray,
                 settings: Settings) -> str:
     """Generated frames of a chunk, encrypted beside the inputs (record first)."""
-    store, _ = stores.locate(item.input_uris[0])
-    uri = object_uri(store, work_key(item.job_id, uuid.uuid4().hex))
-    now = time.time()
-    jobs.ledger.register([RetentionRecord(
-        uri=uri, object_class=ObjectClass.WORK_DATA, account_id=item.account_id,
-        job_id=item.job_id, created_s=now,
-        deadline_s=deadline_for(ObjectClass.WORK_DATA, now, settings.retention),
-        provider=store.provider, region=store.region, bucket=store.bucket)])
-    store.put(key_from_uri(store, uri), crypto.encrypt(pack_frames(frames), item.device_key,
-                                                       uri=uri), customer_key=item.device_key)
-    if jobs.is_finished(item.job_id):
-        jobs.ledger.expedite_job(item.job_id, (ObjectClass.WORK_DATA,), time.time())
-    return uri
+    return store_with_inputs(stores, jobs, item, pack_frames(frames), ObjectClass.WORK_DATA,
+                             settings.retention)
 
 
 def encode_clip(frames: np.ndarray, fps: float, output_format: str,

@@ -9,16 +9,23 @@ so a crash at any point leaves the record for the next sweep.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 
-from pipeline import keys
+from pipeline import crypto, keys
 from pipeline.config import RetentionConfig
 from pipeline.errors import StorageError
 from pipeline.jobs import JobStore
 from pipeline.ledger import RetentionLedger
 from pipeline.pseudonyms import account_ref
 from pipeline.receipts import ReceiptLedger
-from pipeline.records import PURGED_WITH_INPUTS, DeletionReceipt, ObjectClass, RetentionRecord
+from pipeline.records import (
+    PURGED_WITH_INPUTS,
+    DeletionReceipt,
+    ObjectClass,
+    RetentionRecord,
+    WorkItem,
+)
 from pipeline.retry import backoff_s
 from pipeline.storage import (
     FACE_PREFIX,
@@ -29,7 +36,10 @@ from pipeline.storage import (
     ObjectStore,
     StoreSet,
     delete_verified,
+    face_key,
+    key_from_uri,
     object_uri,
+    work_key,
 )
 
 PURGED_ON_EVENT = PURGED_WITH_INPUTS
@@ -51,6 +61,28 @@ def deadline_for(object_class: ObjectClass, created_s: float, cfg: RetentionConf
     if object_class == ObjectClass.FACE_DATA:
         return created_s + cfg.face_data_ceiling_h * 3600.0
     return float("inf")
+
+
+def store_with_inputs(stores: StoreSet, jobs: JobStore, item: WorkItem, plain: bytes,
+                      object_class: ObjectClass, cfg: RetentionConfig) -> str:
+    """Store data derived from a job's inputs (face data, a clip's finished frames):
+    encrypted under the job's key, beside the inputs (same region), its retention record
+    written first. If the job ended meanwhile (its runner died, or it timed out), the
+    record is made due at once, so the sweep removes what no purge of the job will look for
+    any more. Returns the object's URI."""
+    store, _ = stores.locate(item.input_uris[0])
+    key_for = {ObjectClass.FACE_DATA: face_key, ObjectClass.WORK_DATA: work_key}[object_class]
+    uri = object_uri(store, key_for(item.job_id, uuid.uuid4().hex))
+    now = time.time()
+    jobs.ledger.register([RetentionRecord(
+        uri=uri, object_class=object_class, account_id=item.account_id, job_id=item.job_id,
+        created_s=now, deadline_s=deadline_for(object_class, now, cfg),
+        provider=store.provider, region=store.region, bucket=store.bucket)])
+    store.put(key_from_uri(store, uri), crypto.encrypt(plain, item.device_key, uri=uri),
+              customer_key=item.device_key)
+    if jobs.is_finished(item.job_id):
+        jobs.ledger.expedite_job(item.job_id, (object_class,), time.time())
+    return uri
 
 
 def purge_records(
@@ -189,15 +221,7 @@ def _reconcile_store(store: ObjectStore, stores: StoreSet, ledger: RetentionLedg
                 if rec.deadline_s <= now_s:
                     receipts += purge_records([rec], stores, ledger, owner=owner, cfg=cfg)
                 continue
-            try:
-                delete_verified(store, key)
-            except StorageError:
-                ledger.note_purge_failure()
-                continue
-            receipt = DeletionReceipt(uri=uri, object_class="orphan", job_id="",
-                                      deleted_at_s=time.time(), verified_gone=True)
-            chain.append(RECONCILE_RECEIPT_ID, receipt, account_id="", requested_s=now_s)
-            receipts.append(receipt)
+            receipts += _delete_orphan(store, key, "orphan", ledger, chain, now_s=now_s)
     receipts += _reconcile_outputs(store, ledger, chain, now_s=now_s)
     receipts += _expire_usage(store, chain, cfg=cfg, now_s=now_s)
     return receipts
@@ -214,16 +238,22 @@ def _reconcile_outputs(store: ObjectStore, ledger: RetentionLedger, chain: Recei
         uri = object_uri(store, key)
         if ledger.redis.exists(keys.output(output_id)) or ledger.get(uri) is not None:
             continue
-        try:
-            delete_verified(store, key)
-        except StorageError:
-            ledger.note_purge_failure()
-            continue
-        receipt = DeletionReceipt(uri=uri, object_class="orphan_output", job_id="",
-                                  deleted_at_s=time.time(), verified_gone=True)
-        chain.append(RECONCILE_RECEIPT_ID, receipt, account_id="", requested_s=now_s)
-        receipts.append(receipt)
+        receipts += _delete_orphan(store, key, "orphan_output", ledger, chain, now_s=now_s)
     return receipts
+
+
+def _delete_orphan(store: ObjectStore, key: str, object_class: str, ledger: RetentionLedger,
+                   chain: ReceiptLedger, *, now_s: float) -> list[DeletionReceipt]:
+    """Delete an object no record accounts for, verified, with a receipt ([] on failure)."""
+    try:
+        delete_verified(store, key)
+    except StorageError:
+        ledger.note_purge_failure()
+        return []
+    receipt = DeletionReceipt(uri=object_uri(store, key), object_class=object_class, job_id="",
+                              deleted_at_s=time.time(), verified_gone=True)
+    chain.append(RECONCILE_RECEIPT_ID, receipt, account_id="", requested_s=now_s)
+    return [receipt]
 
 
 def _expire_usage(store: ObjectStore, chain: ReceiptLedger, *, cfg: RetentionConfig,

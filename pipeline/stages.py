@@ -40,12 +40,11 @@ from pipeline.records import (
     StageResult,
     WorkItem,
 )
-from pipeline.retention import deadline_for
+from pipeline.retention import store_with_inputs
 from pipeline.storage import (
     ObjectStore,
     StoreSet,
     delete_verified,
-    face_key,
     key_from_uri,
     object_uri,
     output_key,
@@ -148,7 +147,8 @@ def face_stage(items: list[WorkItem], stores: StoreSet, jobs: JobStore,
             continue
         identity = mean_identity(per_job[item.job_id])
         try:
-            uri = _put_face_data(stores, jobs, item, identity.tobytes(), retention)
+            uri = store_with_inputs(stores, jobs, item, identity.tobytes(),
+                                    ObjectClass.FACE_DATA, retention)
         except StorageError:
             results[item.job_id] = StageResult(item.job_id, ok=False, retryable=True,
                                                reason="the object store is unavailable")
@@ -168,28 +168,6 @@ def face_failure_reason(file_index: int, rejection: FaceRejection | None) -> str
     }[problem]
     detail = rejection.detail if rejection else "no human face was found"
     return f"file {file_index}: {detail}; {advice}"
-
-
-def _put_face_data(stores: StoreSet, jobs: JobStore, item: WorkItem, plain: bytes,
-                   retention: RetentionConfig) -> str:
-    """Store face data encrypted, beside the job's inputs (same region), record first.
-
-    If the job ended meanwhile (its runner died, or it timed out), the record is made due
-    at once, so the sweep removes what no purge of the job will look for any more.
-    """
-    store, _ = stores.locate(item.input_uris[0])
-    uri = object_uri(store, face_key(item.job_id, uuid.uuid4().hex))
-    now = time.time()
-    jobs.ledger.register([RetentionRecord(
-        uri=uri, object_class=ObjectClass.FACE_DATA, account_id=item.account_id,
-        job_id=item.job_id, created_s=now,
-        deadline_s=deadline_for(ObjectClass.FACE_DATA, now, retention),
-        provider=store.provider, region=store.region, bucket=store.bucket)])
-    store.put(key_from_uri(store, uri), crypto.encrypt(plain, item.device_key, uri=uri),
-              customer_key=item.device_key)
-    if jobs.is_finished(item.job_id):
-        jobs.ledger.expedite_job(item.job_id, (ObjectClass.FACE_DATA,), time.time())
-    return uri
 
 
 def generation_params(item: WorkItem, settings: Settings) -> GenerationParams:
