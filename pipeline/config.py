@@ -92,6 +92,10 @@ class ServiceConfig(_Strict):
     retry_after_s: int = Field(
         5, gt=0, le=3600, description="Retry-After sent with 429 and 503 (service full)."
     )
+    idempotency_window_s: float = Field(
+        86400.0, gt=0, le=7 * 86400, description="How long a POST /v1/jobs Idempotency-Key "
+        "returns the job it first created."
+    )
     usage_flush_s: float = Field(
         10.0, gt=0, le=3600, description="Job runners write their usage events (Parquet, "
         "under usage/ in the outputs store) this often."

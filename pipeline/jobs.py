@@ -101,6 +101,18 @@ def _to_record(job_id: str, raw: dict) -> JobRecord:
         raise NotFound(f"job {job_id} not found") from None
 
 
+def _to_output(raw: dict, account_id: str) -> OutputRecord | None:
+    """An output hash as a record, or None if missing or another account's."""
+    d = {k.decode(): v.decode() for k, v in raw.items()}
+    if not d or d.get("account_id") != account_id:
+        return None
+    return OutputRecord(
+        output_id=d["output_id"], account_id=d["account_id"], job_id=d["job_id"], uri=d["uri"],
+        media_type=d["media_type"], created_s=float(d["created_s"]),
+        provider=d.get("provider", ""), region=d.get("region", ""), bucket=d.get("bucket", ""),
+        size_bytes=int(d.get("size_bytes") or 0))
+
+
 def _end_fields(*, ok: bool, reason: str, output_ids: tuple[str, ...],
                 now_s: float) -> dict[str, object]:
     fields: dict[str, object] = {"status": JobStatus.SUCCEEDED if ok else JobStatus.FAILED,
@@ -327,32 +339,37 @@ class JobStore:
 
     def get_output(self, account_id: str, output_id: str) -> OutputRecord:
         """An output of this account; another account's output is reported as not found."""
-        raw = self.redis.hgetall(keys.output(output_id))
-        d = {k.decode(): v.decode() for k, v in raw.items()}
-        if not d or d["account_id"] != account_id:
+        found = _to_output(self.redis.hgetall(keys.output(output_id)), account_id)
+        if found is None:
             raise NotFound(f"output {output_id} not found for this account")
-        return OutputRecord(
-            output_id=d["output_id"],
-            account_id=d["account_id"],
-            job_id=d["job_id"],
-            uri=d["uri"],
-            media_type=d["media_type"],
-            created_s=float(d["created_s"]),
-            provider=d.get("provider", ""),
-            region=d.get("region", ""),
-            bucket=d.get("bucket", ""),
-            size_bytes=int(d.get("size_bytes") or 0),
-        )
+        return found
 
     def list_outputs(self, account_id: str) -> list[OutputRecord]:
-        ids = [i.decode() for i in self.redis.zrange(keys.account_outputs(account_id), 0, -1)]
-        found = []
+        return self.page_outputs(account_id, limit=None)[0]
+
+    def page_outputs(self, account_id: str, *, limit: int | None, after: str | None = None
+                     ) -> tuple[list[OutputRecord], str | None]:
+        """The account's outputs, oldest first, ``limit`` at a time from after the output
+        id ``after``; returns them and the id to continue after (None at the end). Two
+        Redis round trips per page, whatever its size."""
+        index = keys.account_outputs(account_id)
+        start = 0
+        if after is not None:
+            rank = self.redis.zrank(index, after)
+            if rank is None:
+                raise InvalidUpload("cursor is unknown or its output was deleted; start "
+                                    "again without a cursor", problem="invalid")
+            start = rank + 1
+        stop = -1 if limit is None else start + limit  # one more: is there a next page?
+        ids = [i.decode() for i in self.redis.zrange(index, start, stop)]
+        more = limit is not None and len(ids) > limit
+        ids = ids[:limit] if limit is not None else ids
+        p = self.redis.pipeline(transaction=False)
         for output_id in ids:
-            try:
-                found.append(self.get_output(account_id, output_id))
-            except NotFound:  # deleted between the two reads
-                continue
-        return found
+            p.hgetall(keys.output(output_id))
+        records = [r for r in (_to_output(raw, account_id) for raw in p.execute())
+                   if r is not None]  # deleted between the two reads
+        return records, (ids[-1] if more and ids else None)
 
     def note_batch(self, job_ids: list[str], stage: Stage, *, cost_units: int,
                    max_cost_units: int) -> None:

@@ -128,3 +128,8 @@ def blocked_account(account_ref: str) -> str:
     """Permanent: the account belongs to a child under 13; no job is ever accepted. Keyed
     by the pseudonym, so the block outlives the account without keeping its id."""
     return f"eph:blocked:{account_ref}"
+
+
+def idempotency(account_ref: str, key: str) -> str:
+    """A POST /v1/jobs Idempotency-Key: the request digest and the job it created."""
+    return f"eph:idem:{account_ref}:{key}"

@@ -33,6 +33,7 @@ from pipeline.errors import (
     Unauthorized,
     Unavailable,
 )
+from pipeline.idempotency import Idempotency, body_digest, check_key
 from pipeline.ingest import declared_media
 from pipeline.intake import accept_job, check_account_id, check_job_request, withdraw_job
 from pipeline.jobs import JobStore
@@ -120,6 +121,15 @@ def _flag(body: dict, name: str) -> bool:
     if not isinstance(value, bool):
         raise InvalidUpload(f"{name} must be true or false", problem="invalid")
     return value
+
+
+def _accepted(account_id: str, job_id: str, *, replayed: bool) -> JSONResponse:
+    url = f"/v1/accounts/{account_id}/jobs/{job_id}"
+    return JSONResponse({"job_id": job_id, "status": "queued", "status_url": url,
+                         "replayed": replayed}, status_code=202, headers={"Location": url})
+
+
+MAX_PAGE = 1000
 
 
 def _text(value: object) -> str | None:
@@ -237,23 +247,36 @@ class ApiDeployment:
             resolution_px = int(resolution) if resolution not in (None, "") else None
         except (TypeError, ValueError):
             raise InvalidUpload("resolution_px must be an integer", problem="invalid") from None
+        idem_key = check_key(request.headers.get("idempotency-key"))
         job_request = await asyncio.to_thread(
             check_job_request, account_id=_text(form.get("account_id")),
             kind=_text(form.get("kind")), style=_text(form.get("style")),
             resolution_px=resolution_px, files=files, settings=self.settings,
             country=_text(form.get("country")), declared=declared)
+        account = job_request.account_id
+        digest = body_digest(account_id=account, kind=_text(form.get("kind")),
+                             style=_text(form.get("style")), resolution_px=resolution_px,
+                             country=_text(form.get("country")), files=files)
         del files, uploads
+        idempotency = Idempotency(self.redis, window_s=self.settings.service.idempotency_window_s)
+        if idem_key is not None:
+            first = await asyncio.to_thread(idempotency.claim, account, idem_key, digest)
+            if first is not None:  # a retry of a request that already made its job
+                return _accepted(account, first, replayed=True)
         # Shielded: a client that disconnects now must not leave a job registered but
         # never queued; the accept-and-submit step always runs to its end.
         try:
             job_id = await asyncio.shield(self._accept_and_submit(job_request, device_key))
-        except (TooManyJobs, ServiceFull) as exc:
-            exc.retry_after_s = self.settings.service.retry_after_s
-            count_rejection(http_status(exc))
+        except BaseException as exc:
+            if idem_key is not None:
+                await asyncio.to_thread(idempotency.release, account, idem_key)
+            if isinstance(exc, (TooManyJobs, ServiceFull)):
+                exc.retry_after_s = self.settings.service.retry_after_s
+                count_rejection(http_status(exc))
             raise
-        return JSONResponse({"job_id": job_id, "status": "queued",
-                             "status_url": f"/v1/accounts/{job_request.account_id}/jobs/{job_id}"},
-                            status_code=202)
+        if idem_key is not None:
+            await asyncio.to_thread(idempotency.complete, account, idem_key, digest, job_id)
+        return _accepted(account, job_id, replayed=False)
 
     async def _accept_and_submit(self, job_request, device_key: bytes) -> str:
         """Store the job, then hand it to a job runner. When every runner and this caller's
@@ -297,13 +320,18 @@ class ApiDeployment:
         return job_view(job, account_id)
 
     @app.get("/v1/accounts/{account_id}/outputs")
-    def list_outputs(self, request: Request, account_id: str) -> dict:
+    def list_outputs(self, request: Request, account_id: str, limit: int = 100,
+                     cursor: str | None = None) -> dict:
+        """Oldest first, ``limit`` (1-1000) per page; pass ``next_cursor`` back for more."""
         self._authorize(request)
         check_account_id(account_id)
-        outputs = self.jobs.list_outputs(account_id)
-        return {"account_id": account_id, "outputs": [
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidUpload(f"limit must be 1-{MAX_PAGE}", problem="invalid")
+        outputs, next_cursor = self.jobs.page_outputs(account_id, limit=limit, after=cursor)
+        return {"account_id": account_id, "next_cursor": next_cursor, "outputs": [
             {"output_id": o.output_id, "job_id": o.job_id, "media_type": o.media_type,
-             "created_s": o.created_s, "url": f"/v1/accounts/{account_id}/outputs/{o.output_id}"}
+             "created_s": o.created_s, "size_bytes": o.size_bytes,
+             "url": f"/v1/accounts/{account_id}/outputs/{o.output_id}"}
             for o in outputs]}
 
     def _find_output(self, request: Request, account_id: str, output_id: str):

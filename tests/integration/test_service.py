@@ -507,3 +507,41 @@ def test_another_accounts_job_and_receipt_look_exactly_like_missing_ones(client)
     assert client.get(deletion["receipt_url"]).status_code == 200
     assert client.get(f"/v1/accounts/acct-scope-b/deletions/{receipt_id}").status_code == 404
     assert receipt_id not in (job_id, f"purge-{job_id}")
+
+
+def test_a_retried_post_with_its_idempotency_key_returns_the_first_job(client, store_root):
+    key = crypto.new_device_key()
+    files = [("files", ("a.png", encode_image(ASTRONAUT, "PNG"), "image/png"))]
+    data = {"kind": "art_style", "style": "comic", "account_id": "acct-idem"}
+    headers = {**key_header(key), "Idempotency-Key": "retry-me-0001"}
+    first = client.post("/v1/jobs", files=files, data=data, headers=headers)
+    again = client.post("/v1/jobs", files=files, data=data, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert again.json()["job_id"] == first.json()["job_id"] and again.json()["replayed"]
+    assert first.headers["Location"] == first.json()["status_url"]
+    stored = [p for p in (store_root / "inputs" / first.json()["job_id"]).rglob("*") if p.is_file()]
+    assert len(stored) <= 1  # one encrypted copy, not two (or none: already purged)
+    other = client.post("/v1/jobs", files=files, data={**data, "style": "watercolor"},
+                        headers=headers)
+    assert other.status_code == 409 and "different request" in other.json()["detail"]
+    bad = client.post("/v1/jobs", files=files, data=data,
+                      headers={**key_header(key), "Idempotency-Key": "no spaces!"})
+    assert bad.status_code == 422
+
+
+def test_outputs_are_listed_a_page_at_a_time(client):
+    views = [_generate(client, "acct-pages") for _ in range(3)]
+    made = [o for v in views for o in v["output_ids"]]
+    seen, cursor = [], None
+    while True:
+        page = client.get("/v1/accounts/acct-pages/outputs",
+                          params={"limit": 2, **({"cursor": cursor} if cursor else {})}).json()
+        assert len(page["outputs"]) <= 2
+        seen += [o["output_id"] for o in page["outputs"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == made
+    assert client.get("/v1/accounts/acct-pages/outputs", params={"limit": 0}).status_code == 422
+    assert client.get("/v1/accounts/acct-pages/outputs",
+                      params={"cursor": "nope"}).status_code == 422
