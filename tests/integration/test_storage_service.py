@@ -110,8 +110,8 @@ def test_http_path_on_gcs_inputs_and_s3_outputs(cloud_service, seaweed, gcs_emul
         # Inputs and face data: verified gone from the GCS bucket.
         assert [b.name for b in gcs.list_blobs(inputs_bucket)] == []
         # Outputs: on S3, readable through the API and by a short-lived signed URL.
-        output_keys = [o["Key"] for o in s3.list_objects_v2(Bucket=outputs_bucket).get(
-            "Contents", [])]
+        output_keys = [o["Key"] for o in s3.list_objects_v2(
+            Bucket=outputs_bucket, Prefix="outputs/").get("Contents", [])]
         assert len(output_keys) == 2 and all(k.startswith("outputs/") for k in output_keys)
         first = views[0]["output_urls"][0]
         assert client.get(first).content[:4] == b"\x89PNG"
