@@ -137,9 +137,12 @@ def check_upload(data: bytes, *, index: int, limits: ServiceConfig) -> CleanImag
         if image_format != "HEIF":  # pillow-heif opens at the primary image; stay there
             image.seek(0)
         image.load()  # raises on truncated or corrupt data (LOAD_TRUNCATED_IMAGES is off)
+        broken = image_format in ("JPEG", "MPO") and padded_truncation(image)
         upright = ImageOps.exif_transpose(image)  # keep what the user saw, drop the tag
         pixels = to_rgb8(upright)
     except Exception:
+        broken = True
+    if broken:
         raise InvalidUpload(
             f"{where} is truncated or corrupt; upload the complete file", problem="invalid"
         ) from None
@@ -149,6 +152,19 @@ def check_upload(data: bytes, *, index: int, limits: ServiceConfig) -> CleanImag
         height_px=pixels.shape[0],
         source_format="JPEG" if image_format == "MPO" else image_format,
     )
+
+
+PADDING_ROWS = 8  # one MCU row
+
+
+def padded_truncation(image: Image.Image) -> bool:
+    """A baseline JPEG cut short with an end marker appended decodes without an error, its
+    missing rows filled with flat grey (128, 128, 128): refuse that, as a truncated file."""
+    width, height = image.size
+    if height <= PADDING_ROWS:
+        return False
+    bottom = np.asarray(image.crop((0, height - PADDING_ROWS, width, height)).convert("RGB"))
+    return bool((bottom == 128).all())
 
 
 def to_rgb8(image: Image.Image) -> np.ndarray:

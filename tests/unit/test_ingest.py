@@ -226,3 +226,13 @@ def test_only_the_allowed_decoders_run():
     with pytest.raises(InvalidUpload, match="not a readable image") as info:
         check_upload(tiff, index=1, limits=LIMITS)
     assert http_status(info.value) == 415
+
+
+@pytest.mark.parametrize("subsampling", [0, 2])
+def test_a_truncated_jpeg_padded_with_an_end_marker_is_refused(subsampling):
+    whole = encode(photo(512, 512), "JPEG", quality=90, subsampling=subsampling)
+    padded = whole[: len(whole) // 2] + b"\xff\xd9"
+    with pytest.raises(InvalidUpload, match="truncated") as info:
+        check_upload(padded, index=1, limits=LIMITS)
+    assert http_status(info.value) == 422
+    assert check_upload(whole, index=1, limits=LIMITS).height_px == 512
