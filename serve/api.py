@@ -17,6 +17,7 @@ import redis
 import starlette.formparsers
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from starlette.datastructures import UploadFile
@@ -58,10 +59,72 @@ starlette.formparsers.MultiPartParser.spool_max_size = 1 << 40
 
 log = logging.getLogger("ray.serve")
 
+class ErrorBody(BaseModel):
+    """Every 4xx and 5xx answer."""
+
+    error: str = Field(description="The error's type, e.g. InvalidUpload, NotFound.")
+    detail: str = Field(description="What went wrong and how to fix it; never echoes input.")
+
+
+class JobAccepted(BaseModel):
+    """202 to POST /v1/jobs."""
+
+    job_id: str
+    status: str = Field(description="queued")
+    status_url: str = Field(description="GET it for the job's status (also in Location)")
+    replayed: bool = Field(description="true: an Idempotency-Key retry of an earlier request")
+
+
+_ERRORS: dict[int | str, dict] = {
+    code: {"model": ErrorBody, "description": text} for code, text in (
+        (400, "malformed request"), (401, "missing or wrong API token"),
+        (403, "not allowed for this account"), (404, "not found for this account"),
+        (409, "conflict (account being deleted, Idempotency-Key reused)"),
+        (411, "Content-Length required"), (413, "too large"), (415, "unsupported media"),
+        (422, "invalid field or file"), (429, "too many unfinished jobs; see Retry-After"),
+        (503, "at capacity or a dependency is down; see Retry-After"))}
+
 # The interactive docs and the schema are served by the ingress below, behind the same
 # token as /v1 (FastAPI's own routes would be open to anyone).
 app = FastAPI(title="Ephemera", version="0.1.0", docs_url=None, redoc_url=None,
-              openapi_url=None)
+              openapi_url=None, responses=_ERRORS)
+
+_JOB_BODY = {
+    "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["files", "kind", "style", "account_id"],
+        "properties": {
+            "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                      "description": "1..max_files_per_job photos (JPEG, PNG, WebP, HEIC, "
+                                     "AVIF) or one video (MP4, MOV, WebM; art_style only)"},
+            "kind": {"type": "string", "enum": ["ai_photo", "art_style", "animate"]},
+            "style": {"type": "string", "description": "a style of configs/styles.yaml"},
+            "account_id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+            "resolution_px": {"type": "integer"},
+            "country": {"type": "string", "description": "ISO 3166 alpha-2"}}}}}},
+    "parameters": [
+        {"name": "X-Device-Key", "in": "header", "required": True,
+         "schema": {"type": "string"}, "description": "base64 of 32 random bytes held on the "
+         "user's device; never stored"},
+        {"name": "Idempotency-Key", "in": "header", "required": False,
+         "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{8,128}$"}}],
+}
+
+
+def openapi_document() -> dict:
+    """The API contract: every route, the multipart job body, the device-key header, the
+    bearer scheme and the {error, detail} body of every error. docs/openapi.json is this,
+    committed (a test keeps them equal)."""
+    from fastapi.openapi.utils import get_openapi
+
+    document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    document.setdefault("components", {})["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer",
+                   "description": "service.yaml api_token_env's token (the app backend's)"}}
+    for path, methods in document["paths"].items():
+        for operation in methods.values():
+            if path != "/healthz":
+                operation["security"] = [{"bearer": []}]
+    return document
 
 
 @app.exception_handler(redis.RedisError)
@@ -200,9 +263,7 @@ class ApiDeployment:
     @app.get("/openapi.json", include_in_schema=False)
     def openapi_document(self, request: Request) -> JSONResponse:
         self._authorize(request)
-        from fastapi.openapi.utils import get_openapi
-
-        return JSONResponse(get_openapi(title=app.title, version=app.version, routes=app.routes))
+        return JSONResponse(openapi_document())
 
     @app.get("/docs", include_in_schema=False)
     def docs(self, request: Request):
@@ -222,7 +283,9 @@ class ApiDeployment:
         return Response(render_prometheus(service_metrics(self.jobs)),
                         media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/jobs", status_code=202)
+    @app.post("/v1/jobs", status_code=202, openapi_extra=_JOB_BODY, responses={202: {
+        "model": JobAccepted, "description": "accepted; stored encrypted and queued",
+        "headers": {"Location": {"schema": {"type": "string"}}}}})
     async def create_job(self, request: Request) -> JSONResponse:
         self._authorize(request)
         if "content-length" not in request.headers:  # a chunked body could be unbounded

@@ -20,6 +20,7 @@
   ephemera models convert-ip-adapter SRC.bin DEST.safetensors
                                                        a published .bin adapter as safetensors
   ephemera config check [--config-dir DIR]             validate the YAML files and exit
+  ephemera openapi [--out FILE]                        the API contract (docs/openapi.json)
 """
 
 from __future__ import annotations
@@ -265,6 +266,19 @@ def _models_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _openapi(args: argparse.Namespace) -> int:
+    import json
+
+    from serve.api import openapi_document
+
+    text = json.dumps(openapi_document(), indent=1, sort_keys=True) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ephemera", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -343,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("src")
     convert.add_argument("dest")
     convert.set_defaults(func=_models_convert)
+    openapi = sub.add_parser("openapi", help="print or write the OpenAPI document")
+    openapi.add_argument("--out", help="file to write (default: stdout)")
+    openapi.set_defaults(func=_openapi)
     config = sub.add_parser("config", help="configuration")
     config_sub = config.add_subparsers(dest="action", required=True)
     config_sub.add_parser("check", parents=[common], help="validate configs").set_defaults(

@@ -545,3 +545,11 @@ def test_outputs_are_listed_a_page_at_a_time(client):
     assert client.get("/v1/accounts/acct-pages/outputs", params={"limit": 0}).status_code == 422
     assert client.get("/v1/accounts/acct-pages/outputs",
                       params={"cursor": "nope"}).status_code == 422
+
+
+def test_the_running_service_serves_the_committed_contract(client):
+    import json
+
+    committed = json.loads((Path(__file__).resolve().parents[2] / "docs" / "openapi.json")
+                           .read_text())
+    assert client.get("/openapi.json").json() == committed

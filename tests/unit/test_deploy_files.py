@@ -125,3 +125,23 @@ def test_the_image_keeps_media_and_environments_out():
     for pattern in (".venv", "data", "out", "models", "**/*.jpg", "**/*.mp4"):
         assert pattern in ignore
     assert os.path.exists(ROOT / "configs" / "deploy" / "Dockerfile")
+
+
+def test_the_committed_openapi_document_is_the_api(tmp_path):
+    """docs/openapi.json is what the code declares: regenerate it with
+    `ephemera openapi --out docs/openapi.json` after changing a route."""
+    import json
+
+    from serve.api import openapi_document
+
+    committed = json.loads((ROOT / "docs" / "openapi.json").read_text())
+    assert committed == json.loads(json.dumps(openapi_document()))
+    job = committed["paths"]["/v1/jobs"]["post"]
+    assert "multipart/form-data" in job["requestBody"]["content"]
+    assert {p["name"] for p in job["parameters"]} >= {"X-Device-Key", "Idempotency-Key"}
+    assert committed["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    for path, methods in committed["paths"].items():
+        for operation in methods.values():
+            for code in ("404", "422", "503"):
+                schema = operation["responses"][code]["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (path, code)
