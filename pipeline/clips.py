@@ -20,7 +20,7 @@ from pipeline.config import Settings
 from pipeline.diffusion import GenerationParams
 from pipeline.ingest import decode_clean_png, encode_output
 from pipeline.jobs import JobStore
-from pipeline.records import ObjectClass, StageResult, WorkItem
+from pipeline.records import ObjectClass, WorkItem
 from pipeline.retention import store_with_inputs
 from pipeline.storage import StoreSet
 from pipeline.video import decode_frames, encode_mp4, encode_webp
@@ -83,15 +83,3 @@ def encode_clip(frames: np.ndarray, fps: float, output_format: str,
     poster, poster_type = encode_output(frames[0], poster_format)
     return [(clip, MEDIA_TYPES[output_format], output_format),
             (poster, poster_type, poster_format)]
-
-
-def chunk_result(item: WorkItem, done: int, work_uri: str | None = None,
-                 output_ids: tuple[str, ...] = ()) -> StageResult:
-    return StageResult(item.job_id, ok=True, frames_done=done, work_uri=work_uri,
-                       output_ids=output_ids)
-
-
-def storage_failure(item: WorkItem) -> StageResult:
-    return StageResult(item.job_id, ok=False, retryable=True,
-                       reason="the object store is unavailable")
-

@@ -205,8 +205,9 @@ class ArcFaceEmbedder:
         providers = ["CPUExecutionProvider"]
         if runtime.device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
+        model_bytes = Path(path).read_bytes()  # read once: for the session and the graph
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = ort.InferenceSession(model_bytes, options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ModelError(f"face embedder {path} is not a loadable ONNX model ({exc})") from None
         self.providers = self.session.get_providers()
@@ -220,7 +221,7 @@ class ArcFaceEmbedder:
                              f"IP-Adapter-FaceID needs {EMBEDDING_DIM}-d ArcFace embeddings")
         self.input_name = inp.name
         # InsightFace's rule: a graph that starts by subtracting/scaling normalises itself.
-        first_ops = [node.op_type for node in _graph_nodes(path)[:8]]
+        first_ops = [node.op_type for node in _graph_nodes(model_bytes)[:8]]
         normalises = "Sub" in first_ops or "Mul" in first_ops
         self.mean, self.std = (0.0, 1.0) if normalises else (127.5, 127.5)
 
@@ -235,10 +236,10 @@ class ArcFaceEmbedder:
         return (vectors / norms).astype(np.float32)
 
 
-def _graph_nodes(path: Path) -> list:
+def _graph_nodes(model_bytes: bytes) -> list:
     import onnx
 
-    return list(onnx.load(str(path), load_external_data=False).graph.node)
+    return list(onnx.load_from_string(model_bytes).graph.node)
 
 
 def build_tiny_arcface(path: Path, *, seed: int = 0) -> None:

@@ -38,6 +38,11 @@ def check_secret() -> None:
                          "usage data")
 
 
+def keyed_id(purpose: str, value: str) -> str:
+    """32 hex characters, stable for one secret, underivable from ``value`` without it."""
+    return hmac.new(_secret(), f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
 def account_ref(account_id: str) -> str:
-    """The account's pseudonym: 32 hex characters, stable for one secret."""
-    return hmac.new(_secret(), f"account:{account_id}".encode(), hashlib.sha256).hexdigest()[:32]
+    """The account's pseudonym."""
+    return keyed_id("account", account_id)

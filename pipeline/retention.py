@@ -17,7 +17,7 @@ from pipeline.config import RetentionConfig
 from pipeline.errors import StorageError
 from pipeline.jobs import JobStore
 from pipeline.ledger import RetentionLedger
-from pipeline.pseudonyms import account_ref
+from pipeline.pseudonyms import keyed_id
 from pipeline.receipts import ReceiptLedger
 from pipeline.records import (
     PURGED_WITH_INPUTS,
@@ -51,7 +51,7 @@ def purge_receipt_id(job_id: str) -> str:
     """The receipt under which the service's own purges of a job's objects are chained:
     stable for the job (purges retried later join it), but keyed, so nobody can derive it
     from a job id."""
-    return "purge-" + account_ref(f"purge:{job_id}")
+    return "purge-" + keyed_id("purge", job_id)
 
 
 def deadline_for(object_class: ObjectClass, created_s: float, cfg: RetentionConfig) -> float:

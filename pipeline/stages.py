@@ -258,8 +258,8 @@ def clip_chunk_stage(item: WorkItem, stores: StoreSet, jobs: JobStore, generator
         return StageResult(item.job_id, ok=False, reason="the job already ended")
     try:
         if stop < item.num_frames:
-            return clips.chunk_result(item, stop, clips.store_chunk(stores, jobs, item, made,
-                                                                    settings))
+            work_uri = clips.store_chunk(stores, jobs, item, made, settings)
+            return StageResult(item.job_id, ok=True, frames_done=stop, work_uri=work_uri)
         blobs = clips.encode_clip(np.concatenate([*earlier, made]), item.fps,
                                   settings.service.video_output_format,
                                   settings.service.output_format)
@@ -268,8 +268,9 @@ def clip_chunk_stage(item: WorkItem, stores: StoreSet, jobs: JobStore, generator
         return StageResult(item.job_id, ok=False, reason="the job already ended")
     except StorageError as exc:
         log.warning("storing a clip failed: %s", exc)
-        return clips.storage_failure(item)
-    return clips.chunk_result(item, stop, output_ids=tuple(output_ids))
+        return StageResult(item.job_id, ok=False, retryable=True,
+                           reason="the object store is unavailable")
+    return StageResult(item.job_id, ok=True, frames_done=stop, output_ids=tuple(output_ids))
 
 
 class JobEnded(Exception):

@@ -459,7 +459,6 @@ class ApiDeployment:
         self._authorize(request)
         check_account_id(account_id)
         requests = PrivacyRequests(self.redis)
-        requests.settle_deletions()
         record = requests.open(RequestKind.KNOW, account_id)
         export = export_account(account_id, self.jobs, self.stores.outputs)
         requests.complete(record.request_id)

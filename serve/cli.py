@@ -289,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--config-dir", default=argparse.SUPPRESS, help="folder of YAML configs")
     cluster = argparse.ArgumentParser(add_help=False)
     cluster.add_argument("--address", default="auto", help="Ray cluster to join (default: auto)")
+    backends = argparse.ArgumentParser(add_help=False)  # commands working on Redis + store
+    backends.add_argument("--redis-url", help="overrides service.yaml redis_url")
+    backends.add_argument("--store-url", help="overrides service.yaml store_url")
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", parents=[common], help="run the service on local Ray")
     serve_p.add_argument("--workdir", default="data", help="embedded Redis data folder")
@@ -317,24 +320,18 @@ def main(argv: list[str] | None = None) -> int:
         ("reconcile", _reconcile, "delete stored inputs/face data with no live record"),
         ("verify-ledger", _verify_ledger, "check the deletion receipts' hash chain"),
     ):
-        action = retention_sub.add_parser(name, parents=[common], help=text)
-        action.add_argument("--redis-url", help="overrides service.yaml redis_url")
-        action.add_argument("--store-url", help="overrides service.yaml store_url")
-        action.set_defaults(func=func)
+        retention_sub.add_parser(name, parents=[common, backends], help=text).set_defaults(
+            func=func)
     privacy = sub.add_parser("privacy", help="users' privacy requests")
     privacy_sub = privacy.add_subparsers(dest="action", required=True)
-    report = privacy_sub.add_parser("report", parents=[common],
-                                    help="open requests and any past a deadline")
-    report.add_argument("--redis-url", help="overrides service.yaml redis_url")
-    report.add_argument("--store-url", help="overrides service.yaml store_url")
-    report.set_defaults(func=_privacy_report)
+    privacy_sub.add_parser("report", parents=[common, backends],
+                           help="open requests and any past a deadline").set_defaults(
+        func=_privacy_report)
     usage = sub.add_parser("usage", help="usage data")
     usage_sub = usage.add_subparsers(dest="action", required=True)
-    agg = usage_sub.add_parser("aggregate", parents=[common],
+    agg = usage_sub.add_parser("aggregate", parents=[common, backends],
                                help="de-identified aggregates for sharing (Parquet)")
     agg.add_argument("--out", required=True, help="the Parquet file to write")
-    agg.add_argument("--redis-url", help="overrides service.yaml redis_url")
-    agg.add_argument("--store-url", help="overrides service.yaml store_url")
     agg.set_defaults(func=_usage_aggregate)
     storage = sub.add_parser("storage", help="object stores")
     storage_sub = storage.add_subparsers(dest="action", required=True)
