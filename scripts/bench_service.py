@@ -118,7 +118,9 @@ def bench_settings(base: Settings, root: Path, name: str, batch: int) -> Setting
             "motion_adapter_dir": str(root / "models" / "tiny-motion-adapter"),
             "face_embedder_weights": str(root / "models" / "tiny-arcface.onnx"),
         }),
-        "batching": base.batching.model_copy(update={"face": stage, "diffusion": stage}),
+        "batching": base.batching.model_copy(update={
+            "face": stage, "diffusion": stage,
+            "video_chunk_frames": min(base.batching.video_chunk_frames, batch)}),
     })
 
 
