@@ -64,8 +64,10 @@ class Idempotency:
             raise InvalidUpload("this Idempotency-Key was used with a different request; use "
                                 "a new key for a new job", problem="conflict")
         if not first["job_id"]:
-            raise InvalidUpload("a request with this Idempotency-Key is still being handled; "
-                                "retry shortly", problem="conflict")
+            busy = InvalidUpload("a request with this Idempotency-Key is still being handled; "
+                                 "retry shortly", problem="conflict")
+            busy.retry_after_s = 1  # the API sends Retry-After: clients retry this 409
+            raise busy
         return str(first["job_id"])
 
     def complete(self, account_id: str, key: str, digest: str, job_id: str) -> None:

@@ -174,7 +174,7 @@ class JobStore:
                 p.multi()
                 p.hset(keys.job(job.job_id), mapping={k: _encode(v) for k, v in fields.items()})
                 p.sadd(keys.ACTIVE_JOBS, job.job_id)
-                p.sadd(keys.account_jobs(job.account_id), job.job_id)
+                p.zadd(keys.account_jobs(job.account_id), {job.job_id: job.created_s})
                 p.sadd(active, job.job_id)
                 self.ledger.register(records, pipe=p)
                 p.execute()
@@ -187,7 +187,7 @@ class JobStore:
         p.delete(keys.job(job_id))
         p.srem(keys.ACTIVE_JOBS, job_id)
         for rec in records:
-            p.srem(keys.account_jobs(rec.account_id), job_id)
+            p.zrem(keys.account_jobs(rec.account_id), job_id)
             p.srem(keys.account_active(rec.account_id), job_id)
         p.execute()
         for rec in records:
@@ -262,7 +262,7 @@ class JobStore:
             p.delete(keys.job(job_id))
             p.zrem(keys.PURGED_JOBS, job_id)
             if account:
-                p.srem(keys.account_jobs(account), job_id)
+                p.zrem(keys.account_jobs(account), job_id)
             p.execute()
         minimised = 0
         for job_id in (j.decode() for j in self.redis.zrangebyscore(
@@ -274,13 +274,14 @@ class JobStore:
             p.hdel(keys.job(job_id), *PERSONAL_JOB_FIELDS)
             p.hset(keys.job(job_id), mapping={"minimised_s": repr(now_s),
                                               "account_ref": account_ref(account)})
-            p.srem(keys.account_jobs(account), job_id)
+            p.zrem(keys.account_jobs(account), job_id)
             p.execute()
             minimised += 1
         return minimised, len(expired)
 
     def account_job_ids(self, account_id: str) -> list[str]:
-        return sorted(j.decode() for j in self.redis.smembers(keys.account_jobs(account_id)))
+        """Oldest first."""
+        return [j.decode() for j in self.redis.zrange(keys.account_jobs(account_id), 0, -1)]
 
     def account_of(self, job_id: str) -> str:
         """The job's account id, or "" once the job record is gone."""
@@ -296,7 +297,7 @@ class JobStore:
         p = self.redis.pipeline(transaction=True)
         p.delete(keys.job(job_id))
         p.srem(keys.ACTIVE_JOBS, job_id)
-        p.srem(keys.account_jobs(account_id), job_id)
+        p.zrem(keys.account_jobs(account_id), job_id)
         p.srem(keys.account_active(account_id), job_id)
         p.execute()
 
@@ -352,24 +353,46 @@ class JobStore:
         """The account's outputs, oldest first, ``limit`` at a time from after the output
         id ``after``; returns them and the id to continue after (None at the end). Two
         Redis round trips per page, whatever its size."""
-        index = keys.account_outputs(account_id)
+        ids, next_cursor = self._page(keys.account_outputs(account_id), limit, after, "output")
+        p = self.redis.pipeline(transaction=False)
+        for output_id in ids:
+            p.hgetall(keys.output(output_id))
+        records = [r for r in (_to_output(raw, account_id) for raw in p.execute())
+                   if r is not None]  # deleted between the two reads
+        return records, next_cursor
+
+    def page_jobs(self, account_id: str, *, limit: int, after: str | None = None
+                  ) -> tuple[list[JobRecord], str | None]:
+        """The account's job records, oldest first, paged like ``page_outputs``. A job
+        leaves the list when its record is minimised (``job_record_grace_s`` after its
+        purge); it can still be read by id until it expires."""
+        ids, next_cursor = self._page(keys.account_jobs(account_id), limit, after, "job")
+        p = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            p.hgetall(keys.job(job_id))
+        records = []
+        for job_id, raw in zip(ids, p.execute(), strict=True):
+            try:
+                records.append(_to_record(job_id, raw))
+            except NotFound:  # deleted between the two reads
+                continue
+        return records, next_cursor
+
+    def _page(self, index: str, limit: int | None, after: str | None, what: str
+              ) -> tuple[list[str], str | None]:
+        """Ids of a zset index, ``limit`` from after member ``after``, and the next cursor."""
         start = 0
         if after is not None:
             rank = self.redis.zrank(index, after)
             if rank is None:
-                raise InvalidUpload("cursor is unknown or its output was deleted; start "
+                raise InvalidUpload(f"cursor is unknown or its {what} was deleted; start "
                                     "again without a cursor", problem="invalid")
             start = rank + 1
         stop = -1 if limit is None else start + limit  # one more: is there a next page?
         ids = [i.decode() for i in self.redis.zrange(index, start, stop)]
         more = limit is not None and len(ids) > limit
         ids = ids[:limit] if limit is not None else ids
-        p = self.redis.pipeline(transaction=False)
-        for output_id in ids:
-            p.hgetall(keys.output(output_id))
-        records = [r for r in (_to_output(raw, account_id) for raw in p.execute())
-                   if r is not None]  # deleted between the two reads
-        return records, (ids[-1] if more and ids else None)
+        return ids, (ids[-1] if more and ids else None)
 
     def note_batch(self, job_ids: list[str], stage: Stage, *, cost_units: int,
                    max_cost_units: int) -> None:

@@ -32,7 +32,7 @@ def account_outputs(account_id: str) -> str:
 
 
 def account_jobs(account_id: str) -> str:
-    """Set of the account's job ids."""
+    """Zset job_id -> created_s: the account's jobs (until their records are minimised)."""
     return f"eph:acct:{account_id}:jobs"
 
 

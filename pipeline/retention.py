@@ -231,12 +231,15 @@ def _reconcile_outputs(store: ObjectStore, ledger: RetentionLedger, chain: Recei
                        now_s: float) -> list[DeletionReceipt]:
     """An output object with neither an index entry nor a pending record belongs to no one
     (a crash between writing and indexing, after the pending record was lost): delete it.
-    Never one in use: an output gets its pending record before it is written."""
+    Never one in use: an output gets its pending record before it is written, and indexing
+    swaps the pending record for the index entry in one MULTI. So the pending record is
+    read first: once it is gone, the index entry already exists (or the output was
+    deleted). Reading the index first could miss both, between the two reads."""
     receipts = []
     for key in store.list_keys(OUTPUT_PREFIX):
         output_id = key.rsplit("/", 1)[-1].split(".", 1)[0]
         uri = object_uri(store, key)
-        if ledger.redis.exists(keys.output(output_id)) or ledger.get(uri) is not None:
+        if ledger.get(uri) is not None or ledger.redis.exists(keys.output(output_id)):
             continue
         receipts += _delete_orphan(store, key, "orphan_output", ledger, chain, now_s=now_s)
     return receipts

@@ -16,7 +16,6 @@ bench-out/bench_retention.json.
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import json
 import shutil
@@ -28,7 +27,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import redis
 import skimage.data
 from PIL import Image
@@ -42,6 +40,7 @@ from pipeline.jobs import JobStore  # noqa: E402
 from pipeline.metrics import percentile  # noqa: E402
 from pipeline.records import JobRecord, JobStatus, ObjectClass, OutputRecord, RetentionRecord  # noqa: E402
 from pipeline.storage import object_uri, open_stores, output_key  # noqa: E402
+from serve.client import EphemeraClient  # noqa: E402
 from serve.launcher import start_service  # noqa: E402
 
 
@@ -62,16 +61,13 @@ def photo_jpeg() -> bytes:
     return buffer.getvalue()
 
 
-def purge_lags(client: httpx.Client, num_jobs: int) -> dict:
-    key = base64.b64encode(crypto.new_device_key()).decode()
+def purge_lags(api: EphemeraClient, num_jobs: int) -> dict:
+    key = crypto.new_device_key()
     photo = photo_jpeg()
 
     def post(_: int) -> str:
-        r = client.post("/v1/jobs", headers={"X-Device-Key": key},
-                        files=[("files", ("p.jpg", photo, "image/jpeg"))],
-                        data={"kind": "art_style", "style": "comic", "account_id": "bench"})
-        r.raise_for_status()
-        return r.json()["job_id"]
+        return api.submit_job([("p.jpg", photo)], device_key=key, kind="art_style",
+                              style="comic", account_id="bench").job_id
 
     started = time.monotonic()
     with ThreadPoolExecutor(8) as pool:
@@ -79,18 +75,18 @@ def purge_lags(client: httpx.Client, num_jobs: int) -> dict:
     pending, views = set(job_ids), {}
     while pending:
         for job_id in list(pending):
-            view = client.get(f"/v1/accounts/bench/jobs/{job_id}").json()
-            if view["inputs_purged_s"]:
+            view = api.get_job("bench", job_id)
+            if view.inputs_purged_s:
                 views[job_id] = view
                 pending.discard(job_id)
         time.sleep(0.2)
-    lags = [v["inputs_purged_s"] - v["finished_s"] for v in views.values()]
-    ok = sum(v["status"] == "succeeded" and v["num_inputs_purged_verified"] == v["num_inputs"]
+    lags = [v.inputs_purged_s - v.finished_s for v in views.values()]
+    ok = sum(v.status == "succeeded" and v.num_inputs_purged_verified == v.num_inputs
              for v in views.values())
-    problems = Counter(f"{v['status']}: {v['reason']} (purged {v['num_inputs_purged_verified']}"
-                       f"/{v['num_inputs']})" for v in views.values()
-                       if v["status"] != "succeeded"
-                       or v["num_inputs_purged_verified"] != v["num_inputs"])
+    problems = Counter(f"{v.status}: {v.reason} (purged {v.num_inputs_purged_verified}"
+                       f"/{v.num_inputs})" for v in views.values()
+                       if v.status != "succeeded"
+                       or v.num_inputs_purged_verified != v.num_inputs)
     return {"jobs": num_jobs, "succeeded_and_purged": ok, "problems": dict(problems),
             "burst_wall_s": time.monotonic() - started,
             "purge_lag_p50_s": percentile(lags, 50), "purge_lag_p99_s": percentile(lags, 99),
@@ -120,16 +116,16 @@ def seed_outputs(service, account: str, count: int) -> None:
     jobs.finish_job(job.job_id, ok=True)  # outputs are indexed while a job runs, as in the stage
 
 
-def account_deletion(client: httpx.Client, service, num_outputs: int) -> dict:
+def account_deletion(api: EphemeraClient, service, num_outputs: int) -> dict:
     account = "bench-heavy"
     seed_outputs(service, account, num_outputs)
     started = time.monotonic()
-    receipt_url = client.delete(f"/v1/accounts/{account}").json()["receipt_url"]
-    while (receipt := client.get(receipt_url).json())["status"] != "complete":
-        time.sleep(0.2)
+    receipt_id = api.delete_account(account).receipt_id
+    # No deadline, as before: polls every 0.2 s until the receipt is complete.
+    receipt = api.wait_deletion(account, receipt_id, timeout_s=float("inf"), poll_s=0.2)
     elapsed = time.monotonic() - started
-    verified = sum(o["result"] == "verified_gone" for o in receipt["objects"])
-    left = client.get(f"/v1/accounts/{account}/outputs").json()["outputs"]
+    verified = sum(o.result == "verified_gone" for o in receipt.objects)
+    left = api.list_outputs(account).outputs  # the first page, as before
     return {"outputs": num_outputs, "verified_gone": verified, "left_in_index": len(left),
             "elapsed_s": elapsed, "objects_per_s": verified / elapsed}
 
@@ -142,9 +138,9 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="ephemera-bench-"))
     try:
         with start_service(bench_settings(root), workdir=root / "work") as service, \
-                httpx.Client(base_url=service.base_url, timeout=120.0) as client:
-            lag = purge_lags(client, args.jobs)
-            deletion = account_deletion(client, service, args.outputs)
+                EphemeraClient(service.base_url, timeout_s=120.0) as api:
+            lag = purge_lags(api, args.jobs)
+            deletion = account_deletion(api, service, args.outputs)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"{'measure':<44}{'value':>12}")

@@ -35,7 +35,6 @@ importable, bench-out/bench_service.png.
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import json
 import shutil
@@ -48,7 +47,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import httpx
 import numpy as np
 import skimage.data
 from PIL import Image
@@ -58,6 +56,8 @@ sys.path.insert(0, str(REPO))
 
 from pipeline import crypto
 from pipeline.config import Settings, StageBatchConfig, load_settings
+from serve.client import NO_RETRIES, ApiError, EphemeraClient
+from serve.schemas import JobView
 
 OUT_DIR = REPO / "bench-out"
 STYLE_FOR_KIND = {"ai_photo": "portrait", "art_style": "watercolor"}
@@ -140,24 +140,22 @@ class JobSpec:
     kind: str
     style: str
     photo: bytes
-    headers: dict[str, str]
+    device_key: bytes  # raw; the client sends it base64-encoded in X-Device-Key
 
 
-def post_job(client: httpx.Client, spec: JobSpec) -> tuple[str, float, float]:
+def post_job(api: EphemeraClient, spec: JobSpec) -> tuple[str, float, float]:
     """Submit one job; returns its id and the wall-clock times the POST started and ended."""
     started = time.time()
-    response = client.post(
-        "/v1/jobs", headers=spec.headers,
-        files=[("files", ("astronaut.jpg", spec.photo, "image/jpeg"))],
-        data={"kind": spec.kind, "style": spec.style, "account_id": ACCOUNT},
-    )
-    if response.status_code != 202:
-        raise RuntimeError(f"submit failed: {response.status_code} {response.text}")
-    return response.json()["job_id"], started, time.time()
+    try:
+        accepted = api.submit_job([("astronaut.jpg", spec.photo)], device_key=spec.device_key,
+                                  kind=spec.kind, style=spec.style, account_id=ACCOUNT)
+    except ApiError as exc:
+        raise RuntimeError(f"submit failed: {exc}") from exc
+    return accepted.job_id, started, time.time()
 
 
-def wait_all(client: httpx.Client, job_ids: list[str], timeout_s: float = JOB_WAIT_S,
-             poll_s: float = 0.25) -> dict[str, dict]:
+def wait_all(api: EphemeraClient, job_ids: list[str], timeout_s: float = JOB_WAIT_S,
+             poll_s: float = 0.25) -> dict[str, JobView]:
     """Poll GET /v1/accounts/{a}/jobs/{id} until every job succeeded or failed; returns the views."""
     pending, done = set(job_ids), {}
     deadline = time.monotonic() + timeout_s
@@ -165,8 +163,8 @@ def wait_all(client: httpx.Client, job_ids: list[str], timeout_s: float = JOB_WA
         if time.monotonic() > deadline:
             raise TimeoutError(f"{len(pending)} jobs did not finish within {timeout_s} s")
         for job_id in list(pending):
-            view = client.get(f"/v1/accounts/{ACCOUNT}/jobs/{job_id}").json()
-            if view["status"] in ("succeeded", "failed"):
+            view = api.get_job(ACCOUNT, job_id)
+            if view.status.is_finished:
                 done[job_id] = view
                 pending.discard(job_id)
         if pending:
@@ -176,26 +174,27 @@ def wait_all(client: httpx.Client, job_ids: list[str], timeout_s: float = JOB_WA
 
 def measure_service(base_url: str, spec: JobSpec, jobs: int) -> tuple[dict, dict, float]:
     """One warm-up job, then ``jobs`` concurrent POSTs; returns views, POST starts, POST span."""
-    with httpx.Client(base_url=base_url, timeout=120.0) as client:
-        warm_id, _, _ = post_job(client, spec)
-        warm = wait_all(client, [warm_id])[warm_id]
-        if warm["status"] != "succeeded":
-            raise RuntimeError(f"warm-up job failed: {warm['reason']}")
+    # No retries: a refused POST fails the run, as before, instead of a backoff in the timing.
+    with EphemeraClient(base_url, retry=NO_RETRIES, timeout_s=120.0) as api:
+        warm_id, _, _ = post_job(api, spec)
+        warm = wait_all(api, [warm_id])[warm_id]
+        if warm.status != "succeeded":
+            raise RuntimeError(f"warm-up job failed: {warm.reason}")
         with ThreadPoolExecutor(max_workers=min(jobs, 16)) as pool:
-            posted = list(pool.map(lambda _: post_job(client, spec), range(jobs)))
+            posted = list(pool.map(lambda _: post_job(api, spec), range(jobs)))
         post_span = max(end for *_, end in posted) - min(start for _, start, _ in posted)
-        views = wait_all(client, [job_id for job_id, _, _ in posted])
+        views = wait_all(api, [job_id for job_id, _, _ in posted])
     return views, {job_id: start for job_id, start, _ in posted}, post_span
 
 
-def service_result(config: str, batch: int, views: dict, posted: dict,
+def service_result(config: str, batch: int, views: dict[str, JobView], posted: dict,
                    post_span: float) -> RunResult:
     first_post = min(posted.values())
-    ends = [v["succeeded_s"] or v["finished_s"] for v in views.values()]
-    failures = [v["reason"] or "failed" for v in views.values() if v["status"] != "succeeded"]
-    latencies = [v["succeeded_s"] - posted[j] for j, v in views.items()
-                 if v["status"] == "succeeded"]
-    sizes = {stage: dict(sorted(Counter(str(v["batch_sizes"][stage])
+    ends = [v.succeeded_s or v.finished_s for v in views.values()]
+    failures = [v.reason or "failed" for v in views.values() if v.status != "succeeded"]
+    latencies = [v.succeeded_s - posted[j] for j, v in views.items()
+                 if v.status == "succeeded"]
+    sizes = {stage: dict(sorted(Counter(str(getattr(v.batch_sizes, stage))
                                         for v in views.values()).items()))
              for stage in ("face", "diffusion")}
     return RunResult(config, len(views), batch, max(ends) - first_post, latencies, failures,
@@ -389,8 +388,7 @@ def main() -> int:
     started = time.monotonic()
     base = load_settings()  # once: every run uses the same configs
     root = Path(tempfile.mkdtemp(prefix="ephemera-bench-"))
-    key = base64.b64encode(crypto.new_device_key()).decode()
-    spec = JobSpec(args.kind, STYLE_FOR_KIND[args.kind], sample_photo(), {"X-Device-Key": key})
+    spec = JobSpec(args.kind, STYLE_FOR_KIND[args.kind], sample_photo(), crypto.new_device_key())
     try:
         ensure_tiny_models(bench_settings(base, root, "models", args.batch))
         results = [

@@ -17,7 +17,6 @@ and bench-out/bench_video.png.
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import json
 import statistics
@@ -27,7 +26,6 @@ import time
 import warnings
 from pathlib import Path
 
-import httpx
 import numpy as np
 import skimage.data
 from PIL import Image
@@ -37,6 +35,8 @@ sys.path.insert(0, str(REPO))
 
 from pipeline import crypto  # noqa: E402
 from pipeline.config import Settings, StageBatchConfig, load_settings  # noqa: E402
+from serve.client import NO_RETRIES, EphemeraClient  # noqa: E402
+from serve.schemas import JobView  # noqa: E402
 
 OUT = REPO / "bench-out"
 
@@ -108,48 +108,41 @@ def service_settings(base: Settings, root: Path, chunk: int) -> Settings:
     })
 
 
-def submit(client: httpx.Client, data: bytes, name: str, headers: dict) -> str:
-    response = client.post("/v1/jobs", headers=headers,
-                           files=[("files", (name, data, "application/octet-stream"))],
-                           data={"kind": "art_style", "style": "watercolor",
-                                 "account_id": "bench-video"})
-    response.raise_for_status()
-    return response.json()["job_id"]
+def submit(api: EphemeraClient, data: bytes, name: str, key: bytes) -> str:
+    return api.submit_job([(name, data)], device_key=key, kind="art_style",
+                          style="watercolor", account_id="bench-video").job_id
 
 
-def wait(client: httpx.Client, job_id: str) -> dict:
-    while True:
-        view = client.get(f"/v1/accounts/bench-video/jobs/{job_id}").json()
-        if view["status"] in ("succeeded", "failed"):
-            if view["status"] != "succeeded":
-                raise RuntimeError(f"job failed: {view['reason']}")
-            return view
-        time.sleep(0.05)
+def wait(api: EphemeraClient, job_id: str) -> JobView:
+    """Until the job ended (not until its inputs were purged); raises JobFailed if it failed."""
+    return api.wait_job("bench-video", job_id, poll_s=0.05, until_purged=False,
+                        raise_on_failure=True)
 
 
-def photo_latency(client: httpx.Client, headers: dict) -> float:
+def photo_latency(api: EphemeraClient, key: bytes) -> float:
     start = time.time()
-    view = wait(client, submit(client, astronaut_png(), "photo.png", headers))
-    return view["succeeded_s"] - start
+    view = wait(api, submit(api, astronaut_png(), "photo.png", key))
+    return view.succeeded_s - start
 
 
 def measure_service(root: Path, chunk: int, frames: int) -> dict[str, float]:
     from serve.launcher import start_service
 
     settings = service_settings(load_settings(), root, chunk)
-    headers = {"X-Device-Key": base64.b64encode(crypto.new_device_key()).decode()}
+    key = crypto.new_device_key()
     video = long_video(frames)
+    # No retries: a retried POST would put its backoff into the latency measured.
     with start_service(settings, workdir=root / "work") as service, \
-            httpx.Client(base_url=service.base_url, timeout=120) as client:
-        photo_latency(client, headers)  # warm-up
-        idle = statistics.median(photo_latency(client, headers) for _ in range(3))
+            EphemeraClient(service.base_url, retry=NO_RETRIES, timeout_s=120) as api:
+        photo_latency(api, key)  # warm-up
+        idle = statistics.median(photo_latency(api, key) for _ in range(3))
         start = time.time()
-        video_id = submit(client, video, "clip.mp4", headers)
+        video_id = submit(api, video, "clip.mp4", key)
         time.sleep(0.5)  # the video's first chunk is on the GPU
-        busy = photo_latency(client, headers)
-        video_view = wait(client, video_id)
+        busy = photo_latency(api, key)
+        video_view = wait(api, video_id)
     return {"photo idle s": idle, "photo during video s": busy,
-            "video s": video_view["succeeded_s"] - start}
+            "video s": video_view.succeeded_s - start}
 
 
 def write_plot(results: dict) -> Path:

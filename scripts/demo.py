@@ -1,5 +1,5 @@
 """End-to-end demo on the embedded default: local Ray, local Redis, local object store,
-tiny CPU models, real sample photos (scikit-image), all over HTTP.
+tiny CPU models, real sample photos (scikit-image), all over HTTP through the typed client (serve/client.py).
 
 Run:  make demo        (or: .venv/bin/python scripts/demo.py)
 
@@ -11,14 +11,12 @@ phone-style video with location tags and audio (both written here); saves output
 
 from __future__ import annotations
 
-import base64
 import io
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 import skimage.data
 from PIL import Image, ImageFilter
@@ -29,7 +27,10 @@ sys.path.insert(0, str(REPO))
 from pipeline import crypto  # noqa: E402
 from pipeline.config import load_settings  # noqa: E402
 from pipeline.storage import open_stores  # noqa: E402
+from serve.client import EphemeraClient  # noqa: E402
 from serve.launcher import start_service  # noqa: E402
+
+ACCOUNT = "demo-account"
 
 GPS_LATITUDE = (41.0, 0.0, 59.0)  # the demo's own tag, easy to search for
 
@@ -158,37 +159,34 @@ def main() -> int:
 
         jobs_redis = redis.Redis.from_url(service.settings.service.redis_url)
         key = crypto.new_device_key()
-        headers = {"X-Device-Key": base64.b64encode(key).decode()}
         jobs = demo_jobs()
-        with httpx.Client(base_url=service.base_url, timeout=60.0) as client:
+        with EphemeraClient(service.base_url) as api:
             for job in jobs:
-                files = [("files", f) for f in job.files]
-                data = {"kind": job.kind, "style": job.style, "account_id": "demo-account"}
-                response = client.post("/v1/jobs", files=files, data=data, headers=headers)
-                if response.status_code != 202:
-                    raise RuntimeError(f"submit failed: {response.status_code} {response.text}")
-                job.job_id = response.json()["job_id"]
+                accepted = api.submit_job([(name, data) for name, data, _ in job.files],
+                                          device_key=key, kind=job.kind, style=job.style,
+                                          account_id=ACCOUNT)
+                job.job_id = accepted.job_id
                 job.stripped = check_stored_inputs(stores, jobs_redis, job.job_id, key)
-            final = {job.job_id: wait_for(client, job.job_id) for job in jobs}
+            final = {job.job_id: api.wait_job(ACCOUNT, job.job_id, timeout_s=300.0)
+                     for job in jobs}
+            media_types = {o.output_id: o.media_type for o in api.iter_outputs(ACCOUNT)}
             rows, purged, total = [], 0, 0
             for job in jobs:
                 view = final[job.job_id]
                 saved = []
-                for n, url in enumerate(view["output_urls"]):
-                    r = client.get(url)
-                    r.raise_for_status()
-                    media_type = r.headers["content-type"]
+                for n, output_id in enumerate(view.output_ids):
+                    media_type = media_types[output_id]
                     path = out_dir / f"{job.job_id[:8]}-{job.kind}-{n}.{EXTENSIONS[media_type]}"
-                    path.write_bytes(r.content)
+                    path.write_bytes(api.download_output(ACCOUNT, output_id))
                     check_output(path, media_type)
                     saved.append(path.relative_to(REPO).as_posix())
                 gone = inputs_gone(stores, jobs_redis, job.job_id)
-                ok = gone and view["num_inputs_purged_verified"] == view["num_inputs"]
-                total += view["num_inputs"]
-                purged += view["num_inputs"] if ok else 0
-                lag = (view["inputs_purged_s"] - view["finished_s"]
-                       if view["inputs_purged_s"] and view["finished_s"] else None)
-                status = view["status"] + (f" ({view['reason']})" if view["reason"] else "")
+                ok = gone and view.num_inputs_purged_verified == view.num_inputs
+                total += view.num_inputs
+                purged += view.num_inputs if ok else 0
+                lag = (view.inputs_purged_s - view.finished_s
+                       if view.inputs_purged_s and view.finished_s else None)
+                status = view.status + (f" ({view.reason})" if view.reason else "")
                 rows.append((job.job_id[:8], f"{job.kind}/{job.style}", job.name, status,
                              ", ".join(saved) or "-", job.stripped,
                              "yes" if ok else "NO", f"{lag:.2f}" if lag is not None else "-"))
@@ -221,16 +219,6 @@ def inputs_gone(stores, jobs_redis, job_id: str) -> bool:
     leftovers = [k for store in stores.all() for prefix in ("inputs/", "face/", "work/")
                  for k in store.list_keys(f"{prefix}{job_id}/")]
     return not leftovers and not jobs_redis.scard(f"eph:ret:job:{job_id}")
-
-
-def wait_for(client: httpx.Client, job_id: str, timeout_s: float = 300.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        view = client.get(f"/v1/accounts/demo-account/jobs/{job_id}").json()
-        if view["status"] in ("succeeded", "failed") and view["inputs_purged_s"]:
-            return view
-        time.sleep(0.2)
-    raise TimeoutError(f"job {job_id} did not finish and purge within {timeout_s} s")
 
 
 RANDOM_WEIGHTS_NOTE = (

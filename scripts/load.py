@@ -24,7 +24,6 @@ prints the peak per process kind, to show memory stays bounded under overload. E
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import json
 import os
@@ -47,6 +46,8 @@ sys.path.insert(0, str(REPO))
 from pipeline import crypto
 from pipeline.config import PoolConfig, SimulatedGpuConfig, StageBatchConfig, load_settings
 from scripts.bench_scale import replica_pids
+from serve.client import NO_RETRIES, ApiError, EphemeraClient, job_call
+from serve.schemas import JobView
 
 OUT_DIR = REPO / "bench-out"
 DIFFUSION_REPLICAS = 2
@@ -123,10 +124,10 @@ def main() -> int:
     capacity = DIFFUSION_REPLICAS * BATCH_COST / (gpu.overhead_s + gpu.s_per_unit * BATCH_COST)
     rate = args.overload * capacity
     job_timeout_s = 60.0
-    key = {"X-Device-Key": base64.b64encode(crypto.new_device_key()).decode()}
+    key = crypto.new_device_key()
     data = photo()
     outcomes: dict[str, int] = defaultdict(int)
-    accepted: list[str] = []
+    accepted: list[tuple[str, str]] = []  # (account, job id)
     rss_peaks: dict[str, int] = defaultdict(int)
     rss_timeline: list[tuple[float, int]] = []
     lock = threading.Lock()
@@ -134,21 +135,24 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ephemera-load-") as tmp:
         root = Path(tmp)
         settings = load_settings_for(root, job_timeout_s)
+        # No retries: every answer is counted as it came (open loop), refusals included.
         with start_service(settings, workdir=root / "work") as service, \
                 httpx.Client(base_url=service.base_url, timeout=30,
-                             limits=httpx.Limits(max_connections=64)) as client:
+                             limits=httpx.Limits(max_connections=64)) as http, \
+                EphemeraClient(http=http, retry=NO_RETRIES) as api:
             def post(n: int) -> None:
+                account = f"load-{n % 50}"
+                call = job_call([("p.jpg", data)], device_key=key, kind="art_style",
+                                style="watercolor", account_id=account)
                 try:
-                    r = client.post("/v1/jobs", headers=key, files=[("files", ("p.jpg", data))],
-                                    data={"kind": "art_style", "style": "watercolor",
-                                          "account_id": f"load-{n % 50}"})
+                    r = api.send(call)
                     code = r.status_code
                 except httpx.HTTPError:
                     code = 0  # cut off (the ingress was killed mid-request)
                 with lock:
                     outcomes[str(code)] += 1
                     if code == 202:
-                        accepted.append(r.json()["status_url"])  # the job under its account
+                        accepted.append((account, call.parse(r).job_id))
 
             def sample_rss(t0: float) -> None:
                 kinds = rss_by_kind()
@@ -175,17 +179,17 @@ def main() -> int:
                         sample_rss(t0)
                         last_sample = time.time()
             print(f"load done in {time.time() - t0:.0f} s; killed {', '.join(killed)}", flush=True)
-            views: dict[str, dict] = {}
+            views: dict[str, JobView] = {}
             drain_deadline = time.time() + job_timeout_s * 3
             while time.time() < drain_deadline:
-                for job_id in accepted:
+                for account, job_id in accepted:
                     if job_id in views:
                         continue
                     try:
-                        view = client.get(job_id).json()
-                    except (httpx.HTTPError, ValueError):
+                        view = api.get_job(account, job_id)
+                    except (httpx.HTTPError, ApiError, ValueError):
                         continue
-                    if view.get("status") in ("succeeded", "failed") and view["inputs_purged_s"]:
+                    if view.status.is_finished and view.inputs_purged_s:
                         views[job_id] = view
                 if len(views) == len(accepted):
                     break
@@ -198,14 +202,14 @@ def main() -> int:
                 if not left:
                     break
                 time.sleep(1.0)
-    succeeded = sum(v["status"] == "succeeded" for v in views.values())
-    failed = sum(v["status"] == "failed" for v in views.values())
+    succeeded = sum(v.status == "succeeded" for v in views.values())
+    failed = sum(v.status == "failed" for v in views.values())
     rejected = sum(n for code, n in outcomes.items() if code != "202")
     lost = len(accepted) - len(views)
     reasons = defaultdict(int)
     for v in views.values():
-        if v["status"] == "failed":
-            reasons[v["reason"]] += 1
+        if v.status == "failed":
+            reasons[v.reason] += 1
     print(f"\nanswers: {dict(outcomes)}  (0: connection cut by the ingress kill)")
     print("failure reasons:", dict(reasons))
     print(f"\n{'process kind':<22} {'peak RSS MiB':>12}")

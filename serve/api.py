@@ -12,15 +12,17 @@ import hashlib
 import hmac
 import logging
 import os
+from typing import Annotated
 
 import redis
 import starlette.formparsers
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.config import Settings
 from pipeline.crypto import check_device_key
@@ -31,12 +33,11 @@ from pipeline.errors import (
     NotFound,
     ServiceFull,
     TooManyJobs,
-    Unauthorized,
     Unavailable,
 )
 from pipeline.idempotency import Idempotency, body_digest, check_key
 from pipeline.ingest import declared_media
-from pipeline.intake import accept_job, check_account_id, check_job_request, withdraw_job
+from pipeline.intake import ACCOUNT_ID_PATTERN, accept_job, check_job_request, withdraw_job
 from pipeline.jobs import JobStore
 from pipeline.metrics import render_prometheus, service_metrics
 from pipeline.privacy import (
@@ -51,6 +52,22 @@ from pipeline.receipts import ReceiptLedger
 from pipeline.records import JobRecord
 from pipeline.storage import open_stores
 from serve.errors import RETRY_LATER, http_status
+from serve.schemas import (
+    AgeSignalBody,
+    AgeSignalNoAction,
+    DeletionReceipt,
+    DeletionStarted,
+    ErrorBody,
+    Health,
+    JobAccepted,
+    JobsPage,
+    JobView,
+    OptOutBody,
+    OptOutResult,
+    OutputsPage,
+    PrivacyExport,
+    SignedUrl,
+)
 from serve.telemetry import count_rejection
 
 # Starlette spools uploads over 1 MiB to a temporary file on disk. Plaintext photos must
@@ -59,35 +76,38 @@ starlette.formparsers.MultiPartParser.spool_max_size = 1 << 40
 
 log = logging.getLogger("ray.serve")
 
-class ErrorBody(BaseModel):
-    """Every 4xx and 5xx answer."""
-
-    error: str = Field(description="The error's type, e.g. InvalidUpload, NotFound.")
-    detail: str = Field(description="What went wrong and how to fix it; never echoes input.")
-
-
-class JobAccepted(BaseModel):
-    """202 to POST /v1/jobs."""
-
-    job_id: str
-    status: str = Field(description="queued")
-    status_url: str = Field(description="GET it for the job's status (also in Location)")
-    replayed: bool = Field(description="true: an Idempotency-Key retry of an earlier request")
-
-
+_RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"},
+                                 "description": "seconds to wait before retrying"}}
 _ERRORS: dict[int | str, dict] = {
-    code: {"model": ErrorBody, "description": text} for code, text in (
+    code: {"model": ErrorBody, "description": text,
+           **({"headers": _RETRY_AFTER} if code in RETRY_LATER else {})} for code, text in (
         (400, "malformed request"), (401, "missing or wrong API token"),
         (403, "not allowed for this account"), (404, "not found for this account"),
-        (409, "conflict (account being deleted, Idempotency-Key reused)"),
+        (409, "conflict (account being deleted, Idempotency-Key reused; Retry-After while "
+              "the first request with the key is still being handled)"),
         (411, "Content-Length required"), (413, "too large"), (415, "unsupported media"),
         (422, "invalid field or file"), (429, "too many unfinished jobs; see Retry-After"),
         (503, "at capacity or a dependency is down; see Retry-After"))}
 
+
+
+def _declared_query_only(request: Request) -> None:
+    """A query parameter the route does not take is refused, not ignored: a typo such as
+    ``limt=5`` must not silently change what a client gets."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    if dependant is None:
+        return
+    known = {param.alias for param in dependant.query_params}
+    if set(request.query_params) - known:
+        takes = ", ".join(sorted(known)) or "none"
+        raise InvalidUpload(f"unknown query parameter; this route takes: {takes}",
+                            problem="invalid")
+
+
 # The interactive docs and the schema are served by the ingress below, behind the same
 # token as /v1 (FastAPI's own routes would be open to anyone).
 app = FastAPI(title="Ephemera", version="0.1.0", docs_url=None, redoc_url=None,
-              openapi_url=None, responses=_ERRORS)
+              openapi_url=None, responses=_ERRORS, dependencies=[Depends(_declared_query_only)])
 
 _JOB_BODY = {
     "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -127,19 +147,76 @@ def openapi_document() -> dict:
     return document
 
 
+def _retry_after_s() -> int:
+    return getattr(app.state, "retry_after_s", 1)
+
+
 @app.exception_handler(redis.RedisError)
 async def _redis_error(request: Request, exc: redis.RedisError) -> JSONResponse:
     return JSONResponse({"error": "Unavailable", "detail": "the job database is unavailable; "
-                         "try again shortly"}, status_code=503)
+                         "try again shortly"}, status_code=503,
+                        headers={"Retry-After": str(_retry_after_s())})
 
 
 @app.exception_handler(EphemeraError)
 async def _domain_error(request: Request, exc: EphemeraError) -> JSONResponse:
+    """{error, detail}; Retry-After on every 429 and 503, and on a 409 that asks for a retry."""
     status = http_status(exc)
-    headers = ({"Retry-After": str(exc.retry_after_s)}
-               if status in RETRY_LATER and exc.retry_after_s else None)
-    return JSONResponse({"error": type(exc).__name__, "detail": str(exc)},
-                        status_code=status, headers=headers)
+    retry_s = exc.retry_after_s or (_retry_after_s() if status in RETRY_LATER else None)
+    return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=status,
+                        headers={"Retry-After": str(retry_s)} if retry_s else None)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _routing_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """No such route (404) or method (405), in the same {error, detail} body. A 405 lists
+    every method the path takes: each method is its own route, so Starlette's Allow header
+    would name only the first one it matched."""
+    if exc.status_code == 405:
+        allowed = sorted({method for route in request.app.routes
+                          if getattr(route, "path_regex", None) is not None
+                          and route.path_regex.match(request.url.path)
+                          for method in (getattr(route, "methods", None) or ())})
+        return JSONResponse({"error": "MethodNotAllowed", "detail": "this path takes "
+                             + ", ".join(allowed)}, status_code=405,
+                            headers={"Allow": ", ".join(allowed)})
+    error = {404: "NotFound"}.get(exc.status_code, "HTTPError")
+    return JSONResponse({"error": error, "detail": str(exc.detail)}, status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid_field(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A query, path or JSON field FastAPI refused: the same {error, detail} as ours, naming
+    the field but never echoing its value; a body that is not JSON at all is a 400."""
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return JSONResponse({"error": "InvalidUpload", "detail": "body must be a JSON object"},
+                            status_code=400)
+    detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}"
+                       for e in errors[:5])
+    return JSONResponse({"error": "InvalidUpload", "detail": detail}, status_code=422)
+
+
+_OPEN_PATHS = frozenset({"/healthz"})  # a load balancer's probe: says only "ok"
+
+
+@app.middleware("http")
+async def _require_token(request: Request, call_next):
+    """The app backend authenticates users; it authenticates itself with a bearer token.
+    Checked before anything else reads the request (body, path or query), on every route
+    but /healthz, /docs and /openapi.json included. Fails closed: a replica whose settings
+    were never read refuses everything."""
+    if request.url.path not in _OPEN_PATHS:
+        expected = getattr(app.state, "api_token_sha256", b"")
+        if expected is not None:
+            header = request.headers.get("authorization", "")
+            sent = header[len("Bearer "):] if header.startswith("Bearer ") else ""
+            digest = hashlib.sha256(sent.encode()).digest()
+            if not sent or not expected or not hmac.compare_digest(digest, expected):
+                return JSONResponse({"error": "Unauthorized", "detail": "missing or wrong API "
+                                     "token; send Authorization: Bearer <token>"}, status_code=401)
+    return await call_next(request)
 
 
 HANDOFF_CONFIRM_S = 2.0  # wait this long to learn whether a runner took the job
@@ -169,23 +246,6 @@ def _expected_token_digest(settings: Settings) -> bytes | None:
     return hashlib.sha256(token.encode()).digest()
 
 
-async def _json_body(request: Request) -> dict:
-    try:
-        body = await request.json()
-    except Exception:
-        raise InvalidUpload("body must be a JSON object", problem="malformed") from None
-    if not isinstance(body, dict):
-        raise InvalidUpload("body must be a JSON object", problem="malformed")
-    return body
-
-
-def _flag(body: dict, name: str) -> bool:
-    value = body.get(name)
-    if not isinstance(value, bool):
-        raise InvalidUpload(f"{name} must be true or false", problem="invalid")
-    return value
-
-
 def _accepted(account_id: str, job_id: str, *, replayed: bool) -> JSONResponse:
     url = f"/v1/accounts/{account_id}/jobs/{job_id}"
     return JSONResponse({"job_id": job_id, "status": "queued", "status_url": url,
@@ -193,6 +253,9 @@ def _accepted(account_id: str, job_id: str, *, replayed: bool) -> JSONResponse:
 
 
 MAX_PAGE = 1000
+AccountId = Annotated[str, Path(pattern=f"^{ACCOUNT_ID_PATTERN.pattern}$",
+                                description="the app's account id (never shown to others)")]
+PageLimit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="items per page")]
 
 
 def _text(value: object) -> str | None:
@@ -211,8 +274,8 @@ def job_view(job: JobRecord, account_id: str) -> dict:
     return {
         "job_id": job.job_id,
         "status": job.status,
-        "kind": job.kind,
-        "style": job.style,
+        "kind": job.kind or None,
+        "style": job.style or None,
         "resolution_px": job.resolution_px,
         "reason": job.reason or None,
         "num_inputs": len(job.input_uris),
@@ -246,40 +309,35 @@ class ApiDeployment:
         limits = settings.service
         self.max_request_bytes = max(limits.max_files_per_job * limits.max_file_bytes,
                                      limits.max_video_bytes) + (1 << 20)
-        self._token_sha256 = _expected_token_digest(settings)
+        # Read by the module's middleware and error handlers (one ingress per process).
+        # Through the imported module: Serve ships this class by value, with copies of the
+        # globals it names, so a bare `app` here would be a copy the middleware never sees.
+        import serve.api as module
+
+        module.app.state.api_token_sha256 = _expected_token_digest(settings)
+        module.app.state.retry_after_s = settings.service.retry_after_s
         if settings.production_markers:  # real users: pseudonyms need a real secret
             check_secret()
 
-    def _authorize(self, request: Request) -> None:
-        """The app backend authenticates users; it authenticates itself with a bearer token."""
-        if self._token_sha256 is None:
-            return
-        header = request.headers.get("authorization", "")
-        sent = header[len("Bearer "):] if header.startswith("Bearer ") else ""
-        digest = hashlib.sha256(sent.encode()).digest()
-        if not sent or not hmac.compare_digest(digest, self._token_sha256):
-            raise Unauthorized("missing or wrong API token; send Authorization: Bearer <token>")
-
     @app.get("/openapi.json", include_in_schema=False)
-    def openapi_document(self, request: Request) -> JSONResponse:
-        self._authorize(request)
+    def openapi_document(self) -> JSONResponse:
         return JSONResponse(openapi_document())
 
     @app.get("/docs", include_in_schema=False)
-    def docs(self, request: Request):
-        self._authorize(request)
+    def docs(self):
         from fastapi.openapi.docs import get_swagger_ui_html
 
         return get_swagger_ui_html(openapi_url="/openapi.json", title="Ephemera API")
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health)
     def healthz(self) -> dict:
         self.redis.ping()
         return {"status": "ok"}
 
-    @app.get("/metrics")
-    def metrics(self, request: Request) -> Response:
-        self._authorize(request)
+    @app.get("/metrics", response_class=Response, responses={200: {
+        "description": "Prometheus text exposition of the service's gauges",
+        "content": {"text/plain": {"schema": {"type": "string"}}}}})
+    def metrics(self) -> Response:
         return Response(render_prometheus(service_metrics(self.jobs)),
                         media_type="text/plain; version=0.0.4")
 
@@ -287,10 +345,13 @@ class ApiDeployment:
         "model": JobAccepted, "description": "accepted; stored encrypted and queued",
         "headers": {"Location": {"schema": {"type": "string"}}}}})
     async def create_job(self, request: Request) -> JSONResponse:
-        self._authorize(request)
         if "content-length" not in request.headers:  # a chunked body could be unbounded
             raise InvalidUpload("send the upload with a Content-Length header", problem="length_required")
-        declared = int(request.headers["content-length"])
+        try:
+            declared = int(request.headers["content-length"])
+        except ValueError:
+            raise InvalidUpload("Content-Length must be a number of bytes",
+                                problem="malformed") from None
         if declared > self.max_request_bytes:
             raise InvalidUpload(
                 f"request is {declared} bytes, over the limit of {self.max_request_bytes}",
@@ -369,11 +430,19 @@ class ApiDeployment:
         task.add_done_callback(self._handed_off.discard)
         return job.job_id
 
-    @app.get("/v1/accounts/{account_id}/jobs/{job_id}")
-    def get_job(self, request: Request, account_id: str, job_id: str) -> dict:
+    @app.get("/v1/accounts/{account_id}/jobs", response_model=JobsPage)
+    def list_jobs(self, account_id: AccountId, limit: PageLimit = 100,
+                  cursor: str | None = None) -> dict:
+        """The account's jobs, oldest first; pass ``next_cursor`` back for more. A job
+        leaves the list when its record is minimised (``job_record_grace_s`` after its
+        inputs were purged); it can still be read by id until it expires."""
+        jobs, next_cursor = self.jobs.page_jobs(account_id, limit=limit, after=cursor)
+        return {"account_id": account_id, "next_cursor": next_cursor,
+                "jobs": [job_view(j, account_id) for j in jobs]}
+
+    @app.get("/v1/accounts/{account_id}/jobs/{job_id}", response_model=JobView)
+    def get_job(self, account_id: AccountId, job_id: str) -> dict:
         """Another account's job is reported exactly like a missing one."""
-        self._authorize(request)
-        check_account_id(account_id)
         try:
             job = self.jobs.get_job(job_id)
         except NotFound:
@@ -382,14 +451,10 @@ class ApiDeployment:
             raise NotFound(f"job {job_id} not found for this account")
         return job_view(job, account_id)
 
-    @app.get("/v1/accounts/{account_id}/outputs")
-    def list_outputs(self, request: Request, account_id: str, limit: int = 100,
+    @app.get("/v1/accounts/{account_id}/outputs", response_model=OutputsPage)
+    def list_outputs(self, account_id: AccountId, limit: PageLimit = 100,
                      cursor: str | None = None) -> dict:
         """Oldest first, ``limit`` (1-1000) per page; pass ``next_cursor`` back for more."""
-        self._authorize(request)
-        check_account_id(account_id)
-        if not 1 <= limit <= MAX_PAGE:
-            raise InvalidUpload(f"limit must be 1-{MAX_PAGE}", problem="invalid")
         outputs, next_cursor = self.jobs.page_outputs(account_id, limit=limit, after=cursor)
         return {"account_id": account_id, "next_cursor": next_cursor, "outputs": [
             {"output_id": o.output_id, "job_id": o.job_id, "media_type": o.media_type,
@@ -397,25 +462,27 @@ class ApiDeployment:
              "url": f"/v1/accounts/{account_id}/outputs/{o.output_id}"}
             for o in outputs]}
 
-    def _find_output(self, request: Request, account_id: str, output_id: str):
+    def _find_output(self, account_id: str, output_id: str):
         """The caller's output record, its store and key; NotFound for another account's."""
-        self._authorize(request)
-        check_account_id(account_id)
         out = self.jobs.get_output(account_id, output_id)
         store, key = self.stores.locate(out.uri)
         return out, store, key
 
-    @app.get("/v1/accounts/{account_id}/outputs/{output_id}")
-    def get_output(self, request: Request, account_id: str, output_id: str) -> Response:
-        out, store, key = self._find_output(request, account_id, output_id)
+    @app.get("/v1/accounts/{account_id}/outputs/{output_id}", response_class=Response,
+             responses={200: {"description": "the output's bytes; Cache-Control: private, "
+                              "no-store", "content": {media: {"schema": {
+                                  "type": "string", "format": "binary"}} for media in (
+                                  "image/png", "image/jpeg", "image/webp", "video/mp4")}}})
+    def get_output(self, account_id: AccountId, output_id: str) -> Response:
+        out, store, key = self._find_output(account_id, output_id)
         data = store.get(key)  # a store outage is a 503, not a 404
         return Response(content=data, media_type=out.media_type,
                         headers={"Cache-Control": "private, no-store"})
 
-    @app.get("/v1/accounts/{account_id}/outputs/{output_id}/url")
-    def get_output_url(self, request: Request, account_id: str, output_id: str) -> dict:
+    @app.get("/v1/accounts/{account_id}/outputs/{output_id}/url", response_model=SignedUrl)
+    def get_output_url(self, account_id: AccountId, output_id: str) -> dict:
         """A short-lived signed download URL, where the output store can sign one."""
-        _, store, key = self._find_output(request, account_id, output_id)
+        _, store, key = self._find_output(account_id, output_id)
         ttl_s = self.settings.storage.signed_url_ttl_s
         url = store.signed_url(key, ttl_s)
         if url is None:
@@ -423,24 +490,19 @@ class ApiDeployment:
                            f"/v1/accounts/{account_id}/outputs/{output_id}")
         return {"url": url, "expires_in_s": ttl_s}
 
-    @app.delete("/v1/accounts/{account_id}/outputs/{output_id}")
-    def delete_output(self, request: Request, account_id: str, output_id: str) -> dict:
+    @app.delete("/v1/accounts/{account_id}/outputs/{output_id}", response_model=DeletionStarted)
+    def delete_output(self, account_id: AccountId, output_id: str) -> dict:
         """Deleted and verified before this returns; the receipt lists the object."""
-        self._authorize(request)
-        check_account_id(account_id)
         receipt_id = delete_output(account_id, output_id, self.stores, self.jobs)
         return {"receipt_id": receipt_id, "status": "complete",
                 "receipt_url": f"/v1/accounts/{account_id}/deletions/{receipt_id}"}
 
-    @app.delete("/v1/accounts/{account_id}", status_code=202)
-    async def delete_account(self, request: Request, account_id: str) -> JSONResponse:
+    @app.delete("/v1/accounts/{account_id}", status_code=202, response_model=DeletionStarted)
+    async def delete_account(self, account_id: AccountId) -> dict:
         """Recorded durably at once, carried out by a retention actor within seconds."""
-        self._authorize(request)
-        check_account_id(account_id)
         receipt_id = await self._start_account_deletion(account_id, RequestKind.DELETE)
-        return JSONResponse({"receipt_id": receipt_id, "status": "pending",
-                             "receipt_url": f"/v1/accounts/{account_id}/deletions/{receipt_id}"},
-                            status_code=202)
+        return {"receipt_id": receipt_id, "status": "pending",
+                "receipt_url": f"/v1/accounts/{account_id}/deletions/{receipt_id}"}
 
     async def _start_account_deletion(self, account_id: str, kind: RequestKind) -> str:
         """A deletion as a privacy request: recorded, then carried out in the background."""
@@ -453,23 +515,19 @@ class ApiDeployment:
         task.add_done_callback(self._background.discard)
         return receipt_id
 
-    @app.get("/v1/accounts/{account_id}/privacy/export")
-    def export_account(self, request: Request, account_id: str) -> dict:
+    @app.get("/v1/accounts/{account_id}/privacy/export", response_model=PrivacyExport)
+    def export_account(self, account_id: AccountId) -> dict:
         """Right to know: every category and piece held for the account."""
-        self._authorize(request)
-        check_account_id(account_id)
         requests = PrivacyRequests(self.redis)
         record = requests.open(RequestKind.KNOW, account_id)
         export = export_account(account_id, self.jobs, self.stores.outputs)
         requests.complete(record.request_id)
         return export
 
-    @app.post("/v1/accounts/{account_id}/privacy/opt-out")
-    async def opt_out(self, request: Request, account_id: str) -> dict:
+    @app.post("/v1/accounts/{account_id}/privacy/opt-out", response_model=OptOutResult)
+    async def opt_out(self, account_id: AccountId, body: OptOutBody) -> dict:
         """Opt out of (or back into) sale and sharing: body {"opt_out": true|false}."""
-        self._authorize(request)
-        check_account_id(account_id)
-        opted_out = _flag(await _json_body(request), "opt_out")
+        opted_out = body.opt_out
         requests = PrivacyRequests(self.redis)
         kind = RequestKind.OPT_OUT if opted_out else RequestKind.OPT_IN
         record = await asyncio.to_thread(requests.open, kind, account_id)
@@ -478,13 +536,14 @@ class ApiDeployment:
         return {"account_id": account_id, "opted_out_of_sale_and_sharing": opted_out,
                 "request_id": record.request_id}
 
-    @app.post("/v1/accounts/{account_id}/age-signal")
-    async def age_signal(self, request: Request, account_id: str) -> JSONResponse:
+    @app.post("/v1/accounts/{account_id}/age-signal", status_code=202,
+              response_model=DeletionStarted,
+              responses={200: {"model": AgeSignalNoAction, "description": "under_13 false"}})
+    async def age_signal(self, account_id: AccountId,
+                         body: AgeSignalBody) -> JSONResponse:
         """{"under_13": true}: the account belongs to a child. Everything is deleted at
         once (with a receipt) and no job is accepted for the account again."""
-        self._authorize(request)
-        check_account_id(account_id)
-        if not _flag(await _json_body(request), "under_13"):
+        if not body.under_13:
             return JSONResponse({"account_id": account_id, "status": "no action"})
         await asyncio.to_thread(block_child_account, self.redis, account_id)
         receipt_id = await self._start_account_deletion(account_id, RequestKind.UNDER_13)
@@ -498,11 +557,9 @@ class ApiDeployment:
         except Exception:
             pass  # still pending in Redis: the retention actors' next round resumes it
 
-    @app.get("/v1/accounts/{account_id}/deletions/{receipt_id}")
-    def get_deletion(self, request: Request, account_id: str, receipt_id: str) -> dict:
+    @app.get("/v1/accounts/{account_id}/deletions/{receipt_id}", response_model=DeletionReceipt)
+    def get_deletion(self, account_id: AccountId, receipt_id: str) -> dict:
         """A deletion receipt of this account; another account's is reported as missing."""
-        self._authorize(request)
-        check_account_id(account_id)
         missing = NotFound(f"deletion receipt {receipt_id} not found for this account")
         try:
             receipt = ReceiptLedger(self.redis).get_request(receipt_id)

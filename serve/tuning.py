@@ -12,7 +12,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from pipeline.config import BatchingConfig, StageBatchConfig
+from pydantic import ValidationError
+
+from pipeline.config import BatchingConfig, Settings, StageBatchConfig, load_settings, resolve_path
 from serve.app import APP_NAME, DIFFUSION, FACE, RUNNER
 
 POOL_DEPLOYMENTS = {"face": FACE, "diffusion": DIFFUSION, "runner": RUNNER}
@@ -36,9 +38,28 @@ def tuned_config(deployed: dict[str, Any], pool: str, changes: dict[str, Any]) -
         entry["user_config"] = {k: merged[k] for k in keys}
     else:
         batching = StageBatchConfig.model_validate(merged)
+        _check_with_the_rest(config.get("args") or {}, pool, batching)
         entry["user_config"] = batching.model_dump()
         entry["max_ongoing_requests"] = batching.max_ongoing_requests
     return config
+
+
+def _check_with_the_rest(args: dict[str, Any], pool: str, batching: StageBatchConfig) -> None:
+    """The tuned pool against the settings the app runs with: a max_batch_cost below the
+    largest job or one video chunk would leave those jobs unrunnable, so it is refused
+    here as `ephemera` refuses it at start. Raises ValueError with the settings' reason."""
+    if "settings" in args:
+        settings = Settings.model_validate(args["settings"])
+    elif "config_dir" in args:
+        settings = load_settings(resolve_path(str(args["config_dir"])))
+    else:
+        return  # an app deployed without our args: only the pool's own bounds are known
+    tuned = settings.batching.model_copy(update={pool: batching})
+    try:
+        Settings.model_validate({**settings.model_dump(), "batching": tuned.model_dump()})
+    except ValidationError as exc:
+        reasons = "; ".join(str(e.get("msg", "")) for e in exc.errors())
+        raise ValueError(f"refused, the service could no longer run every job: {reasons}") from None
 
 
 def deployed_app_config(app_name: str = APP_NAME) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import redis
 from PIL import Image
+
+from serve.client import NO_RETRIES, EphemeraClient, job_call
 
 CAMERA_MODEL = b"LeakyCam GPS-9000"
 GPS_LATITUDE = (41.0, 0.0, 59.0)
@@ -38,14 +39,21 @@ def key_header(key: bytes) -> dict[str, str]:
 _ACCOUNT_OF: dict[str, str] = {}
 
 
+def api_over(client: httpx.Client) -> EphemeraClient:
+    """The typed client over the test's httpx client, with no retries: a test sees the
+    service's first answer."""
+    return EphemeraClient(http=client, retry=NO_RETRIES)
+
+
 def submit(client: httpx.Client, files: list[bytes], *, key: bytes, kind: str = "ai_photo",
            style: str = "portrait", account_id: str = "acct-1",
            names: list[str] | None = None) -> httpx.Response:
+    """POST /v1/jobs through the typed client (its multipart body, device-key header and
+    Idempotency-Key); the raw answer, so a test can assert a refusal's status."""
     names = names or [f"photo{i}.jpg" for i in range(len(files))]
-    parts = [("files", (name, data, "application/octet-stream"))
-             for name, data in zip(names, files, strict=True)]
-    response = client.post("/v1/jobs", files=parts, headers=key_header(key),
-                           data={"kind": kind, "style": style, "account_id": account_id})
+    call = job_call(list(zip(names, files, strict=True)), device_key=key, kind=kind,
+                    style=style, account_id=account_id)
+    response = api_over(client).send(call)
     if response.status_code == 202:
         _ACCOUNT_OF[response.json()["job_id"]] = account_id
     return response
@@ -57,15 +65,11 @@ def job_url(job_id: str) -> str:
 
 
 def wait_finished(client: httpx.Client, job_id: str, timeout_s: float = 180.0) -> dict:
-    """Poll until the job ended and its inputs were purged (or fail the test)."""
-    deadline = time.monotonic() + timeout_s
-    view: dict = {}
-    while time.monotonic() < deadline:
-        view = client.get(job_url(job_id)).json()
-        if view["status"] in ("succeeded", "failed") and view["inputs_purged_s"]:
-            return view
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not finish and purge in {timeout_s} s: {view}")
+    """Poll (the client's wait_job) until the job ended and its inputs were purged; the
+    job's view, validated against the API's model, as JSON."""
+    job = api_over(client).wait_job(_ACCOUNT_OF[job_id], job_id, timeout_s=timeout_s,
+                                    poll_s=0.1)
+    return job.model_dump(mode="json")
 
 
 def redis_values(client: redis.Redis) -> list[tuple[str, bytes]]:

@@ -38,7 +38,7 @@ def test_an_account_at_its_limit_is_refused_until_a_job_ends(jobs):
     first, second = new_job(jobs, limit=2), new_job(jobs, limit=2)
     with pytest.raises(TooManyJobs, match="2 unfinished"):
         new_job(jobs, limit=2)
-    assert jobs.redis.scard(keys.account_jobs("acct-j")) == 2  # the refused one left nothing
+    assert jobs.redis.zcard(keys.account_jobs("acct-j")) == 2  # the refused one left nothing
     jobs.finish_job(first.job_id, ok=True)
     new_job(jobs, limit=2)
     assert jobs.redis.scard(keys.account_active("acct-j")) == 2

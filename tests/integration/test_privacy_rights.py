@@ -16,7 +16,7 @@ from pipeline import crypto, keys
 from pipeline.privacy import PrivacyRequests, RequestKind
 from pipeline.pseudonyms import account_ref
 from serve.cli import main as cli
-from tests.integration.helpers import encode_image, job_url, submit, wait_finished
+from tests.integration.helpers import api_over, encode_image, job_url, submit, wait_finished
 
 pytestmark = [pytest.mark.integration, pytest.mark.privacy]
 PHOTO = encode_image(skimage.data.astronaut(), "PNG")
@@ -32,13 +32,10 @@ def _job(client, account: str) -> dict:
 
 
 def _deleted(client, receipt_url: str, timeout_s: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        receipt = client.get(receipt_url).json()
-        if receipt["status"] == "complete":
-            return receipt
-        time.sleep(0.2)
-    raise AssertionError(f"deletion {receipt_url} did not complete")
+    """The receipt once complete, through the client's wait_deletion."""
+    _, _, account, _, receipt_id = receipt_url.strip("/").split("/")
+    receipt = api_over(client).wait_deletion(account, receipt_id, timeout_s=timeout_s)
+    return receipt.model_dump(mode="json")
 
 
 def test_the_export_lists_every_piece_held_and_nothing_of_another_account(client, store_root):
@@ -139,7 +136,12 @@ def test_privacy_calls_refuse_a_bad_body(client):
     assert response.status_code == 422 and "under_13" in response.json()["detail"]
     response = client.post("/v1/accounts/acct-x/privacy/opt-out", content=b"[1]",
                            headers={"content-type": "application/json"})
-    assert response.status_code == 400
+    assert response.status_code == 422  # JSON, but not an object
+    response = client.post("/v1/accounts/acct-x/privacy/opt-out", content=b"{opt_out: 1",
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"] == "InvalidUpload"
+    response = client.post("/v1/accounts/acct-x/privacy/opt-out", json={"opt_out": 1})
+    assert response.status_code == 422  # a flag is a JSON boolean, not a number
 
 
 def test_usage_events_hold_no_personal_data_and_aggregates_honour_opt_outs(

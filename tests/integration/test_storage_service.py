@@ -24,7 +24,7 @@ from pipeline import crypto
 from pipeline.config import CONFIG_DIR
 from pipeline.redis_server import free_port
 from tests.integration.conftest import API_TOKEN, API_TOKEN_ENV
-from tests.integration.helpers import encode_image, submit, wait_finished
+from tests.integration.helpers import api_over, encode_image, submit, wait_finished
 from tests.integration.object_servers import FAKE_AWS_ENV, make_gcs_bucket, make_s3_bucket
 
 pytestmark = pytest.mark.storage
@@ -118,9 +118,6 @@ def test_http_path_on_gcs_inputs_and_s3_outputs(cloud_service, seaweed, gcs_emul
         signed = client.get(first + "/url").json()["url"]
         assert httpx.get(signed).content == client.get(first).content
         # Account deletion empties the S3 bucket of this account's outputs.
-        receipt_url = client.delete("/v1/accounts/acct-cloud").json()["receipt_url"]
-        deadline = time.monotonic() + 60
-        while client.get(receipt_url).json()["status"] != "complete":
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        receipt_id = client.delete("/v1/accounts/acct-cloud").json()["receipt_id"]
+        api_over(client).wait_deletion("acct-cloud", receipt_id)
     assert s3.list_objects_v2(Bucket=outputs_bucket).get("Contents", []) == []

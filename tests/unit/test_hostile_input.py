@@ -100,7 +100,8 @@ def test_account_ids_with_any_characters_are_validated_or_refused(text):
         assert check_account_id(text) == text
     except InvalidUpload as exc:
         assert http_status(exc) == 422
-        assert text not in str(exc) or text == ""  # never echoed back
+        if len(text) >= 4:  # shorter ones may occur in the fixed message by chance
+            assert text not in str(exc)  # never echoed back
         return
     assert all(c.isascii() and (c.isalnum() or c in "_-") for c in text)
     assert ".." not in text and "/" not in text

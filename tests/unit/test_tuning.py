@@ -54,6 +54,9 @@ def test_tune_of_the_runner_changes_its_retry_policy():
     ("face", {"max_batch_cost": 0}, "max_batch_cost"),
     ("face", {"max_batch_size": 4}, "max_batch_size"),
     ("runner", {"max_attempts": 99}, "max_attempts"),
+    # Valid for the pool alone, but a 4-photo job (service.yaml) could then never run.
+    ("face", {"max_batch_cost": 3}, "could no longer run every job.*largest job"),
+    ("diffusion", {"max_batch_cost": 1}, "could no longer run every job"),
 ])
 def test_a_bad_tune_is_refused_naming_the_problem(pool, changes, message):
     with pytest.raises(ValueError, match=message):
