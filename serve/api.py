@@ -107,7 +107,8 @@ def _declared_query_only(request: Request) -> None:
 # The interactive docs and the schema are served by the ingress below, behind the same
 # token as /v1 (FastAPI's own routes would be open to anyone).
 app = FastAPI(title="Ephemera", version="0.1.0", docs_url=None, redoc_url=None,
-              openapi_url=None, responses=_ERRORS, dependencies=[Depends(_declared_query_only)])
+              openapi_url=None, responses=_ERRORS, dependencies=[Depends(_declared_query_only)],
+              redirect_slashes=False)  # a trailing slash is a 404, not a redirect
 
 _JOB_BODY = {
     "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
