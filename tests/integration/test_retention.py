@@ -141,13 +141,15 @@ def test_reconciler_deletes_orphans_and_overdue_objects_only(store, jobs, privat
     live = make_job(store, jobs)
     orphan_key = input_key(uuid.uuid4().hex, "orphan")  # as after a crash lost its record
     store.put(orphan_key, b"ciphertext with no record")
+    orphan_face = face_key(uuid.uuid4().hex, "orphan")  # face data whose record was lost
+    store.put(orphan_face, b"an embedding with no record")
     overdue = make_job(store, jobs)
     for rec in jobs.ledger.records_for_job(overdue.job_id):
         jobs.ledger.redis.zadd(keys.RETENTION_DUE, {rec.uri: 0}, xx=True)
         jobs.ledger.redis.hset(keys.retention_record(rec.uri), "deadline_s", "0")
     receipts = reconcile(StoreSet.single(store), jobs.ledger, owner="t", cfg=CFG)
-    assert sum(r.object_class == "orphan" for r in receipts) == 1
-    assert not store.exists(orphan_key)
+    assert sum(r.object_class == "orphan" for r in receipts) == 2
+    assert not store.exists(orphan_key) and not store.exists(orphan_face)
     assert store.list_keys(f"inputs/{overdue.job_id}/") == []
     assert len(store.list_keys(f"inputs/{live.job_id}/")) == 2  # in use: untouched
     # A second pass finds nothing; the CLI runs the same pass.
@@ -300,3 +302,44 @@ def test_reconciler_deletes_orphan_outputs_and_expired_usage_with_receipts(store
     chain = [json.loads(e) for e in jobs.redis.lrange(keys.RECEIPT_CHAIN, 0, -1)]
     assert {e["object_class"] for e in chain} >= {"orphan_output", "usage_data"}
     assert verify_chain(jobs.redis) == []
+
+
+def test_a_stuck_jobs_inputs_and_face_data_are_gone_by_their_ceilings(store, jobs):
+    """A job that never leaves its stage (no runner ever finishes it). Its input and face
+    data get their deadlines from the configured ceilings when the service stores them
+    (accept_job, store_with_inputs: real records in Redis), and the sweep, run as the
+    retention actors run it, deletes both by those deadlines, verified, while the job is
+    still unfinished. Short ceilings: input 3 s, face data 2 s."""
+    from pipeline.config import load_settings
+    from pipeline.intake import accept_job, check_job_request
+    from pipeline.records import ObjectClass
+    from pipeline.retention import store_with_inputs, sweep_due
+    from tests.unit.factories import encode, photo
+
+    ceilings = CFG.model_copy(update={"input_ceiling_h": 3 / 3600, "face_data_ceiling_h": 2 / 3600,
+                                      "sweep_interval_s": 0.2})
+    settings = load_settings().model_copy(update={"retention": ceilings})
+    stores = StoreSet.single(store)
+    request = check_job_request(account_id="acct-stuck", kind="art_style", style="comic",
+                                resolution_px=None, files=[encode(photo(96, 96), "PNG")],
+                                settings=settings)
+    job, item = accept_job(request, crypto.new_device_key(), stores, jobs, settings)
+    face_uri = store_with_inputs(stores, jobs, item, b"\x01" * 2048, ObjectClass.FACE_DATA,
+                                 ceilings)
+    objects = {uri: key_from_uri(store, uri) for uri in (*job.input_uris, face_uri)}
+    ceiling_s = {uri: 3.0 for uri in job.input_uris} | {face_uri: 2.0}
+    records = {uri: jobs.ledger.get(uri) for uri in objects}
+    for uri, rec in records.items():  # what the service wrote, read back from Redis
+        assert rec is not None and rec.deadline_s - rec.created_s == pytest.approx(ceiling_s[uri])
+    gone_at: dict[str, float] = {}
+    while len(gone_at) < len(objects) and time.time() < job.created_s + 15:
+        sweep_due(stores, jobs.ledger, owner="retention-test", cfg=ceilings)
+        for uri, key in objects.items():
+            if uri not in gone_at and not store.exists(key):  # HEAD: 404
+                gone_at[uri] = time.time()
+        time.sleep(ceilings.sweep_interval_s)
+    assert set(gone_at) == set(objects), "an object outlived its ceiling"
+    for uri, when in gone_at.items():
+        assert when <= records[uri].created_s + ceiling_s[uri] + 1.0  # one sweep's slack
+        assert jobs.ledger.get(uri) is None
+    assert jobs.get_job(job.job_id).status == "queued"  # the ceiling alone removed them

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +29,7 @@ from tests.integration.helpers import (
     jpeg_with_gps,
     key_header,
     redis_values,
+    replica_pid,
     submit,
     wait_finished,
     windows,
@@ -122,6 +124,8 @@ def test_art_style_many_files_outputs_readable_from_any_device(client, store_roo
         fetched = client.get(url)
         assert fetched.status_code == 200
         assert _decodes(fetched.content).size == (64, 64)
+        # No proxy or browser may keep a copy of a user's picture.
+        assert fetched.headers["Cache-Control"] == "private, no-store"
     # Another account sees none of them.
     stranger = client.get(f"/v1/accounts/someone-else/outputs/{view['output_ids'][0]}")
     assert stranger.status_code == 404
@@ -536,3 +540,96 @@ def test_the_running_service_serves_the_committed_contract(client):
     committed = json.loads((Path(__file__).resolve().parents[2] / "docs" / "openapi.json")
                            .read_text())
     assert client.get("/openapi.json").json() == committed
+
+
+# -- promises the user can check -----------------------------------------------------------
+
+def test_a_stored_input_opens_with_the_header_key_and_with_no_other(client, redis_client,
+                                                                    service):
+    """Over HTTP: the object the service stores for an upload decrypts with the key the
+    request sent in X-Device-Key, and with no other key (another device's, all zeros)."""
+    from pipeline.errors import WrongKey
+    from pipeline.jobs import JobStore
+    from pipeline.storage import open_stores
+    from serve.tuning import retune
+
+    key, photo = crypto.new_device_key(), encode_image(ASTRONAUT, "PNG")
+    stores = open_stores(service.settings.storage)
+    retune("diffusion", {"max_wait_ms": 4000, "max_batch_cost": 64})  # the job waits a while
+    try:
+        response = submit(client, [photo], key=key, kind="art_style", style="comic",
+                          account_id="acct-keys")
+        assert response.status_code == 202, response.text
+        job = JobStore(redis_client).get_job(response.json()["job_id"])
+        [uri] = job.input_uris
+        store, object_key = stores.locate(uri)
+        blob = store.get(object_key, customer_key=key)
+        plain = crypto.decrypt(blob, key, uri=uri)
+        assert np.array_equal(np.asarray(_decodes(plain).convert("RGB")), ASTRONAUT)
+        for other in (crypto.new_device_key(), bytes(32)):
+            with pytest.raises(WrongKey):
+                crypto.decrypt(blob, other, uri=uri)
+    finally:
+        retune("diffusion", {"max_batch_cost": 8, "max_wait_ms": 400})
+    assert wait_finished(client, job.job_id)["status"] == "succeeded"
+
+
+def _file_fds(pid: int) -> set[str]:
+    """What the process has open that is a file (not a socket, pipe or anonymous inode)."""
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("/"):
+            found.add(f"{fd.name} -> {target}")
+    return found
+
+
+def test_a_large_upload_leaves_no_plaintext_on_disk_while_it_is_read(client, service,
+                                                                     store_root):
+    """An upload over 1 MiB (Starlette's spool limit) trickles in for a second while the
+    ingress replica's open files are watched: it opens no file but the object store's
+    (which writes ciphertext, checked elsewhere), so no plaintext touches a disk (a spooled
+    upload shows as an open temporary file)."""
+    import threading
+
+    rng = np.random.default_rng(3)
+    big = encode_image(rng.integers(0, 255, (700, 700, 3), dtype=np.uint8), "PNG")
+    assert len(big) > (1 << 20) * 1.2
+    boundary = "ephemera-test-boundary"
+    fields = {"kind": "art_style", "style": "comic", "account_id": "acct-big"}
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n'
+                    f"{v}\r\n".encode() for k, v in fields.items())
+    body += (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
+             f'filename="big.png"\r\nContent-Type: image/png\r\n\r\n').encode()
+    body += big + f"\r\n--{boundary}--\r\n".encode()
+
+    def trickle():
+        for start in range(0, len(body), 64 * 1024):
+            yield body[start:start + 64 * 1024]
+            time.sleep(0.04)
+
+    pid = replica_pid("ApiDeployment")
+    before, seen, done = _file_fds(pid), set(), threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.update(_file_fds(pid))
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        response = client.post("/v1/jobs", content=trickle(), headers={
+            **key_header(crypto.new_device_key()), "Content-Length": str(len(body)),
+            "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    finally:
+        done.set()
+        watcher.join()
+    assert response.status_code == 202, response.text
+    opened = {f for f in seen - before if str(store_root) not in f}
+    assert opened == set(), "the ingress opened files while reading the upload"
+    done_job = api_over(client).wait_job("acct-big", response.json()["job_id"], timeout_s=180)
+    assert done_job.status == "succeeded"
