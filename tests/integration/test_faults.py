@@ -81,24 +81,53 @@ def wait_running(client, job_ids: list[str], stage: str, timeout_s: float = 60.0
 
 
 def test_gpu_actor_killed_mid_batch(client, service, store_root):
+    """The kill provably hits a batch in flight: the replica is frozen (SIGSTOP) as soon as
+    a job entered its model call; a job still running a second later, with no output, was
+    inside the frozen batch (a stopped process delivers nothing). Then SIGKILL: that job
+    is retried on a new replica (its record counts the crashed attempt) and succeeds."""
     job_ids = submit_many(client, 4)
     wait_running(client, job_ids, "diffusion")
     killed = replica_pid("DiffusionDeployment")
-    os.kill(killed, signal.SIGKILL)
+    os.kill(killed, signal.SIGSTOP)
+    try:
+        time.sleep(1.0)
+        views = [client.get(job_url(j)).json() for j in job_ids]
+        in_flight = [v["job_id"] for v in views if v["status"] == "running"
+                     and v["batch_sizes"]["diffusion"] and not v["output_ids"]]
+    finally:
+        os.kill(killed, signal.SIGKILL)
+    assert in_flight, f"no batch was in flight when the replica stopped: {views}"
     views = wait_all_settled(client, job_ids)
     assert_clean(service, store_root, views)
+    retried = {v["job_id"]: v for v in views if v["job_id"] in in_flight}
+    assert all(v["status"] == "succeeded" and v["attempts"] >= 1 for v in retried.values()), \
+        retried
     # A new replica took over (Serve restarted it; the batch was retried on it).
     assert replica_pid("DiffusionDeployment") != killed
 
 
 def test_retention_actor_killed_mid_purge(client, service, store_root):
+    """The kill provably hits purges in flight: the (only) retention replica is frozen
+    (SIGSTOP) before the jobs end, so each succeeded job's purge call sits in it; a second
+    later its inputs are still stored. Then SIGKILL: the runners' retries and the sweep of
+    the restarted replica purge every input."""
     job_ids = submit_many(client, 4, kind="ai_photo")
-    deadline = time.monotonic() + 120
-    while not any(client.get(job_url(j)).json()["status"] == "succeeded" for j in job_ids):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    os.kill(replica_pid("RetentionDeployment"), signal.SIGKILL)
+    frozen = replica_pid("RetentionDeployment")
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 120
+        while not (done := [j for j in job_ids
+                            if client.get(job_url(j)).json()["status"] == "succeeded"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(1.0)
+        pending = [j for j in done if list((store_root / "inputs" / j).rglob("*.bin"))]
+        assert pending, "the inputs were purged without the retention replica"
+        assert all(client.get(job_url(j)).json()["inputs_purged_s"] is None for j in pending)
+    finally:
+        os.kill(frozen, signal.SIGKILL)
     assert_clean(service, store_root, wait_all_settled(client, job_ids))
+    assert replica_pid("RetentionDeployment") != frozen
 
 
 def test_redis_killed_and_restarted_mid_run(client, service, store_root, redis_server):

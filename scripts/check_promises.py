@@ -1,0 +1,266 @@
+"""Mutation check of the privacy promises: does some test fail when a promise breaks?
+
+Each mutation below is a one-line, privacy-breaking change (skip a deadline, keep a key,
+stop stripping, skip face data, widen a region, leave an object behind, disable
+verification, ...). One at a time, it is applied to a fresh copy of the repository (the
+files git tracks, plus uncommitted edits), and the tests that guard that promise run
+against the copy (PYTHONPATH points at it, so Ray workers import the mutated code too).
+A mutation is *caught* when those tests fail; the table names the first failing test.
+Every mutation must be caught: the script exits 1 if one survives.
+
+Run (outside CI; about 25 minutes on a 2-core machine, most of it starting Ray):
+
+    .venv/bin/python scripts/check_promises.py            # all
+    .venv/bin/python scripts/check_promises.py --only spool-to-disk,constant-key
+
+A baseline run of every selected test on the unmutated copy comes first: a test that
+fails without a mutation would "catch" everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = REPO / ".venv" / "bin" / "python"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    promise: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest node ids or files, relative to the repository
+
+
+T_SERVICE = "tests/integration/test_service.py"
+T_RETENTION = "tests/integration/test_retention.py"
+T_PRIVACY = "tests/integration/test_privacy_rights.py"
+
+MUTATIONS = [
+    Mutation("api-ignores-device-key", "an upload is encrypted with the key on the user's device",
+             "serve/api.py",
+             'device_key = check_device_key(request.headers.get("x-device-key"))',
+             'device_key = check_device_key(request.headers.get("x-device-key")) and bytes(32)',
+             (f"{T_SERVICE}::test_a_stored_input_opens_with_the_header_key_and_with_no_other",)),
+    Mutation("constant-key", "the stored object is unreadable without the device key",
+             "pipeline/crypto.py",
+             "    return _derive(device_key, _APP_INFO)",
+             "    return _derive(bytes(32), _APP_INFO)",
+             ("tests/unit/test_crypto.py",)),
+    Mutation("provider-holds-app-key", "the storage provider never holds the ciphertext's key",
+             "pipeline/crypto.py",
+             "    return _derive(device_key, _PROVIDER_INFO)",
+             "    return _derive(device_key, _APP_INFO)",
+             ("tests/unit/test_crypto.py",)),
+    Mutation("keep-photo-metadata", "metadata is stripped before anything is stored",
+             "pipeline/ingest.py",
+             "        png_bytes=encode_png(pixels),",
+             "        png_bytes=data,",
+             ("tests/unit/test_ingest.py", "tests/unit/test_media.py")),
+    Mutation("keep-video-tags", "video tags (location, make, audio) are stripped",
+             "pipeline/video.py",
+             "    return CleanVideo(mp4_bytes=encode_mp4(frames, fps),",
+             "    return CleanVideo(mp4_bytes=data,",
+             ("tests/unit/test_media.py",)),
+    Mutation("no-input-deadline", "inputs are deleted by the hard ceiling",
+             "pipeline/retention.py",
+             "        return created_s + cfg.input_ceiling_h * 3600.0",
+             '        return float("inf")',
+             (f"{T_RETENTION}::test_a_stuck_jobs_inputs_and_face_data_are_gone_by_their_ceilings",)),
+    Mutation("no-face-data-deadline", "face data is deleted by the hard ceiling",
+             "pipeline/retention.py",
+             "        return created_s + cfg.face_data_ceiling_h * 3600.0",
+             '        return float("inf")',
+             (f"{T_RETENTION}::test_a_stuck_jobs_inputs_and_face_data_are_gone_by_their_ceilings",)),
+    Mutation("reconciler-skips-face-data", "orphaned face data is found and deleted",
+             "pipeline/retention.py",
+             "    for prefix in (INPUT_PREFIX, FACE_PREFIX, WORK_PREFIX):",
+             "    for prefix in (INPUT_PREFIX, WORK_PREFIX):",
+             (f"{T_RETENTION}::test_reconciler_deletes_orphans_and_overdue_objects_only",)),
+    Mutation("reconciler-skips-outputs", "orphaned outputs are found and deleted",
+             "pipeline/retention.py",
+             "    receipts += _reconcile_outputs(store, ledger, chain, now_s=now_s)",
+             "    pass",
+             (f"{T_RETENTION}::test_reconciler_deletes_orphan_outputs_and_expired_usage_with_receipts",)),
+    Mutation("delete-leaves-object", "a deletion leaves no object behind",
+             "pipeline/storage.py",
+             "    store.delete(key)\n    if store.exists(key):",
+             "    pass\n    if False:",
+             ("tests/unit/test_storage.py",)),
+    Mutation("no-delete-verification", "every deletion is verified (HEAD 404) before a receipt",
+             "pipeline/storage.py",
+             "    if store.exists(key):\n        raise StorageError",
+             "    if False:\n        raise StorageError",
+             ("tests/unit/test_storage.py",)),
+    Mutation("aws-outside-us", "AWS storage stays in a US region",
+             "pipeline/config.py",
+             "        if self.region not in US_AWS_REGIONS:",
+             "        if not self.region:",
+             ("tests/unit/test_residency.py",)),
+    Mutation("ignore-country", "inputs live in the Google Cloud region closest to the user",
+             "pipeline/residency.py",
+             "    return cfg.country_regions.get(country, cfg.fallback_region)",
+             "    return cfg.fallback_region",
+             ("tests/unit/test_residency.py",)),
+    Mutation("delete-output-keeps-file", "deleting an output removes it promptly, verified",
+             "pipeline/deletion.py",
+             "    requested_s = time.time()\n    delete_verified(*stores.locate(out.uri))",
+             "    requested_s = time.time()\n    stores.locate(out.uri)",
+             (f"{T_RETENTION}::test_delete_output_is_verified_and_receipted",)),
+    Mutation("no-cache-control", "outputs are never cached by a proxy or browser",
+             "serve/api.py",
+             'headers={"Cache-Control": "private, no-store"})',
+             "headers={})",
+             (f"{T_SERVICE}::test_art_style_many_files_outputs_readable_from_any_device",)),
+    Mutation("spool-to-disk", "plaintext uploads never touch a disk",
+             "serve/api.py",
+             "starlette.formparsers.MultiPartParser.spool_max_size = 1 << 40",
+             "starlette.formparsers.MultiPartParser.spool_max_size = 1 << 20",
+             (f"{T_SERVICE}::test_a_large_upload_leaves_no_plaintext_on_disk_while_it_is_read",)),
+    Mutation("log-device-key", "a device key is never logged",
+             "serve/api.py",
+             "        device_key = check_device_key(request.headers.get(\"x-device-key\"))\n",
+             "        device_key = check_device_key(request.headers.get(\"x-device-key\"))\n"
+             "        log.warning(\"device key %s\", request.headers.get(\"x-device-key\"))\n",
+             (f"{T_PRIVACY}::test_media_keys_embeddings_gps_and_account_ids_are_nowhere_they_should_not_be",)),
+    Mutation("face-data-in-clear", "face data is stored only encrypted",
+             "pipeline/retention.py",
+             "    store.put(key_from_uri(store, uri), crypto.encrypt(plain, item.device_key, uri=uri),",
+             "    store.put(key_from_uri(store, uri), plain,",
+             ("tests/integration/test_stages.py::test_face_stage_stores_only_encrypted_face_data_then_purge_removes_it",)),
+    Mutation("minimised-record-keeps-account", "job records drop the account id after purge",
+             "pipeline/jobs.py",
+             'PERSONAL_JOB_FIELDS = ("account_id", "input_uris", "reason", "runner_id")',
+             'PERSONAL_JOB_FIELDS = ("input_uris", "reason", "runner_id")',
+             ("tests/integration/test_job_store.py::"
+              "test_a_purged_job_loses_its_personal_fields_after_the_grace_then_goes",)),
+    Mutation("usage-keeps-account-id", "usage data holds no personal data",
+             "serve/runner.py",
+             "day=day_of(now), account_ref=account_ref(item.account_id), kind=item.kind,",
+             "day=day_of(now), account_ref=item.account_id, kind=item.kind,",
+             (f"{T_PRIVACY}::test_usage_events_hold_no_personal_data_and_aggregates_honour_opt_outs",)),
+    Mutation("child-not-blocked", "a child's account accepts no job after an age signal",
+             "pipeline/privacy.py",
+             '    client.set(keys.blocked_account(account_ref(account_id)), "under_13")',
+             "    pass",
+             (f"{T_PRIVACY}::test_under_13_deletes_everything_with_a_receipt_and_blocks_the_account",)),
+    Mutation("opt-out-ignored", "opted-out accounts are left out of shared aggregates",
+             "pipeline/usage.py",
+             '        if row["account_ref"] in opted_out_refs:',
+             "        if False:",
+             ("tests/unit/test_usage.py",)),
+    Mutation("account-deletion-keeps-outputs", "deleting an account deletes every output",
+             "pipeline/deletion.py",
+             "    for out in jobs.list_outputs(account_id):\n        keep_lock()\n"
+             "        delete_verified(*stores.locate(out.uri))",
+             "    for out in jobs.list_outputs(account_id):\n        keep_lock()\n"
+             "        stores.locate(out.uri)",
+             (T_RETENTION,)),
+]
+
+
+def copy_repository(into: Path) -> None:
+    """The files git knows (tracked and untracked, not ignored), as they are now."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                             "--exclude-standard"], cwd=REPO, capture_output=True, check=True)
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        source = REPO / name
+        if source.is_file():
+            target = into / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+def apply(root: Path, mutation: Mutation) -> None:
+    path = root / mutation.path
+    text = path.read_text()
+    if text.count(mutation.old) != 1:
+        raise SystemExit(f"{mutation.name}: the code to mutate is not found exactly once in "
+                         f"{mutation.path}; update scripts/check_promises.py")
+    path.write_text(text.replace(mutation.old, mutation.new))
+
+
+def run_tests(root: Path, tests: tuple[str, ...], timeout_s: float) -> tuple[bool, str, float]:
+    """(passed, first failing test, seconds)."""
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
+    started = time.monotonic()
+    try:
+        run = subprocess.run([str(PYTHON), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                              "-o", "addopts=", *tests], cwd=root, env=env, capture_output=True,
+                             text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return False, "(timed out)", time.monotonic() - started
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", run.stdout, flags=re.M)
+    if run.returncode == 0:
+        return True, "", time.monotonic() - started
+    return False, (failed[0] if failed else f"(pytest exit {run.returncode})"), \
+        time.monotonic() - started
+
+
+def check_copy_is_imported(root: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    where = subprocess.run([str(PYTHON), "-c", "import pipeline; print(pipeline.__file__)"],
+                           cwd=root, env=env, capture_output=True, text=True, check=True)
+    if not where.stdout.strip().startswith(str(root)):
+        raise SystemExit(f"the copy is not what Python imports ({where.stdout.strip()})")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help="comma-separated mutation names")
+    parser.add_argument("--timeout-s", type=float, default=900.0, help="per test run")
+    parser.add_argument("--skip-baseline", action="store_true")
+    args = parser.parse_args()
+    chosen = MUTATIONS
+    if args.only:
+        names = set(args.only.split(","))
+        chosen = [m for m in MUTATIONS if m.name in names]
+        if unknown := names - {m.name for m in chosen}:
+            raise SystemExit(f"unknown mutation(s): {', '.join(sorted(unknown))}")
+    with tempfile.TemporaryDirectory(prefix="ephemera-promises-") as tmp:
+        pristine = Path(tmp) / "pristine"
+        copy_repository(pristine)
+        check_copy_is_imported(pristine)
+        if not args.skip_baseline:
+            tests = tuple(sorted({t for m in chosen for t in m.tests}))
+            ok, failing, seconds = run_tests(pristine, tests, args.timeout_s * 2)
+            print(f"baseline ({len(tests)} test selections, unmutated): "
+                  f"{'pass' if ok else 'FAIL ' + failing} in {seconds:.0f} s", flush=True)
+            if not ok:
+                return 1
+        rows = []
+        for mutation in chosen:
+            work = Path(tmp) / mutation.name
+            shutil.copytree(pristine, work)
+            apply(work, mutation)
+            passed, failing, seconds = run_tests(work, mutation.tests, args.timeout_s)
+            rows.append((mutation, not passed, failing, seconds))
+            verdict = f"caught by {failing}" if not passed else "SURVIVED"
+            print(f"  {mutation.name}: {verdict} ({seconds:.0f} s)", flush=True)
+            shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(f"{'mutation':31} {'promise':57} {'caught by (tests/...)':s} ({'s'})")
+    for mutation, caught, failing, seconds in rows:
+        where = failing.removeprefix("tests/") if caught else "NOT CAUGHT"
+        print(f"{mutation.name:31} {mutation.promise[:57]:57} {where} ({seconds:.0f})")
+    survivors = [m.name for m, caught, _, _ in rows if not caught]
+    print(f"\n{len(rows) - len(survivors)}/{len(rows)} mutations caught")
+    if survivors:
+        print("survived: " + ", ".join(survivors))
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
