@@ -206,8 +206,9 @@ def _recent_files(root: Path, since_s: float, max_bytes: int = 20 << 20) -> list
 
 def test_media_keys_embeddings_gps_and_account_ids_are_nowhere_they_should_not_be(
         client, service, store_root, redis_client, redis_server):
-    """Purpose limitation, checked: after a mixed workload (a GPS-tagged ai_photo, a tagged
-    phone video, an animation), scan Ray's logs, Redis (values and its AOF), the Parquet
+    """Purpose limitation, checked: after a mixed workload with failures (a GPS-tagged
+    ai_photo, a tagged phone video, an animation, a job that fails, an upload refused at
+    the door), scan Ray's logs, Redis (values and its AOF), the Parquet
     usage files, the object store, Ray's spill folder and every temporary file written
     meanwhile. Uploads, stripped media, device keys and GPS strings appear nowhere; raw
     account ids appear in no log, usage file, receipt or bucket key."""
@@ -230,14 +231,19 @@ def test_media_keys_embeddings_gps_and_account_ids_are_nowhere_they_should_not_b
     key = crypto.new_device_key()
     photo = jpeg_with_gps(skimage.data.astronaut())
     video = make_video(frames=10)
-    jobs = [(photo, "photo.jpg", "ai_photo", "portrait"), (video, "clip.mp4", "art_style",
-                                                              "watercolor"),
-            (PHOTO, "still.png", "animate", "living")]
-    for data, name, kind, style in jobs:
+    cat = jpeg_with_gps(skimage.data.chelsea())  # no human face: the job fails
+    jobs = [(photo, "photo.jpg", "ai_photo", "portrait", "succeeded"),
+            (video, "clip.mp4", "art_style", "watercolor", "succeeded"),
+            (PHOTO, "still.png", "animate", "living", "succeeded"),
+            (cat, "cat.jpg", "ai_photo", "portrait", "failed")]
+    for data, name, kind, style, outcome in jobs:
         response = submit(client, [data], key=key, kind=kind, style=style, account_id=account,
                           names=[name])
         assert response.status_code == 202, response.text
-        assert wait_finished(client, response.json()["job_id"])["status"] == "succeeded"
+        assert wait_finished(client, response.json()["job_id"])["status"] == outcome
+    truncated = photo[: len(photo) // 2]  # refused at the door, with its GPS header intact
+    refused = submit(client, [truncated], key=key, account_id=account, names=["cut.jpg"])
+    assert 400 <= refused.status_code < 500
     client.get(f"/v1/accounts/{account}/outputs")
     deleted = client.get(f"/v1/accounts/{account}/outputs").json()["outputs"][0]["output_id"]
     client.delete(f"/v1/accounts/{account}/outputs/{deleted}")
@@ -246,6 +252,7 @@ def test_media_keys_embeddings_gps_and_account_ids_are_nowhere_they_should_not_b
     secrets = {"key": key, "key-b64": base64.b64encode(key), "camera": CAMERA_MODEL,
                "location": LOCATION_TAG.encode(), "lat": b"48.8584"}
     secrets |= {f"photo-{i}": w for i, w in enumerate(windows(photo))}
+    secrets |= {f"cat-{i}": w for i, w in enumerate(windows(cat))}
     secrets |= {f"video-{i}": w for i, w in enumerate(windows(video, 32))}
     ray_logs = files_under(Path(_ray_logs()))
     spill = files_under(service.spill_dir) if service.spill_dir else []

@@ -425,7 +425,9 @@ def test_s3_5xx_and_timeouts_are_retried_with_backoff_then_fail_clearly(failing_
     store = S3ObjectStore(cfg, sleep=sleeps.append)
     with pytest.raises(StorageError, match="after 4 attempts"):
         store.put("inputs/j/x.bin", b"data")
-    assert _Always503.hits == 4 and len(sleeps) == 3 and all(s >= 0 for s in sleeps)
+    assert _Always503.hits == 4 and len(sleeps) == 3
+    # Full-jitter exponential backoff: each wait within its doubling cap.
+    assert all(0.0 <= s <= min(2.0, 0.05 * 2 ** n) for n, s in enumerate(sleeps)), sleeps
     closed = S3ObjectStore(S3Config(bucket="media", region="us-east-1", max_attempts=2,
                                     endpoint_url="http://127.0.0.1:9", timeout_s=1),
                            sleep=sleeps.append)

@@ -59,6 +59,39 @@ def test_jpeg_gps_and_camera_model_are_gone():
     assert clean.source_format == "JPEG"
 
 
+def _gps_exif() -> bytes:
+    exif = Image.Exif()
+    exif[GPS_IFD_TAG] = {1: "N", 2: (41.0, 0.0, 59.0), 3: "E", 4: (28.0, 58.0, 45.0)}
+    exif[MODEL_TAG] = "SomeCam"
+    return exif.tobytes()
+
+
+def test_webp_with_exif_gps_is_stripped():
+    upload = encode(photo(), "WEBP", exif=_gps_exif())
+    assert Image.open(io.BytesIO(upload)).getexif().get_ifd(GPS_IFD_TAG)  # the input has it
+    clean = check_upload(upload, index=1, limits=LIMITS)
+    out = opened(clean.png_bytes)
+    assert clean.source_format == "WEBP" and len(out.getexif()) == 0
+    assert b"SomeCam" not in clean.png_bytes and b"Exif" not in clean.png_bytes
+
+
+def test_an_mpo_gives_its_first_image_stripped_of_exif():
+    """A phone's multi-picture JPEG (MPO: a photo plus a depth or preview image), both
+    carrying EXIF with GPS: only the first image's pixels are kept."""
+    first, second = photo(), photo()[::-1].copy()
+    buffer = io.BytesIO()
+    Image.fromarray(first).save(buffer, format="MPO", save_all=True, exif=_gps_exif(),
+                                append_images=[Image.fromarray(second)])
+    upload = buffer.getvalue()
+    assert Image.open(io.BytesIO(upload)).format == "MPO"
+    clean = check_upload(upload, index=1, limits=LIMITS)
+    out = np.asarray(opened(clean.png_bytes).convert("RGB")).astype(int)
+    assert clean.source_format == "JPEG" and len(opened(clean.png_bytes).getexif()) == 0
+    assert b"SomeCam" not in clean.png_bytes
+    # The first image, not the second (JPEG-compressed, so close rather than equal).
+    assert np.abs(out - first).mean() < 8 < np.abs(out - second).mean()
+
+
 def test_png_text_and_xmp_chunks_are_gone():
     info = PngInfo()
     info.add_text("Comment", "taken at home")
