@@ -26,7 +26,7 @@ import base64
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -308,10 +308,14 @@ class EphemeraClient:
         return self.run(jobs_call(account_id, limit, cursor))
 
     def iter_jobs(self, account_id: str, *, page_size: int = 100) -> Iterator[JobView]:
+        return self._every(lambda cursor: jobs_call(account_id, page_size, cursor), "jobs")
+
+    def _every(self, page_call: Callable[[str | None], Call[Any]], items: str) -> Iterator[Any]:
+        """Every item of a paged list, following next_cursor to the end."""
         cursor = None
         while True:
-            page = self.list_jobs(account_id, limit=page_size, cursor=cursor)
-            yield from page.jobs
+            page = self.run(page_call(cursor))
+            yield from getattr(page, items)
             if (cursor := page.next_cursor) is None:
                 return
 
@@ -320,12 +324,7 @@ class EphemeraClient:
         return self.run(outputs_call(account_id, limit, cursor))
 
     def iter_outputs(self, account_id: str, *, page_size: int = 100) -> Iterator[OutputItem]:
-        cursor = None
-        while True:
-            page = self.list_outputs(account_id, limit=page_size, cursor=cursor)
-            yield from page.outputs
-            if (cursor := page.next_cursor) is None:
-                return
+        return self._every(lambda cursor: outputs_call(account_id, page_size, cursor), "outputs")
 
     def download_output(self, account_id: str, output_id: str) -> bytes:
         return self.run(download_call(account_id, output_id))
@@ -434,13 +433,16 @@ class AsyncEphemeraClient:
                         ) -> JobsPage:
         return await self.run(jobs_call(account_id, limit, cursor))
 
-    async def iter_jobs(self, account_id: str, *, page_size: int = 100
-                        ) -> AsyncIterator[JobView]:
+    def iter_jobs(self, account_id: str, *, page_size: int = 100) -> AsyncIterator[JobView]:
+        return self._every(lambda cursor: jobs_call(account_id, page_size, cursor), "jobs")
+
+    async def _every(self, page_call: Callable[[str | None], Call[Any]], items: str
+                     ) -> AsyncIterator[Any]:
         cursor = None
         while True:
-            page = await self.list_jobs(account_id, limit=page_size, cursor=cursor)
-            for job in page.jobs:
-                yield job
+            page = await self.run(page_call(cursor))
+            for item in getattr(page, items):
+                yield item
             if (cursor := page.next_cursor) is None:
                 return
 
@@ -448,15 +450,9 @@ class AsyncEphemeraClient:
                            cursor: str | None = None) -> OutputsPage:
         return await self.run(outputs_call(account_id, limit, cursor))
 
-    async def iter_outputs(self, account_id: str, *, page_size: int = 100
-                           ) -> AsyncIterator[OutputItem]:
-        cursor = None
-        while True:
-            page = await self.list_outputs(account_id, limit=page_size, cursor=cursor)
-            for output in page.outputs:
-                yield output
-            if (cursor := page.next_cursor) is None:
-                return
+    def iter_outputs(self, account_id: str, *, page_size: int = 100
+                     ) -> AsyncIterator[OutputItem]:
+        return self._every(lambda cursor: outputs_call(account_id, page_size, cursor), "outputs")
 
     async def download_output(self, account_id: str, output_id: str) -> bytes:
         return await self.run(download_call(account_id, output_id))

@@ -152,3 +152,28 @@ def test_backoff_doubles_is_capped_and_defers_to_retry_after():
     assert policy.delay_s(0, httpx.Response(503, headers={"Retry-After": "60"})) == 4.0
     jittered = RetryPolicy(backoff_s=1.0, jitter=0.5)
     assert all(0.5 <= jittered.delay_s(0, None) <= 1.0 for _ in range(50))
+
+
+def _page(ids: list[str], next_cursor: str | None) -> tuple[int, dict, dict]:
+    return (200, {}, {"account_id": "a", "next_cursor": next_cursor, "outputs": [
+        {"output_id": i, "job_id": "j", "media_type": "image/png", "created_s": 1.0,
+         "size_bytes": 3, "url": f"/v1/accounts/a/outputs/{i}"} for i in ids]})
+
+
+def test_iterating_follows_every_cursor_sync_and_async(scripted):
+    import asyncio
+
+    from serve.client import AsyncEphemeraClient
+
+    pages = [_page(["o1", "o2"], "o2"), _page(["o3"], None)]
+    server = scripted(*pages, *pages)
+    with EphemeraClient(server.url, retry=FAST) as api:
+        assert [o.output_id for o in api.iter_outputs("a", page_size=2)] == ["o1", "o2", "o3"]
+
+    async def collect() -> list[str]:
+        async with AsyncEphemeraClient(server.url, retry=FAST) as api:
+            return [o.output_id async for o in api.iter_outputs("a", page_size=2)]
+
+    assert asyncio.run(collect()) == ["o1", "o2", "o3"]
+    paths = [path for _, path, _ in server.seen]
+    assert paths == ["/v1/accounts/a/outputs?limit=2", "/v1/accounts/a/outputs?limit=2&cursor=o2"] * 2
