@@ -3,7 +3,7 @@
 
 - Every answer is parsed into the API's own models (serve/schemas.py); every error raises
   ``ApiError`` with the service's ``{error, detail}``.
-- Retries with exponential backoff and jitter on 429, 502, 503, 504, a 409 that carries
+- Retries with exponential backoff and jitter on 429, 500, 502, 503, 504, a 409 that carries
   Retry-After (the first request with the same Idempotency-Key is still being handled) and
   on connection errors and timeouts; a ``Retry-After`` header sets the wait.
 - ``submit_job`` sends an ``Idempotency-Key`` by default (a fresh one per call, the same one
@@ -51,7 +51,10 @@ from serve.schemas import (
 T = TypeVar("T")
 Upload = bytes | tuple[str, bytes]  # bytes, or (file name, bytes)
 
-RETRY_STATUS = frozenset({429, 502, 503, 504})
+# 500 too: Serve's proxy answers 500 for a request cut by an ingress replica's death
+# (load.py sees it); every call of this client is safe to repeat (GET, DELETE, or a POST
+# with an Idempotency-Key or an idempotent body).
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
 class ApiError(Exception):

@@ -78,12 +78,13 @@ def _submit(api: EphemeraClient, **kwargs) -> JobAccepted:
 def test_a_503_with_retry_after_is_retried_with_the_same_idempotency_key(scripted):
     server = scripted((503, {"Retry-After": "0"}, {"error": "ServiceFull", "detail": "full"}),
                       (429, {"Retry-After": "0"}, {"error": "TooManyJobs", "detail": "busy"}),
+                      (500, {}, {"error": "HTTPError", "detail": "replica died"}),
                       ACCEPTED)
     with EphemeraClient(server.url, token="t" * 20, retry=FAST) as api:
         accepted = _submit(api)
     assert accepted.job_id == "j1" and not accepted.replayed
     keys = {headers["Idempotency-Key"] for _, _, headers in server.seen}
-    assert len(server.seen) == 3 and len(keys) == 1  # one key, reused by every retry
+    assert len(server.seen) == 4 and len(keys) == 1  # one key, reused by every retry
     assert all(headers["Authorization"] == "Bearer " + "t" * 20 for _, _, headers in server.seen)
 
 
