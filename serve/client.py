@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import httpx
 from pydantic import TypeAdapter
@@ -136,7 +137,7 @@ class Call(Generic[T]):
             raise ApiError.from_response(response)
         if self.model is None:
             return response.content  # type: ignore[return-value]
-        return TypeAdapter(self.model).validate_python(response.json())
+        return _adapter(cast(Any, self.model)).validate_python(response.json())
 
     def httpx_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"headers": self.headers}
@@ -145,6 +146,12 @@ class Call(Generic[T]):
             if value:
                 kwargs[name] = value
         return kwargs
+
+
+@functools.cache
+def _adapter(answer_type: Any) -> TypeAdapter:
+    """One validator per answer type, built on first use (not on every call)."""
+    return TypeAdapter(answer_type)
 
 
 def new_idempotency_key() -> str:

@@ -70,34 +70,20 @@ def check_one(data: bytes) -> None:
 
 def seeds(folder: Path) -> Path:
     """Small real files of every accepted format, with metadata to strip."""
-    import av
     import pillow_heif
     from PIL import Image
 
+    from tests.unit.factories import encode, make_video
+
     pillow_heif.register_heif_opener()
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    pixels = np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)
     exif = Image.Exif()
     exif[0x0110] = "FuzzCam"
     exif[0x8825] = {1: "N", 2: (41.0, 0.0, 59.0)}
-    files: dict[str, bytes] = {}
-    for fmt, kwargs in (("JPEG", {"exif": exif.tobytes()}), ("PNG", {}),
-                        ("WEBP", {"exif": exif.tobytes()}), ("HEIF", {}), ("AVIF", {})):
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format=fmt, **kwargs)
-        files[fmt.lower()] = buffer.getvalue()
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
-        container.metadata["location"] = "+41.0000+028.9791/"
-        stream = container.add_stream("libx264", rate=4)
-        stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
-        for _ in range(3):
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    files["mp4"] = buffer.getvalue()
+    files = {fmt.lower(): encode(pixels, fmt, **kwargs) for fmt, kwargs in (
+        ("JPEG", {"exif": exif.tobytes()}), ("PNG", {}), ("WEBP", {"exif": exif.tobytes()}),
+        ("HEIF", {}), ("AVIF", {}))}
+    files["mp4"] = make_video(frames=3, width=32, height=24)  # location tags and audio
     for name, data in files.items():
         for declared in range(len(DECLARED)):
             (folder / f"{name}-{declared}").write_bytes(bytes([declared]) + data)
