@@ -100,9 +100,10 @@ class ServiceConfig(_Strict):
         10.0, gt=0, le=3600, description="Job runners write their usage events (Parquet, "
         "under usage/ in the outputs store) this often."
     )
-    runner_lease_s: float = Field(
-        15.0, ge=2, le=600, description="A job runner not heard from this long is gone: the "
-        "jobs it held fail (their device keys died with it) and are purged."
+    heartbeat_lease_s: float = Field(
+        15.0, ge=2, le=600, description="A job runner or ingress replica not heard from this "
+        "long is gone: the jobs it held fail (their device keys died with it) and are purged, "
+        "and a request it was handling can be retried with the same Idempotency-Key."
     )
 
     @model_validator(mode="after")

@@ -3,14 +3,18 @@
 second encrypted copy of the photos); the same key with a different body is a 409.
 
 A key is scoped to the account (by pseudonym) and kept ``idempotency_window_s``. The first
-request claims it with SET NX before anything is stored; a concurrent duplicate gets a 409
-asking it to retry; a request that fails releases its claim, so a retry can proceed.
+request claims it, naming its ingress, before anything is stored; a concurrent duplicate
+gets a 409 whose Retry-After lasts until that ingress's lease would lapse; a request that
+fails releases its claim, so a retry can proceed. A request cut by its ingress's death
+releases nothing: once that ingress's lease has lapsed, a retry takes the claim over (the
+job the dead ingress was storing is failed and purged by the reaper).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 
 import redis
@@ -41,38 +45,59 @@ def body_digest(*, account_id: str, kind: str | None, style: str | None,
     return h.hexdigest()
 
 
+# One round trip, atomic. KEYS: the claim, the ingress leases. ARGV: this request's claim
+# (JSON), window_s, its digest, now. Returns {outcome, value}: go (claimed, or taken over
+# from a dead ingress), replay (value: the first job), conflict (another body), busy
+# (value: when the claiming ingress's lease lapses).
+_CLAIM = """
+local raw = redis.call('GET', KEYS[1])
+if raw then
+  local first = cjson.decode(raw)
+  if first['digest'] ~= ARGV[3] then return {'conflict', ''} end
+  local job_id = first['job_id'] or ''
+  if job_id ~= '' then return {'replay', job_id} end
+  local lease = redis.call('ZSCORE', KEYS[2], first['ingress'] or '')
+  if lease and tonumber(lease) >= tonumber(ARGV[4]) then return {'busy', lease} end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return {'go', ''}
+"""
+
+
 class Idempotency:
     def __init__(self, client: redis.Redis, *, window_s: float) -> None:
         self.redis = client
         self.window_s = window_s
+        self._claim = client.register_script(_CLAIM)
 
     def _key(self, account_id: str, key: str) -> str:
         return keys.idempotency(account_ref(account_id), key)
 
-    def claim(self, account_id: str, key: str, digest: str) -> str | None:
+    def claim(self, account_id: str, key: str, digest: str, *, ingress_id: str,
+              now_s: float) -> str | None:
         """None: this request goes ahead. A job id: the first request's job (replay).
-        Raises 409 for another body, or while the first request is still running."""
-        name = self._key(account_id, key)
-        if self.redis.set(name, json.dumps({"digest": digest, "job_id": ""}), nx=True,
-                          ex=max(1, int(self.window_s))):
+        Raises 409 for another body, or while the first request's ingress still lives."""
+        claim = json.dumps({"digest": digest, "job_id": "", "ingress": ingress_id})
+        outcome, value = (v.decode() for v in self._claim(
+            keys=[self._key(account_id, key), keys.INGRESSES],
+            args=[claim, max(1, int(self.window_s)), digest, repr(now_s)]))
+        if outcome == "go":
             return None
-        raw = self.redis.get(name)
-        if raw is None:  # expired between the two calls: claim again
-            return self.claim(account_id, key, digest)
-        first = json.loads(raw)
-        if first["digest"] != digest:
+        if outcome == "replay":
+            return value
+        if outcome == "conflict":
             raise InvalidUpload("this Idempotency-Key was used with a different request; use "
                                 "a new key for a new job", problem="conflict")
-        if not first["job_id"]:
-            busy = InvalidUpload("a request with this Idempotency-Key is still being handled; "
-                                 "retry shortly", problem="conflict")
-            busy.retry_after_s = 1  # the API sends Retry-After: clients retry this 409
-            raise busy
-        return str(first["job_id"])
+        busy = InvalidUpload("a request with this Idempotency-Key is still being handled; "
+                             "retry shortly", problem="conflict")
+        # Retry-After (clients retry this 409): until the first request's ingress would be
+        # declared gone, so a retry after a crash is not refused again.
+        busy.retry_after_s = max(1, math.ceil(float(value) - now_s))
+        raise busy
 
     def complete(self, account_id: str, key: str, digest: str, job_id: str) -> None:
         self.redis.set(self._key(account_id, key),
-                       json.dumps({"digest": digest, "job_id": job_id}),
+                       json.dumps({"digest": digest, "job_id": job_id, "ingress": ""}),
                        ex=max(1, int(self.window_s)))
 
     def release(self, account_id: str, key: str) -> None:

@@ -133,9 +133,10 @@ def check_job_request(*, account_id: str | None, kind: str | None, style: str | 
 
 
 def accept_job(request: JobRequest, device_key: bytes, stores: StoreSet, jobs: JobStore,
-               settings: Settings) -> tuple[JobRecord, WorkItem]:
+               settings: Settings, *, ingress_id: str = "") -> tuple[JobRecord, WorkItem]:
     """Register the job, store its encrypted inputs in the region nearest the user, and
-    return the record and work item.
+    return the record and work item. ``ingress_id``: the replica storing it, whose lease
+    keeps the job alive until a runner claims it.
 
     Raises StorageError after undoing everything if the store fails part-way.
     """
@@ -154,7 +155,8 @@ def accept_job(request: JobRequest, device_key: bytes, stores: StoreSet, jobs: J
     ]
     job = JobRecord(job_id=job_id, account_id=request.account_id, kind=request.kind,
                     style=request.style, resolution_px=request.resolution_px, status=JobStatus.QUEUED,
-                    created_s=now, updated_s=now, input_uris=uris, frames_total=num_frames)
+                    created_s=now, updated_s=now, input_uris=uris, frames_total=num_frames,
+                    ingress_id=ingress_id)
     jobs.create_job(job, records, max_in_flight=settings.service.max_jobs_in_flight_per_account)
     try:
         for uri, payload in zip(uris, payloads, strict=True):

@@ -18,15 +18,17 @@ from pipeline.records import (
     PURGED_WITH_INPUTS,
     JobRecord,
     JobStatus,
+    Orphan,
     OutputRecord,
     RetentionRecord,
     Stage,
+    Worker,
 )
 from pipeline.retry import retry_on_conflict
 
 _LIST_FIELDS = ("input_uris", "output_ids")
 # What identifies a person in a job record: gone once the job is minimised.
-PERSONAL_JOB_FIELDS = ("account_id", "input_uris", "reason", "runner_id")
+PERSONAL_JOB_FIELDS = ("account_id", "input_uris", "reason", "runner_id", "ingress_id")
 _FLOAT_FIELDS = ("created_s", "updated_s", "succeeded_s", "finished_s", "inputs_purged_s",
                  "minimised_s")
 _INT_FIELDS = (
@@ -55,18 +57,21 @@ _FINISH_ONCE = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if (not status) or status == 'succeeded' or status == 'failed' then return 0 end
 """ + _FINISH_TAIL
-# Fails a job only if it is still held by the runner the reaper saw (or still unclaimed) and
-# that runner's lease has lapsed, all checked at the moment of writing. KEYS: as above,
-# then the runners' zset. ARGV[1] job id, then the fields; the runner id and now come
-# as the fields __runner and __now, removed before writing.
+# Fails a job only if it is still held by the runner the reaper saw (or still unclaimed)
+# and, when the grounds are a lapsed lease (ARGV[4] names the worker kind: runner or
+# ingress), that lease is still lapsed, all checked at the moment of writing. KEYS: as
+# above, then that worker kind's lease zset. ARGV[1] job id, [2] the runner seen, [3] now,
+# [4] the lapsed worker kind or '', then the fields.
 _FAIL_IF_ORPHANED = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if (not status) or status == 'succeeded' or status == 'failed' then return 0 end
-local expected, now, overdue = ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local now, lapsed = tonumber(ARGV[3]), ARGV[4]
 local runner = redis.call('HGET', KEYS[1], 'runner_id') or ''
-if runner ~= expected then return 0 end
-if runner ~= '' and overdue ~= '1' then
-  local lease = redis.call('ZSCORE', KEYS[4], runner)
+if runner ~= ARGV[2] then return 0 end
+if lapsed ~= '' then
+  local holder = runner
+  if lapsed == 'ingress' then holder = redis.call('HGET', KEYS[1], 'ingress_id') or '' end
+  local lease = redis.call('ZSCORE', KEYS[4], holder)
   if lease and tonumber(lease) >= now then return 0 end
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
@@ -218,21 +223,19 @@ class JobStore:
                               args=[job_id, *_flat(fields)])
         self.ledger.expedite_job(job_id, PURGED_WITH_INPUTS, now)
 
-    def fail_orphan(self, job: JobRecord, reason: str, *, now_s: float,
-                    overdue: bool = False) -> bool:
-        """Fail ``job`` if, at this instant, it is still held by the runner it was seen with
-        (or still unclaimed) and that runner's lease has lapsed; ``overdue`` skips the lease
-        check (a job far past its deadline). Atomic, so a runner that heartbeats or claims
-        the job meanwhile keeps it. Returns whether it failed the job."""
-        fields = _end_fields(ok=False, reason=reason, output_ids=(), now_s=now_s)
+    def fail_orphan(self, job: JobRecord, orphan: Orphan, *, now_s: float) -> bool:
+        """Fail ``job`` for ``orphan.reason`` if, at this instant, it is still held by the
+        runner it was seen with (or still unclaimed) and, when ``orphan.lapsed`` names a
+        worker, that worker's lease is still lapsed. Atomic, so a worker that heartbeats or
+        a runner that claims the job meanwhile keeps it. Returns whether it failed the job."""
+        fields = _end_fields(ok=False, reason=orphan.reason, output_ids=(), now_s=now_s)
+        lapsed = orphan.lapsed.value if orphan.lapsed else ""
         failed = bool(self._fail_if_orphaned(
             keys=[keys.job(job.job_id), keys.ACTIVE_JOBS, keys.account_active(job.account_id),
-                  keys.RUNNERS],
-            args=[job.job_id, job.runner_id, repr(now_s), "1" if overdue else "0",
-                  *_flat(fields)]))
+                  keys.worker_leases(orphan.lapsed or Worker.RUNNER)],
+            args=[job.job_id, job.runner_id, repr(now_s), lapsed, *_flat(fields)]))
         if failed:
-            self.ledger.expedite_job(job.job_id, PURGED_WITH_INPUTS,
-                                     now_s)
+            self.ledger.expedite_job(job.job_id, PURGED_WITH_INPUTS, now_s)
         return failed
 
     def record_purge(self, job_id: str, *, num_inputs_verified: int, complete: bool) -> None:
@@ -440,14 +443,18 @@ class JobStore:
         (withdrawn, reaped, account deleted), and then nobody should drive it."""
         return self.update_job(job_id, runner_id=runner_id)
 
-    def heartbeat_runner(self, runner_id: str, *, lease_s: float, now_s: float) -> None:
+    def heartbeat(self, worker: Worker, worker_id: str, *, lease_s: float, now_s: float) -> None:
+        """Renew a worker's lease: it is live until ``now_s + lease_s``."""
+        leases = keys.worker_leases(worker)
         p = self.redis.pipeline(transaction=True)
-        p.zadd(keys.RUNNERS, {runner_id: now_s + lease_s})
-        p.zremrangebyscore(keys.RUNNERS, "-inf", now_s - 3600.0)  # long-gone runners
+        p.zadd(leases, {worker_id: now_s + lease_s})
+        p.zremrangebyscore(leases, "-inf", now_s - 3600.0)  # long-gone workers
         p.execute()
 
-    def live_runners(self, now_s: float) -> set[str]:
-        return {r.decode() for r in self.redis.zrangebyscore(keys.RUNNERS, now_s, "+inf")}
+    def live(self, worker: Worker, now_s: float) -> set[str]:
+        """Ids of the workers of this kind whose lease has not lapsed at ``now_s``."""
+        return {w.decode() for w in self.redis.zrangebyscore(keys.worker_leases(worker), now_s,
+                                                             "+inf")}
 
     def unfinished_jobs(self) -> list[JobRecord]:
         """Every job not yet succeeded or failed (skipping ones deleted meanwhile), read in

@@ -12,8 +12,14 @@ PREFIX = "eph:"
 # Jobs and outputs (pipeline/jobs.py)
 ACTIVE_JOBS = "eph:jobs:active"              # set of unfinished job ids
 RUNNERS = "eph:runners"                      # zset runner_id -> lease expiry
+INGRESSES = "eph:ingresses"                  # zset ingress_id -> lease expiry
 PURGE_LAGS = "eph:metrics:purge_lag_s"       # list: newest 10,000 purge lags
 PURGED_JOBS = "eph:jobs:purged"              # zset job_id -> inputs_purged_s (minimise, expire)
+
+
+def worker_leases(worker: str) -> str:
+    """Zset of the live workers of a kind (records.Worker): id -> lease expiry."""
+    return {"runner": RUNNERS, "ingress": INGRESSES}[worker]
 
 
 def job(job_id: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from pipeline.records import JobRecord, Stage, StageResult, WorkItem
+from pipeline.records import JobRecord, Orphan, Stage, StageResult, Worker, WorkItem
 
 RESTART_REASON = (
     "the worker holding this job stopped before it finished; the device key is held in "
@@ -126,20 +126,23 @@ def job_cost_units(num_images: int, resolution_px: int, *, reference_resolution_
     return max(1, math.ceil(num_images * num_frames * pixels))
 
 
-def orphan_reason(job: JobRecord, *, live_runners: set[str], now_s: float,
-                  unclaimed_grace_s: float) -> str | None:
+def find_orphan(job: JobRecord, *, live_runners: set[str], live_ingresses: set[str],
+                now_s: float, unclaimed_grace_s: float) -> Orphan | None:
     """Why an unfinished job can never finish, or None while it still may.
 
-    A job whose runner is gone lost its device key with it. A job no runner claimed within
-    ``unclaimed_grace_s`` of acceptance was never handed over (its ingress died, or the
-    hand-off was cancelled) and has no key anywhere either.
+    A job whose runner is gone lost its device key with it. A job no runner claimed whose
+    ingress is gone was never handed over (the ingress died while storing it or handing
+    it off) and has no key anywhere either. A job no runner claimed within
+    ``unclaimed_grace_s`` of acceptance lost its hand-off some other way (cancelled).
     """
     if job.status.is_finished:
         return None
     if job.runner_id:
-        return None if job.runner_id in live_runners else RESTART_REASON
+        return None if job.runner_id in live_runners else Orphan(RESTART_REASON, Worker.RUNNER)
+    if job.ingress_id and job.ingress_id not in live_ingresses:
+        return Orphan(NOT_STARTED_REASON, Worker.INGRESS)
     if now_s - job.created_s > unclaimed_grace_s:
-        return NOT_STARTED_REASON
+        return Orphan(NOT_STARTED_REASON, None)
     return None
 
 

@@ -32,6 +32,24 @@ class Stage(StrEnum):
     DIFFUSION = "diffusion"
 
 
+class Worker(StrEnum):
+    """A process that holds jobs (and their device keys) in memory under a lease in Redis
+    (``keys.worker_leases``): when the lease lapses, the jobs it held can never finish."""
+
+    INGRESS = "ingress"  # from registering a job until a runner takes it
+    RUNNER = "runner"  # from the hand-off to the job's end
+
+
+@dataclass(frozen=True, slots=True)
+class Orphan:
+    """Why an unfinished job can never finish (``reason``, for the user), and the worker
+    whose lapsed lease are the grounds (None: decided by time alone). The reaper fails
+    the job only if that lease is still lapsed at the moment it writes."""
+
+    reason: str
+    lapsed: Worker | None
+
+
 class ObjectClass(StrEnum):
     """What a stored object is, which decides when it must be gone."""
 
@@ -108,6 +126,7 @@ class JobRecord:
     face_batch_size: int = 0  # jobs in the face-stage model call that served this job
     diffusion_batch_size: int = 0  # jobs in the diffusion model call
     runner_id: str = ""  # the job runner holding the job (and its key) in memory
+    ingress_id: str = ""  # the ingress that registered it (holds the key until the hand-off)
     frames_total: int = 0  # clips: frames to generate (0 for photos)
     frames_done: int = 0  # clips: frames generated so far (progress)
     minimised_s: float | None = None  # personal fields dropped (data minimisation)

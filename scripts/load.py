@@ -60,7 +60,7 @@ def load_settings_for(root: Path, job_timeout_s: float):
     return base.model_copy(update={
         "service": base.service.model_copy(update={
             "max_jobs_in_flight_per_account": 10_000, "ray_num_cpus": 16,
-            "job_timeout_s": job_timeout_s, "runner_lease_s": 5.0}),
+            "job_timeout_s": job_timeout_s, "heartbeat_lease_s": 5.0}),
         "storage": base.storage.model_copy(update={"local_root": str(root / "store")}),
         "models": base.models.model_copy(update={"diffusion_backend": "simulated",
                                                  "simulated": SimulatedGpuConfig()}),

@@ -12,6 +12,8 @@ import hashlib
 import hmac
 import logging
 import os
+import time
+import uuid
 from typing import Annotated
 
 import redis
@@ -49,9 +51,10 @@ from pipeline.privacy import (
 )
 from pipeline.pseudonyms import account_ref, check_secret
 from pipeline.receipts import ReceiptLedger
-from pipeline.records import JobRecord
+from pipeline.records import JobRecord, Worker
 from pipeline.storage import open_stores
 from serve.errors import RETRY_LATER, http_status
+from serve.leases import keep_lease
 from serve.schemas import (
     AgeSignalBody,
     AgeSignalNoAction,
@@ -307,6 +310,13 @@ class ApiDeployment:
         self.redis = redis.Redis.from_url(settings.service.redis_url)
         self.jobs = JobStore(self.redis)
         self.stores = open_stores(settings.storage)
+        self.idempotency = Idempotency(self.redis, window_s=settings.service.idempotency_window_s)
+        # Jobs this replica registers carry its id; its lease tells the reaper whether a job
+        # not yet handed to a runner can still be (the pid lets the fault tests find it).
+        self.ingress_id = f"ingress-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.jobs.heartbeat(Worker.INGRESS, self.ingress_id,
+                            lease_s=settings.service.heartbeat_lease_s, now_s=time.time())
+        self._lease: asyncio.Task | None = None
         limits = settings.service
         self.max_request_bytes = max(limits.max_files_per_job * limits.max_file_bytes,
                                      limits.max_video_bytes) + (1 << 20)
@@ -319,6 +329,16 @@ class ApiDeployment:
         module.app.state.retry_after_s = settings.service.retry_after_s
         if settings.production_markers:  # real users: pseudonyms need a real secret
             check_secret()
+
+    async def check_health(self) -> None:
+        """Serve calls this every few seconds: it (re)starts the lease renewal."""
+        self._keep_lease()
+
+    def _keep_lease(self) -> None:
+        if self._lease is None or self._lease.done():
+            self._lease = asyncio.get_running_loop().create_task(keep_lease(
+                self.jobs, Worker.INGRESS, self.ingress_id,
+                self.settings.service.heartbeat_lease_s))
 
     @app.get("/openapi.json", include_in_schema=False)
     def openapi_document(self) -> JSONResponse:
@@ -346,6 +366,7 @@ class ApiDeployment:
         "model": JobAccepted, "description": "accepted; stored encrypted and queued",
         "headers": {"Location": {"schema": {"type": "string"}}}}})
     async def create_job(self, request: Request) -> JSONResponse:
+        self._keep_lease()
         if "content-length" not in request.headers:  # a chunked body could be unbounded
             raise InvalidUpload("send the upload with a Content-Length header", problem="length_required")
         try:
@@ -383,9 +404,10 @@ class ApiDeployment:
                              style=_text(form.get("style")), resolution_px=resolution_px,
                              country=_text(form.get("country")), files=files)
         del files, uploads
-        idempotency = Idempotency(self.redis, window_s=self.settings.service.idempotency_window_s)
+        idempotency = self.idempotency
         if idem_key is not None:
-            first = await asyncio.to_thread(idempotency.claim, account, idem_key, digest)
+            first = await asyncio.to_thread(idempotency.claim, account, idem_key, digest,
+                                            ingress_id=self.ingress_id, now_s=time.time())
             if first is not None:  # a retry of a request that already made its job
                 return _accepted(account, first, replayed=True)
         # Shielded: a client that disconnects now must not leave a job registered but
@@ -407,7 +429,8 @@ class ApiDeployment:
         """Store the job, then hand it to a job runner. When every runner and this caller's
         queue for them are full (Serve back-pressure), withdraw it: 503, nothing kept."""
         job, item = await asyncio.to_thread(accept_job, job_request, device_key, self.stores,
-                                            self.jobs, self.settings)
+                                            self.jobs, self.settings,
+                                            ingress_id=self.ingress_id)
         response = self.runner.run_job.remote(item)
         del item  # the runner holds the device key from here on
         try:

@@ -32,16 +32,17 @@ from pipeline.orchestration import (
     after_crash,
     after_result,
     check_deadline,
+    find_orphan,
     is_far_overdue,
-    orphan_reason,
     stage_timeout_s,
     start,
 )
 from pipeline.pseudonyms import account_ref
-from pipeline.records import Stage, StageResult, WorkItem
+from pipeline.records import Orphan, Stage, StageResult, Worker, WorkItem
 from pipeline.retry import backoff_s
 from pipeline.storage import open_stores
 from pipeline.usage import UsageEvent, day_of, write_events
+from serve.leases import keep_lease
 from serve.telemetry import observe_stage
 
 log = logging.getLogger("ray.serve")
@@ -69,13 +70,13 @@ class JobRunnerDeployment:
         self.runner_id = f"runner-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.max_attempts = settings.batching.max_attempts
         self.stage_timeout_s = settings.batching.stage_timeout_s
-        self.lease_s = settings.service.runner_lease_s
+        self.lease_s = settings.service.heartbeat_lease_s
         self.held: dict[str, WorkItem] = {}  # the only copies of these jobs' device keys
         self.usage: list[UsageEvent] = []  # written as Parquet every usage_flush_s
         self.usage_store = open_stores(settings.storage).outputs
         self._tasks: set[asyncio.Task] = set()
         self._background: list[asyncio.Task] = []
-        self.jobs.heartbeat_runner(self.runner_id, lease_s=self.lease_s, now_s=time.time())
+        self.jobs.heartbeat(Worker.RUNNER, self.runner_id, lease_s=self.lease_s, now_s=time.time())
         self._beating_since: float | None = time.time()  # None while heartbeats fail
 
     def reconfigure(self, user_config: dict) -> None:
@@ -235,22 +236,17 @@ class JobRunnerDeployment:
             for task in self._background:
                 task.cancel()
             loop = asyncio.get_running_loop()
-            self._background = [loop.create_task(self._heartbeat()),
+            self._background = [loop.create_task(keep_lease(self.jobs, Worker.RUNNER,
+                                                            self.runner_id, self.lease_s,
+                                                            self._beat)),
                                 loop.create_task(self._reaper()),
                                 loop.create_task(self._flush_usage())]
 
-    async def _heartbeat(self) -> None:
-        """Renew this runner's lease; its own task, so a long reap never delays it."""
-        while True:
-            try:
-                await asyncio.to_thread(self.jobs.heartbeat_runner, self.runner_id,
-                                        lease_s=self.lease_s, now_s=time.time())
-                if self._beating_since is None:
-                    self._beating_since = time.time()
-            except Exception:  # Redis away: every lease may lapse; reap nothing meanwhile
-                self._beating_since = None
-                log.warning("runner heartbeat failed; retrying")
-            await asyncio.sleep(self.lease_s / 5)
+    def _beat(self, ok: bool) -> None:
+        if not ok:
+            self._beating_since = None
+        elif self._beating_since is None:
+            self._beating_since = time.time()
 
     async def _reaper(self) -> None:
         """One runner at a time fails and purges the jobs no live runner holds. Only a
@@ -269,21 +265,22 @@ class JobRunnerDeployment:
                 log.warning("reaping failed; retrying")
 
     async def _reap(self, now_s: float) -> None:
-        """Fail and purge the jobs whose runner is gone, that no runner ever took, or that
-        are far past their timeout. Each failure re-checks its grounds atomically."""
-        live = await asyncio.to_thread(self.jobs.live_runners, now_s)
+        """Fail and purge the jobs whose runner or ingress is gone, that no runner ever
+        took, or that are far past their timeout. Each failure re-checks its grounds
+        atomically."""
+        live = await asyncio.to_thread(self.jobs.live, Worker.RUNNER, now_s)
         live.add(self.runner_id)
+        ingresses = await asyncio.to_thread(self.jobs.live, Worker.INGRESS, now_s)
         timeout_s = self.settings.service.job_timeout_s
         for job in await asyncio.to_thread(self.jobs.unfinished_jobs):
-            reason = orphan_reason(job, live_runners=live, now_s=now_s,
-                                   unclaimed_grace_s=timeout_s)
-            overdue = False
+            orphan = find_orphan(job, live_runners=live, live_ingresses=ingresses, now_s=now_s,
+                                 unclaimed_grace_s=timeout_s)
             if job.runner_id == self.runner_id and job.job_id not in self.held:
-                reason, overdue = INTERRUPTED_REASON, True  # ours, but no longer driven
-            elif reason is None and is_far_overdue(job, now_s=now_s, job_timeout_s=timeout_s):
-                reason, overdue = TIMEOUT_REASON, True
-            if reason is not None and await asyncio.to_thread(
-                    self.jobs.fail_orphan, job, reason, now_s=now_s, overdue=overdue):
+                orphan = Orphan(INTERRUPTED_REASON, None)  # ours, but no longer driven
+            elif orphan is None and is_far_overdue(job, now_s=now_s, job_timeout_s=timeout_s):
+                orphan = Orphan(TIMEOUT_REASON, None)
+            if orphan is not None and await asyncio.to_thread(
+                    self.jobs.fail_orphan, job, orphan, now_s=now_s):
                 self._spawn(self._purge(job.job_id))
 
 

@@ -54,7 +54,7 @@ def test_settings(tmp_path_factory, redis_server, face_weights_path):
             "max_file_bytes": 3 * 1024 * 1024,
             "ray_object_store_mb": 150,  # small, so a test can fill it
             "api_token_env": API_TOKEN_ENV,
-            "runner_lease_s": 4.0,  # a killed runner's jobs are reaped within seconds
+            "heartbeat_lease_s": 4.0,  # a killed runner's or ingress's jobs reaped in seconds
             "usage_flush_s": 1.0,  # usage events reach the store within a second
             "ray_metrics_export_port": free_port(),
         }),

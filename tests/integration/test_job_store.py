@@ -12,7 +12,15 @@ import redis
 from pipeline import keys
 from pipeline.errors import TooManyJobs
 from pipeline.jobs import JobStore
-from pipeline.records import JobRecord, JobStatus, ObjectClass, RetentionRecord, Stage
+from pipeline.records import (
+    JobRecord,
+    JobStatus,
+    ObjectClass,
+    Orphan,
+    RetentionRecord,
+    Stage,
+    Worker,
+)
 from pipeline.redis_server import RedisServer
 
 
@@ -23,12 +31,13 @@ def jobs(tmp_path) -> JobStore:
     server.stop()
 
 
-def new_job(jobs: JobStore, account: str = "acct-j", *, limit: int | None = None) -> JobRecord:
+def new_job(jobs: JobStore, account: str = "acct-j", *, limit: int | None = None,
+            ingress_id: str = "") -> JobRecord:
     job_id, now = uuid.uuid4().hex, time.time()
     uri = f"file:///store/inputs/{job_id}/a.bin"
     job = JobRecord(job_id=job_id, account_id=account, kind="art_style", style="comic",
                     resolution_px=64, status=JobStatus.QUEUED, created_s=now, updated_s=now,
-                    input_uris=[uri])
+                    input_uris=[uri], ingress_id=ingress_id)
     jobs.create_job(job, [RetentionRecord(uri, ObjectClass.INPUT, account, job_id, now,
                                           now + 3600)], max_in_flight=limit)
     return job
@@ -57,16 +66,17 @@ def test_an_ended_job_never_reads_running_again(jobs):
 def test_the_reaper_fails_a_job_only_while_its_runner_is_gone(jobs):
     now = time.time()
     job = new_job(jobs)
-    jobs.heartbeat_runner("runner-a", lease_s=10, now_s=now)
+    gone = Orphan("gone", Worker.RUNNER)
+    jobs.heartbeat(Worker.RUNNER, "runner-a", lease_s=10, now_s=now)
     assert jobs.claim_job(job.job_id, "runner-a")
     seen = jobs.get_job(job.job_id)
-    assert not jobs.fail_orphan(seen, "gone", now_s=now)  # lease still valid
+    assert not jobs.fail_orphan(seen, gone, now_s=now)  # lease still valid
     # The runner renews its lease after the reaper's snapshot: the job stays.
-    jobs.heartbeat_runner("runner-a", lease_s=10, now_s=now + 20)
-    assert not jobs.fail_orphan(seen, "gone", now_s=now + 25)
+    jobs.heartbeat(Worker.RUNNER, "runner-a", lease_s=10, now_s=now + 20)
+    assert not jobs.fail_orphan(seen, gone, now_s=now + 25)
     assert jobs.get_job(job.job_id).status is JobStatus.QUEUED
     # Lapsed for real: failed, out of the active sets, inputs made due.
-    assert jobs.fail_orphan(seen, "gone", now_s=now + 40)
+    assert jobs.fail_orphan(seen, gone, now_s=now + 40)
     view = jobs.get_job(job.job_id)
     assert (view.status, view.reason) == (JobStatus.FAILED, "gone")
     assert jobs.active_job_ids() == [] and jobs.redis.scard(keys.account_active("acct-j")) == 0
@@ -75,10 +85,25 @@ def test_the_reaper_fails_a_job_only_while_its_runner_is_gone(jobs):
 def test_a_job_claimed_after_the_reapers_snapshot_is_left_alone(jobs):
     job = new_job(jobs)
     unclaimed = jobs.get_job(job.job_id)
-    jobs.heartbeat_runner("runner-b", lease_s=10, now_s=time.time())
+    jobs.heartbeat(Worker.RUNNER, "runner-b", lease_s=10, now_s=time.time())
     assert jobs.claim_job(job.job_id, "runner-b")
-    assert not jobs.fail_orphan(unclaimed, "never started", now_s=time.time() + 3600)
+    assert not jobs.fail_orphan(unclaimed, Orphan("never started", None),
+                                now_s=time.time() + 3600)
     assert jobs.get_job(job.job_id).runner_id == "runner-b"
+
+
+def test_an_unclaimed_job_fails_on_its_ingress_lease_only_while_it_is_lapsed(jobs):
+    now = time.time()
+    jobs.heartbeat(Worker.INGRESS, "ingress-a", lease_s=10, now_s=now)
+    job = new_job(jobs, ingress_id="ingress-a")
+    seen = jobs.get_job(job.job_id)
+    assert seen.ingress_id == "ingress-a"
+    gone = Orphan("never handed over", Worker.INGRESS)
+    assert not jobs.fail_orphan(seen, gone, now_s=now + 5)  # the ingress still lives
+    assert jobs.fail_orphan(seen, gone, now_s=now + 11)
+    assert jobs.get_job(job.job_id).reason == "never handed over"
+    # The due list now holds its input: the sweep purges it at once.
+    assert jobs.ledger.due_uris(now + 11) == job.input_uris
 
 
 @pytest.mark.privacy
@@ -102,3 +127,31 @@ def test_a_purged_job_loses_its_personal_fields_after_the_grace_then_goes(jobs):
     assert jobs.minimise_and_expire(now_s=purged_s + 3601, grace_s=60, ttl_s=3600) == (0, 1)
     assert not jobs.redis.exists(keys.job(job.job_id))
     assert jobs.redis.zscore(keys.PURGED_JOBS, job.job_id) is None
+
+
+def test_an_idempotency_claim_of_a_dead_ingress_is_taken_over_after_its_lease(jobs):
+    """A request cut by its ingress's death (kill -9 mid-write) released nothing: its
+    retry is told to wait until that ingress's lease lapses, then goes ahead."""
+    from pipeline.errors import InvalidUpload
+    from pipeline.idempotency import Idempotency
+
+    idem, now = Idempotency(jobs.redis, window_s=3600), time.time()
+    jobs.heartbeat(Worker.INGRESS, "ingress-a", lease_s=10, now_s=now)
+    assert idem.claim("acct-i", "key-00000001", "d1", ingress_id="ingress-a", now_s=now) is None
+    with pytest.raises(InvalidUpload, match="still being handled") as busy:
+        idem.claim("acct-i", "key-00000001", "d1", ingress_id="ingress-b", now_s=now + 3)
+    assert busy.value.retry_after_s == 7  # until ingress-a's lease lapses
+    with pytest.raises(InvalidUpload, match="different request"):
+        idem.claim("acct-i", "key-00000001", "d2", ingress_id="ingress-b", now_s=now + 3)
+    # ingress-a is gone: the retry takes the claim over, and then owns it.
+    assert idem.claim("acct-i", "key-00000001", "d1", ingress_id="ingress-b",
+                      now_s=now + 11) is None
+    jobs.heartbeat(Worker.INGRESS, "ingress-b", lease_s=10, now_s=now + 11)
+    with pytest.raises(InvalidUpload, match="still being handled"):
+        idem.claim("acct-i", "key-00000001", "d1", ingress_id="ingress-c", now_s=now + 12)
+    idem.complete("acct-i", "key-00000001", "d1", "job-b")
+    assert idem.claim("acct-i", "key-00000001", "d1", ingress_id="ingress-c",
+                      now_s=now + 12) == "job-b"
+    # Another account's same key is another claim.
+    assert idem.claim("acct-other", "key-00000001", "d1", ingress_id="ingress-c",
+                      now_s=now + 12) is None

@@ -71,10 +71,11 @@ def make_item(job_id: str = "job1", *, kind: str = "ai_photo", style: str = "por
 
 
 def make_job_record(job_id: str = "job1", *, status: str = "queued", runner_id: str = "",
-                    created_s: float = 1000.0) -> JobRecord:
+                    ingress_id: str = "", created_s: float = 1000.0) -> JobRecord:
     return JobRecord(job_id=job_id, account_id="acct-1", kind="ai_photo", style="portrait",
                      resolution_px=64, status=JobStatus(status), created_s=created_s,
-                     updated_s=created_s, input_uris=[], runner_id=runner_id)
+                     updated_s=created_s, input_uris=[], runner_id=runner_id,
+                     ingress_id=ingress_id)
 
 
 def ok_result(job_id: str = "job1", **kwargs: object) -> StageResult:

@@ -14,15 +14,15 @@ from pipeline.orchestration import (
     after_crash,
     after_result,
     batch_cost,
+    find_orphan,
     first_stage,
     is_expired,
     job_cost_units,
     merge_waiting,
-    orphan_reason,
     stage_timeout_s,
     start,
 )
-from pipeline.records import Stage
+from pipeline.records import Orphan, Stage, Worker
 from tests.unit.factories import failed_result, make_item, make_job_record, ok_result
 
 FACE_URI = "file:///store/face/job1/e.bin"
@@ -145,27 +145,44 @@ def test_cost_grows_with_images_pixels_and_frames():
     assert batch_cost([make_item(cost_units=2), make_item(cost_units=3)]) == 5
 
 
-def test_a_job_whose_runner_is_gone_is_an_orphan():
-    job = make_job_record(status="running", runner_id="runner-a")
-
-    assert orphan_reason(job, live_runners={"runner-b"}, now_s=NOW,
-                         unclaimed_grace_s=600) == RESTART_REASON
-    assert orphan_reason(job, live_runners={"runner-a"}, now_s=NOW,
-                         unclaimed_grace_s=600) is None
+def orphan(job, *, runners=frozenset(), ingresses=frozenset(), now_s=NOW, grace_s=600.0):
+    return find_orphan(job, live_runners=set(runners), live_ingresses=set(ingresses),
+                       now_s=now_s, unclaimed_grace_s=grace_s)
 
 
-def test_an_unclaimed_job_is_an_orphan_only_after_the_grace_period():
-    job = make_job_record(runner_id="", created_s=NOW - 100)
+def test_a_job_whose_runner_is_gone_is_an_orphan_on_the_runners_lease():
+    job = make_job_record(status="running", runner_id="runner-a", ingress_id="ingress-a")
 
-    assert orphan_reason(job, live_runners=set(), now_s=NOW, unclaimed_grace_s=600) is None
-    assert orphan_reason(job, live_runners=set(), now_s=NOW + 600,
-                         unclaimed_grace_s=600) == NOT_STARTED_REASON
+    assert orphan(job, runners={"runner-b"}, ingresses={"ingress-a"}) == Orphan(
+        RESTART_REASON, Worker.RUNNER)
+    assert orphan(job, runners={"runner-a"}) is None  # its ingress no longer matters
+
+
+def test_an_unclaimed_job_whose_ingress_is_gone_is_an_orphan_at_once():
+    """The ingress died while storing or handing off the job: the device key died with it,
+    so nothing can run the job; it need not wait for the grace period."""
+    job = make_job_record(runner_id="", ingress_id="ingress-a", created_s=NOW - 1)
+
+    assert orphan(job, ingresses={"ingress-b"}) == Orphan(NOT_STARTED_REASON, Worker.INGRESS)
+    assert orphan(job, ingresses={"ingress-a"}) is None  # still being stored or handed off
+
+
+def test_an_unclaimed_job_of_a_live_ingress_is_an_orphan_only_after_the_grace_period():
+    job = make_job_record(runner_id="", ingress_id="ingress-a", created_s=NOW - 100)
+
+    assert orphan(job, ingresses={"ingress-a"}) is None
+    assert orphan(job, ingresses={"ingress-a"}, now_s=NOW + 600) == Orphan(NOT_STARTED_REASON,
+                                                                          None)
+    # A job registered without an ingress id (by a tool) is judged by time alone.
+    assert orphan(make_job_record(created_s=NOW - 100), now_s=NOW + 600) == Orphan(
+        NOT_STARTED_REASON, None)
 
 
 def test_a_finished_job_is_never_an_orphan():
     job = make_job_record(status="succeeded", runner_id="runner-gone", created_s=0)
 
-    assert orphan_reason(job, live_runners=set(), now_s=NOW, unclaimed_grace_s=1) is None
+    assert orphan(job, grace_s=1) is None
+    assert orphan(make_job_record(status="failed", ingress_id="ingress-gone"), grace_s=1) is None
 
 
 def test_a_model_call_merges_same_key_batches_up_to_the_cost_limit():

@@ -1,0 +1,30 @@
+"""Worker leases: a job runner or an ingress replica renews its lease in Redis while it
+lives; when the lease lapses, the jobs it held in memory (with their device keys) are
+orphans that a runner's reaper fails and has purged (docs/ARCHITECTURE.md, invariant 2)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from pipeline.jobs import JobStore
+from pipeline.records import Worker
+
+log = logging.getLogger("ray.serve")
+
+
+async def keep_lease(jobs: JobStore, worker: Worker, worker_id: str, lease_s: float,
+                     on_beat: Callable[[bool], None] = lambda ok: None) -> None:
+    """Renew the lease every fifth of it, forever; ``on_beat`` hears whether each renewal
+    reached Redis. Its own task, so a long request or reap never delays it."""
+    while True:
+        try:
+            await asyncio.to_thread(jobs.heartbeat, worker, worker_id, lease_s=lease_s,
+                                    now_s=time.time())
+            on_beat(True)
+        except Exception:  # Redis away: every lease may lapse; the reaper waits it out
+            on_beat(False)
+            log.warning("%s heartbeat failed; retrying", worker.value)
+        await asyncio.sleep(lease_s / 5)
