@@ -17,6 +17,7 @@ from __future__ import annotations
 import redis
 
 from pipeline import keys
+from pipeline.receipts import ReceiptLedger
 from pipeline.records import ObjectClass, RetentionRecord
 
 _EXPEDITE = """
@@ -25,12 +26,6 @@ redis.call('HSET', KEYS[1], 'deadline_s', ARGV[2])
 redis.call('ZADD', KEYS[2], 'XX', ARGV[2], ARGV[1])
 return 1
 """
-
-
-
-
-
-
 
 
 class RetentionLedger:
@@ -119,6 +114,10 @@ class RetentionLedger:
             if rec.object_class in classes and rec.deadline_s > now_s:
                 self._expedite(keys=[keys.retention_record(rec.uri), keys.RETENTION_DUE],
                                args=[rec.uri, repr(now_s)])
+
+    def receipts(self) -> ReceiptLedger:
+        """The receipt chain that verified deletions of these records join."""
+        return ReceiptLedger(self.redis)
 
     def note_purge_failure(self) -> None:
         self.redis.incr(keys.PURGE_FAILURES)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from typing import Protocol
 
 from pipeline import crypto, keys
 from pipeline.config import RetentionConfig
@@ -43,6 +44,28 @@ from pipeline.storage import (
 )
 
 PURGED_ON_EVENT = PURGED_WITH_INPUTS
+
+
+class ReceiptSink(Protocol):
+    """Where verified deletions are chained (ReceiptLedger in Redis)."""
+
+    def append(self, receipt_id: str, receipt: DeletionReceipt, *, account_id: str,
+               requested_s: float) -> object: ...
+
+
+class PurgeLedger(Protocol):
+    """What purging needs of the retention ledger: RetentionLedger in Redis; the unit tests
+    pass an in-memory one (tests/unit/fakes.py) and run the same tests on both."""
+
+    def get(self, uri: str) -> RetentionRecord | None: ...
+    def records_for_job(self, job_id: str) -> list[RetentionRecord]: ...
+    def due_uris(self, now_s: float, limit: int = 100) -> list[str]: ...
+    def try_claim(self, uri: str, owner: str, lease_s: float) -> bool: ...
+    def release(self, uri: str) -> None: ...
+    def complete(self, rec: RetentionRecord) -> None: ...
+    def defer(self, uri: str, until_s: float) -> None: ...
+    def note_purge_failure(self) -> None: ...
+    def receipts(self) -> ReceiptSink: ...
 FOREIGN_RETRY_S = 3600.0  # a record of a store this worker does not have
 TEMPORARY_FILE_MAX_AGE_S = 600.0  # a local write takes milliseconds; older ones are debris
 
@@ -88,7 +111,7 @@ def store_with_inputs(stores: StoreSet, jobs: JobStore, item: WorkItem, plain: b
 def purge_records(
     records: list[RetentionRecord],
     stores: StoreSet,
-    ledger: RetentionLedger,
+    ledger: PurgeLedger,
     *,
     owner: str,
     cfg: RetentionConfig,
@@ -102,7 +125,7 @@ def purge_records(
     expires, so the sweep retries it before the deadline matters.
     """
     receipts = []
-    chain = ReceiptLedger(ledger.redis)
+    chain = ledger.receipts()
     for rec in records:
         if not ledger.try_claim(rec.uri, owner, cfg.lease_s):
             continue
@@ -140,14 +163,14 @@ def purge_records(
     return receipts
 
 
-def purge_job(job_id: str, stores: StoreSet, ledger: RetentionLedger, *, owner: str,
+def purge_job(job_id: str, stores: StoreSet, ledger: PurgeLedger, *, owner: str,
               cfg: RetentionConfig, receipt_id: str | None = None) -> list[DeletionReceipt]:
     """Purge a finished job's inputs and face data (not its outputs)."""
     records = [r for r in ledger.records_for_job(job_id) if r.object_class in PURGED_ON_EVENT]
     return purge_records(records, stores, ledger, owner=owner, cfg=cfg, receipt_id=receipt_id)
 
 
-def sweep_due(stores: StoreSet, ledger: RetentionLedger, *, owner: str, cfg: RetentionConfig,
+def sweep_due(stores: StoreSet, ledger: PurgeLedger, *, owner: str, cfg: RetentionConfig,
               now_s: float | None = None, limit: int = 500) -> list[DeletionReceipt]:
     """Purge every object whose hard-ceiling deadline has passed."""
     now = time.time() if now_s is None else now_s

@@ -14,11 +14,10 @@ import torch
 
 from pipeline import crypto
 from pipeline.config import RetentionConfig
-from pipeline.errors import StorageError
 from pipeline.ingest import encode_png
 from pipeline.jobs import JobStore
 from pipeline.records import RetentionRecord, WorkItem
-from pipeline.retention import purge_finished_job, purge_records, sweep_due
+from pipeline.retention import purge_finished_job, sweep_due
 from pipeline.stages import face_stage
 from pipeline.storage import LocalObjectStore, StoreSet, input_key, key_from_uri, object_uri
 from tests.integration.helpers import files_under, find_needles, redis_values, windows
@@ -111,55 +110,6 @@ def test_face_stage_stores_only_encrypted_face_data_then_purge_removes_it(
     assert store.list_keys(f"inputs/{face_job}/") == store.list_keys(f"face/{face_job}/") == []
 
 
-def test_purge_is_idempotent_and_claims_are_exclusive(store, jobs):
-    key, job_id = crypto.new_device_key(), uuid.uuid4().hex
-    uri = _store_input(store, jobs, job_id, skimage.data.coffee(), key)
-    record = jobs.ledger.get(uri)
-    assert jobs.ledger.try_claim(uri, "other-worker", lease_s=5)
-    assert purge_records([record], StoreSet.single(store), jobs.ledger, owner="me", cfg=FAST) == []  # skipped
-    assert store.exists(key_from_uri(store, uri))
-    jobs.ledger.release(uri)
-    receipts = purge_records([record], StoreSet.single(store), jobs.ledger, owner="me", cfg=FAST)
-    assert [r.verified_gone for r in receipts] == [True]
-    assert not store.exists(key_from_uri(store, uri)) and jobs.ledger.get(uri) is None
-    # Again, with the object already gone and its record re-added: still counts as purged.
-    jobs.ledger.register([record])
-    assert len(purge_records([record], StoreSet.single(store), jobs.ledger, owner="me", cfg=FAST)) == 1
-
-
-class FlakyStore(LocalObjectStore):
-    """Fault injection around the real local store: the first N deletes fail."""
-
-    def __init__(self, url: str, failures: int) -> None:
-        super().__init__(url)
-        self.failures = failures
-
-    def delete(self, key: str) -> None:
-        if self.failures > 0:
-            self.failures -= 1
-            raise StorageError("injected outage")
-        super().delete(key)
-
-
-def test_store_errors_are_retried_then_left_for_the_sweep(tmp_path, jobs):
-    key, job_id = crypto.new_device_key(), uuid.uuid4().hex
-    flaky = FlakyStore(f"file://{tmp_path / 'flaky'}", failures=2)
-    uri = _store_input(flaky, jobs, job_id, skimage.data.coffee(), key)
-    assert len(purge_records([jobs.ledger.get(uri)], StoreSet.single(flaky), jobs.ledger, owner="me",
-                             cfg=FAST, sleep=lambda s: None)) == 1
-    assert not flaky.exists(key_from_uri(flaky, uri))
-
-    down = FlakyStore(f"file://{tmp_path / 'down'}", failures=100)
-    uri = _store_input(down, jobs, job_id, skimage.data.coffee(), key)
-    record = jobs.ledger.get(uri)
-    assert purge_records([record], StoreSet.single(down), jobs.ledger, owner="me", cfg=FAST,
-                         sleep=lambda s: None) == []
-    assert jobs.ledger.get(uri) == record  # kept: the sweep will retry it
-    jobs.ledger.release(uri)
-    down.failures = 0
-    assert len(purge_records([record], StoreSet.single(down), jobs.ledger, owner="me", cfg=FAST)) == 1
-
-
 def test_sweep_purges_only_objects_past_their_deadline(store, jobs):
     key, job_id = crypto.new_device_key(), uuid.uuid4().hex
     now = time.time()
@@ -173,12 +123,3 @@ def test_sweep_purges_only_objects_past_their_deadline(store, jobs):
     jobs.ledger.expedite_job(job_id, ("input",), now_s=now)
     sweep_due(StoreSet.single(store), jobs.ledger, owner="sweeper", cfg=FAST, now_s=now + 0.001)
     assert not store.exists(key_from_uri(store, later))
-
-
-def test_a_stale_copy_of_a_purged_record_is_not_purged_or_counted_again(store, jobs):
-    """Two retention workers reading the same due list: the second finds the record gone."""
-    key, job_id = crypto.new_device_key(), uuid.uuid4().hex
-    uri = _store_input(store, jobs, job_id, skimage.data.coffee(), key)
-    stale = jobs.ledger.get(uri)
-    assert len(purge_records([stale], StoreSet.single(store), jobs.ledger, owner="a", cfg=FAST)) == 1
-    assert purge_records([stale], StoreSet.single(store), jobs.ledger, owner="b", cfg=FAST) == []

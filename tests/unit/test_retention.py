@@ -1,5 +1,4 @@
-"""retention: hard-ceiling deadlines and retry backoff (the purge itself needs Redis and is
-covered by the integration tests)."""
+"""retention: hard-ceiling deadlines and retry backoff (the purge itself: test_purge.py)."""
 
 from __future__ import annotations
 
