@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -112,15 +118,91 @@ def windows(data: bytes, size: int = 48, count: int = 4) -> list[bytes]:
     return [data[step * (i + 1): step * (i + 1) + size] for i in range(count)]
 
 
-def replica_pid(deployment: str) -> int:
-    """The OS process of the (single) replica of ``deployment`` in the ephemera app."""
-    import os
+def face_embedding(clean_png: bytes, weights: Path) -> np.ndarray:
+    """The identity embedding the face stage computes for this (stripped) photo with the
+    service's weights, computed here in-process: float32, unit length."""
+    from pipeline.config import ModelsConfig
+    from pipeline.faces import ArcFaceEmbedder, MtcnnDetector, embed_faces, mean_identity
+    from pipeline.ingest import decode_clean_png
+    from pipeline.records import FaceBatch
+    from pipeline.runtime import select_runtime
 
+    runtime = select_runtime(ModelsConfig())
+    batch = embed_faces(FaceBatch(["j"], [decode_clean_png(clean_png)]),
+                        MtcnnDetector(runtime, min_probability=0.9),
+                        ArcFaceEmbedder(weights, runtime))
+    return mean_identity([batch.embeddings[0]])
+
+
+def _number_forms(value: float) -> bytes:
+    """A regex for how a printer may write ``value``: fixed-point truncated or rounded to
+    4 decimals (numpy, repr, "%.4f" and longer), or scientific with a 4-decimal mantissa."""
+    mantissa, exponent = f"{value:.8e}".split("e")
+    fixed = {f"{value:.4f}", f"{int(value * 1e4) / 1e4:.4f}"}
+    scientific = {f"{float(mantissa):.4f}", mantissa[:mantissa.index(".") + 5]}
+    forms = [re.escape(f.encode()) + rb"\d*" for f in sorted(fixed)]
+    forms += [re.escape(m.encode()) + rb"\d*e[-+]?\d+" for m in sorted(scientific)]
+    return rb"(?:" + rb"|".join(forms) + rb")"
+
+
+def embedding_patterns(vector: np.ndarray, pairs: int = 12) -> dict[str, re.Pattern[bytes]]:
+    """Patterns that find an embedding however it was written out: its raw float32 bytes,
+    their base64, or its numbers as text (two neighbours in a row, so no timing or
+    counter in a log matches by chance)."""
+    raw = vector.astype(np.float32).tobytes()
+    found = {f"raw-{i}": re.compile(re.escape(w)) for i, w in enumerate(windows(raw, 32))}
+    found |= {f"b64-{i}": re.compile(re.escape(w))
+              for i, w in enumerate(windows(base64.b64encode(raw), 32))}
+    for i in range(pairs):
+        a, b = (float(v) for v in vector[i:i + 2])
+        found[f"text-{i}"] = re.compile(_number_forms(a) + rb"[\s,;\[\]()]+" + _number_forms(b))
+    return found
+
+
+def find_patterns(blobs: list[tuple[str, bytes]], patterns: dict[str, re.Pattern[bytes]]
+                  ) -> list[str]:
+    """Names of patterns found anywhere, with where."""
+    return [f"{name} in {where}" for name, pattern in patterns.items() for where, blob in blobs
+            if pattern.search(blob)]
+
+
+def wait_running(client: httpx.Client, job_ids: list[str], stage: str,
+                 timeout_s: float = 60.0) -> str:
+    """Wait until one of the jobs entered a model call of ``stage``; that job's id."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for job_id in job_ids:
+            view = client.get(job_url(job_id)).json()
+            if view["status"] == "running" and view["batch_sizes"][stage]:
+                return job_id
+        time.sleep(0.02)
+    raise AssertionError(f"no job reached the {stage} stage")
+
+
+@contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """The process stopped (SIGSTOP) for the duration, then continued: whatever it was
+    doing is provably still in flight meanwhile."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def run_in_replica(deployment: str, fn):
+    """Run ``fn(actor)`` inside the OS process of the (single) replica of ``deployment`` in
+    the ephemera app, and return its result (fault injection and lookups)."""
     import ray
 
     for entry in ray.util.list_named_actors(all_namespaces=True):
         if entry["namespace"] == "serve" and entry["name"].startswith(
                 f"SERVE_REPLICA::ephemera#{deployment}#"):
             actor = ray.get_actor(entry["name"], namespace="serve")
-            return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+            return ray.get(actor.__ray_call__.remote(fn), timeout=30)
     raise AssertionError(f"no replica of {deployment}")
+
+
+def replica_pid(deployment: str) -> int:
+    """The OS process of the (single) replica of ``deployment`` in the ephemera app."""
+    return run_in_replica(deployment, lambda actor: os.getpid())

@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import ray
@@ -24,7 +25,15 @@ from pipeline.config import RetentionConfig
 from pipeline.ledger import RetentionLedger
 from pipeline.retention import reconcile
 from pipeline.storage import open_stores
-from tests.integration.helpers import encode_image, job_url, replica_pid, submit, windows
+from tests.integration.helpers import (
+    encode_image,
+    job_url,
+    replica_pid,
+    run_in_replica,
+    submit,
+    wait_running,
+    windows,
+)
 
 pytestmark = pytest.mark.faults
 
@@ -68,17 +77,6 @@ def assert_clean(service, store_root: Path, views: list[dict]) -> None:
     receipts = reconcile(open_stores(settings.storage), ledger, owner="test",
                          cfg=RetentionConfig())
     assert [r for r in receipts if r.object_class == "orphan"] == []
-
-
-def wait_running(client, job_ids: list[str], stage: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for job_id in job_ids:
-            view = client.get(job_url(job_id)).json()
-            if view["status"] == "running" and view["batch_sizes"][stage]:
-                return
-        time.sleep(0.02)
-    raise AssertionError(f"no job reached the {stage} stage")
 
 
 def test_gpu_actor_killed_mid_batch(client, service, store_root):
@@ -131,14 +129,33 @@ def test_retention_actor_killed_mid_purge(client, service, store_root):
     assert replica_pid("RetentionDeployment") != frozen
 
 
-def test_redis_killed_and_restarted_mid_run(client, service, store_root, redis_server):
+def _unfinished(redis_client, job_ids: list[str]) -> list[str]:
+    """Those of ``job_ids`` not yet ended and without outputs, read from Redis directly."""
+    found = []
+    for job_id in job_ids:
+        status, outputs = redis_client.hmget(keys.job(job_id), "status", "output_ids")
+        if status in (b"queued", b"running") and outputs in (None, b"", b"[]"):
+            found.append(job_id)
+    return found
+
+
+def test_redis_killed_and_restarted_mid_run(client, service, store_root, redis_server,
+                                            redis_client):
+    """The kill provably hits jobs in flight: they are inside a diffusion batch, unfinished,
+    when Redis dies (SIGKILL; AOF on disk). Each of them ends after Redis is back: the
+    runners and replicas retried their writes across the outage."""
     job_ids = submit_many(client, 4)
     wait_running(client, job_ids, "diffusion")
-    redis_server.kill()  # SIGKILL; AOF on disk
+    in_flight = _unfinished(redis_client, job_ids)
+    redis_server.kill()
+    killed_s = time.time()
     time.sleep(1.5)
     redis_server.start()  # same port, same data dir
+    assert in_flight, "every job had ended before Redis was killed"
     views = wait_all_settled(client, job_ids)
     assert_clean(service, store_root, views)
+    ended = {v["job_id"]: v["finished_s"] for v in views}
+    assert all(ended[j] > killed_s for j in in_flight), (in_flight, ended)
 
 
 def test_store_outage_fails_cleanly_and_everything_is_purged_after(client, service,
@@ -233,11 +250,93 @@ def test_job_runner_killed_fails_only_the_jobs_it_held(client, service, store_ro
     assert_clean(service, store_root, list(views.values()))
 
 
-def test_ingress_killed_after_accepting_loses_no_job(client, service, store_root):
-    """The ingress hands each job to a runner before answering 202; killing it afterwards
-    loses nothing: every accepted job finishes (Serve restarts the ingress)."""
+def test_ingress_killed_after_accepting_loses_no_job(client, service, store_root,
+                                                    redis_client):
+    """The ingress hands each job to a runner before answering 202 and keeps the open
+    request; killing it while the jobs are provably unfinished loses nothing: every
+    accepted job finishes after the kill (Serve restarts the ingress)."""
     job_ids = submit_many(client, 4)
+    in_flight = _unfinished(redis_client, job_ids)
     os.kill(replica_pid("ApiDeployment"), signal.SIGKILL)
+    killed_s = time.time()
+    assert in_flight, "every job had ended before the ingress was killed"
     views = wait_all_settled(client, job_ids, timeout_s=240)
     assert [v["status"] for v in views] == ["succeeded"] * 4
+    assert all(v["finished_s"] > killed_s for v in views if v["job_id"] in in_flight)
     assert_clean(service, store_root, views)
+
+
+def _block_after_storing_an_input(signal_path: str):
+    """Fault injection, run inside the ingress replica (a slow store, not a mock: the real
+    local store writes the object): the next input object is written, then its write call
+    reports its key in ``signal_path`` and blocks, before the job is handed to a runner."""
+    def install(_actor) -> bool:
+        import time
+        from pathlib import Path
+
+        from pipeline import storage
+
+        real_put = storage.LocalObjectStore.put
+
+        def put(self, key, data, **kwargs):
+            real_put(self, key, data, **kwargs)
+            if key.startswith(storage.INPUT_PREFIX):
+                Path(signal_path).write_text(key)
+                time.sleep(600)
+
+        storage.LocalObjectStore.put = put
+        return True
+    return install
+
+
+def test_ingress_killed_mid_write_loses_nothing(service, store_root, redis_client, tmp_path):
+    """The kill provably hits a write in flight: the ingress is stopped inside the store
+    call that wrote a job's encrypted input, before any runner could take the job; then
+    SIGKILL. The client's retry, with the same Idempotency-Key, makes a new job (the dead
+    ingress's claim is taken over once its lease lapses), which succeeds. The job the dead
+    ingress was storing fails with a reason and its stored input is purged within seconds
+    (its ingress's lease), not at the job timeout."""
+    from pipeline.orchestration import NOT_STARTED_REASON
+    from serve.client import EphemeraClient, RetryPolicy
+    from tests.integration.conftest import API_TOKEN
+
+    signal_file = tmp_path / "storing"
+    victim = replica_pid("ApiDeployment")
+    assert run_in_replica("ApiDeployment", _block_after_storing_an_input(str(signal_file)))
+    attempts: list[str] = []
+    answers: list[int] = []
+    http = httpx.Client(base_url=service.base_url, timeout=120.0,
+                        headers={"Authorization": f"Bearer {API_TOKEN}"}, event_hooks={
+                            "request": [lambda r: attempts.append(r.headers["Idempotency-Key"])
+                                        if r.method == "POST" else None],
+                            "response": [lambda r: answers.append(r.status_code)
+                                         if r.request.method == "POST" else None]})
+    api = EphemeraClient(http=http, retry=RetryPolicy(max_retries=40, max_backoff_s=5.0))
+    account = f"acct-cut-{os.urandom(4).hex()}"
+    with http, ThreadPoolExecutor(1) as pool:
+        future = pool.submit(api.submit_job, [("photo.png", PHOTO)],
+                             device_key=crypto.new_device_key(), kind="art_style",
+                             style="watercolor", account_id=account)
+        deadline = time.monotonic() + 60
+        while not signal_file.exists():
+            assert time.monotonic() < deadline and not future.done(), "no input was written"
+            time.sleep(0.01)
+        stored_key = signal_file.read_text()
+        cut_job = stored_key.split("/")[1]
+        # In flight: the object is stored, the job registered, and no runner holds it.
+        assert (store_root / stored_key).is_file()
+        status, runner = redis_client.hmget(keys.job(cut_job), "status", "runner_id")
+        assert status == b"queued" and not runner
+        os.kill(victim, signal.SIGKILL)
+        accepted = future.result(timeout=240)
+        assert accepted.job_id != cut_job
+        assert len(attempts) >= 2 and len(set(attempts)) == 1, attempts  # retried, same key
+        assert answers[-1] == 202, answers
+        done = api.wait_job(account, accepted.job_id, timeout_s=180)
+        cut = api.wait_job(account, cut_job, timeout_s=60)
+    assert done.status == "succeeded", done
+    assert (cut.status, cut.reason) == ("failed", NOT_STARTED_REASON)
+    assert cut.inputs_purged_s is not None and cut.inputs_purged_s - cut.created_s < 60
+    assert not (store_root / stored_key).exists()
+    assert replica_pid("ApiDeployment") != victim
+    assert_clean(service, store_root, [done.model_dump(mode="json"), cut.model_dump(mode="json")])
