@@ -205,21 +205,27 @@ def _recent_files(root: Path, since_s: float, max_bytes: int = 20 << 20) -> list
 
 
 def test_media_keys_embeddings_gps_and_account_ids_are_nowhere_they_should_not_be(
-        client, service, store_root, redis_client, redis_server):
+        client, service, store_root, redis_client, redis_server, face_weights_path):
     """Purpose limitation, checked: after a mixed workload with failures (a GPS-tagged
     ai_photo, a tagged phone video, an animation, a job that fails, an upload refused at
     the door), scan Ray's logs, Redis (values and its AOF), the Parquet
     usage files, the object store, Ray's spill folder and every temporary file written
-    meanwhile. Uploads, stripped media, device keys and GPS strings appear nowhere; raw
-    account ids appear in no log, usage file, receipt or bucket key."""
+    meanwhile. Uploads, stripped media, device keys, GPS strings and the face embedding
+    (computed here with the service's weights; as bytes, base64 or printed numbers) appear
+    nowhere; raw account ids appear in no log, usage file, receipt or bucket key."""
     import base64
     import tempfile
     import uuid
 
+    from pipeline.config import ServiceConfig
+    from pipeline.ingest import check_upload
     from tests.integration.helpers import (
         CAMERA_MODEL,
+        embedding_patterns,
+        face_embedding,
         files_under,
         find_needles,
+        find_patterns,
         jpeg_with_gps,
         redis_values,
         windows,
@@ -260,6 +266,13 @@ def test_media_keys_embeddings_gps_and_account_ids_are_nowhere_they_should_not_b
     stored = files_under(store_root, redis_server.data_dir)
     everywhere = ray_logs + spill + temporary + stored + redis_values(redis_client)
     assert find_needles(everywhere, secrets) == []
+    clean = check_upload(photo, index=1, limits=ServiceConfig()).png_bytes
+    embedding = face_embedding(clean, face_weights_path)
+    patterns = embedding_patterns(embedding)
+    assert find_patterns(everywhere, patterns) == []
+    # The patterns can see: they find this embedding however a log line would print it.
+    for printed in (str(embedding), repr(embedding.tolist()), f"{embedding[:8]}"):
+        assert find_patterns([("control", printed.encode())], patterns), printed
 
     account_id = {"account": account.encode()}
     usage = [(w, b) for w, b in stored if "/usage/" in w]

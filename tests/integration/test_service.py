@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +24,10 @@ from tests.integration.helpers import (
     CAMERA_MODEL,
     api_over,
     encode_image,
+    face_embedding,
     files_under,
     find_needles,
+    frozen,
     job_url,
     jpeg_with_gps,
     key_header,
@@ -32,6 +35,7 @@ from tests.integration.helpers import (
     replica_pid,
     submit,
     wait_finished,
+    wait_running,
     windows,
 )
 
@@ -61,12 +65,39 @@ def test_ai_photo_with_gps_jpeg_end_to_end(client, service, store_root, redis_cl
                                            redis_server, face_weights_path):
     key = crypto.new_device_key()
     upload = jpeg_with_gps(ASTRONAUT)
+    clean = check_upload(upload, index=1, limits=ServiceConfig()).png_bytes
     response = submit(client, [upload], key=key, kind="ai_photo", style="portrait")
     assert response.status_code == 202, response.text
     body = response.json()
-    assert body["status_url"] == f"/v1/accounts/acct-1/jobs/{body['job_id']}"
+    job_id = body["job_id"]
+    assert body["status_url"] == f"/v1/accounts/acct-1/jobs/{job_id}"
 
-    view = wait_finished(client, body["job_id"])
+    # While the input and the face data are stored (the diffusion replica is held inside
+    # the job's model call), no stored byte anywhere (object store, Redis values, Redis's
+    # AOF on disk) holds the upload, its stripped pixels, the EXIF strings, the key or the
+    # embedding: only ciphertext, which opens with the key into exactly those.
+    wait_running(client, [job_id], "diffusion")
+    with frozen(replica_pid("DiffusionDeployment")):
+        inputs = sorted((store_root / "inputs" / job_id).rglob("*.bin"))
+        faces = sorted((store_root / "face" / job_id).rglob("*.bin"))
+        assert len(inputs) == 1 and len(faces) == 1, "the job's objects are not stored"
+        input_uri = json.loads(redis_client.hget(keys.job(job_id), "input_uris"))[0]
+        base = input_uri[:input_uri.index("/inputs/")]  # the store's URL
+        uri_of = {p: f"{base}/{p.relative_to(store_root).as_posix()}" for p in inputs + faces}
+        assert crypto.decrypt(inputs[0].read_bytes(), key, uri=uri_of[inputs[0]]) == clean
+        embedding = np.frombuffer(crypto.decrypt(faces[0].read_bytes(), key,
+                                                 uri=uri_of[faces[0]]), np.float32)
+        # The service's embedding is the one this photo has (computed here, same weights).
+        assert np.allclose(embedding, face_embedding(clean, face_weights_path), atol=1e-5)
+        needles = {"exif-model": CAMERA_MODEL, "exif-header": b"Exif\x00\x00",
+                   "key": key, "key-b64": base64.b64encode(key)}
+        needles |= {f"upload-{i}": w for i, w in enumerate(windows(upload))}
+        needles |= {f"stripped-{i}": w for i, w in enumerate(windows(clean))}
+        needles |= {f"embedding-{i}": w for i, w in enumerate(windows(embedding.tobytes(), 32))}
+        blobs = files_under(store_root, redis_server.data_dir) + redis_values(redis_client)
+        assert find_needles(blobs, needles) == []
+
+    view = wait_finished(client, job_id)
     assert view["status"] == "succeeded", view
     assert view["num_inputs_purged_verified"] == view["num_inputs"] == 1
     assert view["inputs_purged_s"] - view["finished_s"] < 30  # seconds, not days
@@ -77,33 +108,10 @@ def test_ai_photo_with_gps_jpeg_end_to_end(client, service, store_root, redis_cl
     image = _decodes(output.content)
     assert image.size == (64, 64) and not image.getexif() and not image.text
 
-    _assert_inputs_gone(store_root, redis_client, body["job_id"])
-
-    # No stored byte anywhere (object store, Redis values, Redis AOF on disk) holds the
-    # GPS-tagged upload, its stripped pixels, the EXIF strings, the key or the embedding.
-    clean = check_upload(upload, index=1, limits=ServiceConfig()).png_bytes
-    needles = {"exif-model": CAMERA_MODEL, "exif-header": b"Exif\x00\x00",
-               "key": key, "key-b64": base64.b64encode(key)}
-    needles |= {f"upload-{i}": w for i, w in enumerate(windows(upload))}
-    needles |= {f"stripped-{i}": w for i, w in enumerate(windows(clean))}
-    needles |= {f"embedding-{i}": w for i, w in enumerate(windows(_embedding(clean, face_weights_path), 32))}
+    _assert_inputs_gone(store_root, redis_client, job_id)
+    # And after the purge, with the output stored: still none of it anywhere.
     blobs = files_under(store_root, redis_server.data_dir) + redis_values(redis_client)
     assert find_needles(blobs, needles) == []
-
-
-def _embedding(clean_png: bytes, weights: Path) -> bytes:
-    """The identity embedding the face stage computes for this photo (same weights)."""
-    from pipeline.config import ModelsConfig
-    from pipeline.faces import ArcFaceEmbedder, MtcnnDetector, embed_faces, mean_identity
-    from pipeline.ingest import decode_clean_png
-    from pipeline.records import FaceBatch
-    from pipeline.runtime import select_runtime
-
-    runtime = select_runtime(ModelsConfig())
-    batch = embed_faces(FaceBatch(["j"], [decode_clean_png(clean_png)]),
-                        MtcnnDetector(runtime, min_probability=0.9),
-                        ArcFaceEmbedder(weights, runtime))
-    return mean_identity([batch.embeddings[0]]).tobytes()
 
 
 def test_art_style_many_files_outputs_readable_from_any_device(client, store_root, redis_client):
@@ -216,7 +224,7 @@ BAD_REQUESTS = {
 def _snapshot(store_root: Path, redis_client) -> tuple[list[str], list[str]]:
     # Heartbeats, locks and metrics change on their own; everything a request could leave
     # behind is compared.
-    background = (keys.RUNNERS, keys.lock(""), "eph:metrics:")
+    background = (keys.RUNNERS, keys.INGRESSES, keys.lock(""), "eph:metrics:")
     names = sorted(k.decode() for k in redis_client.scan_iter(match=keys.PREFIX + "*",
                                                                count=1000)
                    if not k.decode().startswith(background))
