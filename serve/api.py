@@ -404,9 +404,8 @@ class ApiDeployment:
                              style=_text(form.get("style")), resolution_px=resolution_px,
                              country=_text(form.get("country")), files=files)
         del files, uploads
-        idempotency = self.idempotency
         if idem_key is not None:
-            first = await asyncio.to_thread(idempotency.claim, account, idem_key, digest,
+            first = await asyncio.to_thread(self.idempotency.claim, account, idem_key, digest,
                                             ingress_id=self.ingress_id, now_s=time.time())
             if first is not None:  # a retry of a request that already made its job
                 return _accepted(account, first, replayed=True)
@@ -416,13 +415,13 @@ class ApiDeployment:
             job_id = await asyncio.shield(self._accept_and_submit(job_request, device_key))
         except BaseException as exc:
             if idem_key is not None:
-                await asyncio.to_thread(idempotency.release, account, idem_key)
+                await asyncio.to_thread(self.idempotency.release, account, idem_key)
             if isinstance(exc, (TooManyJobs, ServiceFull)):
                 exc.retry_after_s = self.settings.service.retry_after_s
                 count_rejection(http_status(exc))
             raise
         if idem_key is not None:
-            await asyncio.to_thread(idempotency.complete, account, idem_key, digest, job_id)
+            await asyncio.to_thread(self.idempotency.complete, account, idem_key, digest, job_id)
         return _accepted(account, job_id, replayed=False)
 
     async def _accept_and_submit(self, job_request, device_key: bytes) -> str:
