@@ -132,16 +132,21 @@ def check_job_request(*, account_id: str | None, kind: str | None, style: str | 
                       video=videos[0] if videos else None)
 
 
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
 def accept_job(request: JobRequest, device_key: bytes, stores: StoreSet, jobs: JobStore,
-               settings: Settings, *, ingress_id: str = "") -> tuple[JobRecord, WorkItem]:
-    """Register the job, store its encrypted inputs in the region nearest the user, and
-    return the record and work item. ``ingress_id``: the replica storing it, whose lease
-    keeps the job alive until a runner claims it.
+               settings: Settings, *, job_id: str | None = None,
+               ingress_id: str = "") -> tuple[JobRecord, WorkItem]:
+    """Register the job (as ``job_id``, or a new id), store its encrypted inputs in the
+    region nearest the user, and return the record and work item. ``ingress_id``: the
+    replica storing it, whose lease keeps the job alive until a runner claims it.
 
     Raises StorageError after undoing everything if the store fails part-way.
     """
     store = stores.for_inputs(request.country)
-    job_id = uuid.uuid4().hex
+    job_id = job_id or new_job_id()
     now = time.time()
     payloads = request.payloads
     uris = [object_uri(store, input_key(job_id, uuid.uuid4().hex)) for _ in payloads]

@@ -43,7 +43,7 @@ class Worker(StrEnum):
 @dataclass(frozen=True, slots=True)
 class Orphan:
     """Why an unfinished job can never finish (``reason``, for the user), and the worker
-    whose lapsed lease are the grounds (None: decided by time alone). The reaper fails
+    whose lapsed lease is the grounds (None: decided by time alone). The reaper fails
     the job only if that lease is still lapsed at the moment it writes."""
 
     reason: str

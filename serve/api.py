@@ -39,7 +39,13 @@ from pipeline.errors import (
 )
 from pipeline.idempotency import Idempotency, body_digest, check_key
 from pipeline.ingest import declared_media
-from pipeline.intake import ACCOUNT_ID_PATTERN, accept_job, check_job_request, withdraw_job
+from pipeline.intake import (
+    ACCOUNT_ID_PATTERN,
+    accept_job,
+    check_job_request,
+    new_job_id,
+    withdraw_job,
+)
 from pipeline.jobs import JobStore
 from pipeline.metrics import render_prometheus, service_metrics
 from pipeline.privacy import (
@@ -404,15 +410,17 @@ class ApiDeployment:
                              style=_text(form.get("style")), resolution_px=resolution_px,
                              country=_text(form.get("country")), files=files)
         del files, uploads
+        job_id = new_job_id()  # named in the claim: a retry after a crash looks it up
         if idem_key is not None:
             first = await asyncio.to_thread(self.idempotency.claim, account, idem_key, digest,
-                                            ingress_id=self.ingress_id, now_s=time.time())
+                                            job_id=job_id, ingress_id=self.ingress_id,
+                                            now_s=time.time())
             if first is not None:  # a retry of a request that already made its job
                 return _accepted(account, first, replayed=True)
         # Shielded: a client that disconnects now must not leave a job registered but
         # never queued; the accept-and-submit step always runs to its end.
         try:
-            job_id = await asyncio.shield(self._accept_and_submit(job_request, device_key))
+            await asyncio.shield(self._accept_and_submit(job_request, device_key, job_id))
         except BaseException as exc:
             if idem_key is not None:
                 await asyncio.to_thread(self.idempotency.release, account, idem_key)
@@ -424,11 +432,11 @@ class ApiDeployment:
             await asyncio.to_thread(self.idempotency.complete, account, idem_key, digest, job_id)
         return _accepted(account, job_id, replayed=False)
 
-    async def _accept_and_submit(self, job_request, device_key: bytes) -> str:
+    async def _accept_and_submit(self, job_request, device_key: bytes, job_id: str) -> None:
         """Store the job, then hand it to a job runner. When every runner and this caller's
         queue for them are full (Serve back-pressure), withdraw it: 503, nothing kept."""
         job, item = await asyncio.to_thread(accept_job, job_request, device_key, self.stores,
-                                            self.jobs, self.settings,
+                                            self.jobs, self.settings, job_id=job_id,
                                             ingress_id=self.ingress_id)
         response = self.runner.run_job.remote(item)
         del item  # the runner holds the device key from here on
@@ -451,7 +459,6 @@ class ApiDeployment:
         task = asyncio.get_running_loop().create_task(_settled(response))
         self._handed_off.add(task)  # keep the response referenced until the job ends
         task.add_done_callback(self._handed_off.discard)
-        return job.job_id
 
     @app.get("/v1/accounts/{account_id}/jobs", response_model=JobsPage)
     def list_jobs(self, account_id: AccountId, limit: PageLimit = 100,

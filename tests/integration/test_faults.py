@@ -289,6 +289,46 @@ def _block_after_storing_an_input(signal_path: str):
     return install
 
 
+class RecordingApi:
+    """The typed client with patient retries, over an httpx client that records every
+    job submission attempt's Idempotency-Key and every answer's status."""
+
+    def __init__(self, service) -> None:
+        from serve.client import EphemeraClient, RetryPolicy
+        from tests.integration.conftest import API_TOKEN
+
+        self.attempts: list[str] = []
+        self.answers: list[int] = []
+        self.http = httpx.Client(
+            base_url=service.base_url, timeout=120.0,
+            headers={"Authorization": f"Bearer {API_TOKEN}"}, event_hooks={
+                "request": [lambda r: self.attempts.append(r.headers["Idempotency-Key"])
+                            if r.method == "POST" else None],
+                "response": [lambda r: self.answers.append(r.status_code)
+                             if r.request.method == "POST" else None]})
+        self.api = EphemeraClient(http=self.http, retry=RetryPolicy(max_retries=40,
+                                                                    max_backoff_s=5.0))
+
+    def submit_while(self, signal_file: Path, victim: int, account: str):
+        """Submit one job; once the injected fault in the ingress reports (it writes
+        ``signal_file``), check what it says, SIGKILL the ingress, and return what the
+        client's retries got: (the reported value, the accepted answer)."""
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(self.api.submit_job, [("photo.png", PHOTO)],
+                                 device_key=crypto.new_device_key(), kind="art_style",
+                                 style="watercolor", account_id=account)
+            deadline = time.monotonic() + 60
+            while not signal_file.exists():
+                assert time.monotonic() < deadline and not future.done(), "no fault reported"
+                time.sleep(0.01)
+            reported = signal_file.read_text()
+            yield reported
+            os.kill(victim, signal.SIGKILL)
+            yield future.result(timeout=240)
+        assert len(self.attempts) >= 2 and len(set(self.attempts)) == 1, self.attempts
+        assert self.answers[-1] == 202, self.answers  # retried with the same key
+
+
 def test_ingress_killed_mid_write_loses_nothing(service, store_root, redis_client, tmp_path):
     """The kill provably hits a write in flight: the ingress is stopped inside the store
     call that wrote a job's encrypted input, before any runner could take the job; then
@@ -297,46 +337,74 @@ def test_ingress_killed_mid_write_loses_nothing(service, store_root, redis_clien
     ingress was storing fails with a reason and its stored input is purged within seconds
     (its ingress's lease), not at the job timeout."""
     from pipeline.orchestration import NOT_STARTED_REASON
-    from serve.client import EphemeraClient, RetryPolicy
-    from tests.integration.conftest import API_TOKEN
 
     signal_file = tmp_path / "storing"
     victim = replica_pid("ApiDeployment")
     assert run_in_replica("ApiDeployment", _block_after_storing_an_input(str(signal_file)))
-    attempts: list[str] = []
-    answers: list[int] = []
-    http = httpx.Client(base_url=service.base_url, timeout=120.0,
-                        headers={"Authorization": f"Bearer {API_TOKEN}"}, event_hooks={
-                            "request": [lambda r: attempts.append(r.headers["Idempotency-Key"])
-                                        if r.method == "POST" else None],
-                            "response": [lambda r: answers.append(r.status_code)
-                                         if r.request.method == "POST" else None]})
-    api = EphemeraClient(http=http, retry=RetryPolicy(max_retries=40, max_backoff_s=5.0))
+    client = RecordingApi(service)
     account = f"acct-cut-{os.urandom(4).hex()}"
-    with http, ThreadPoolExecutor(1) as pool:
-        future = pool.submit(api.submit_job, [("photo.png", PHOTO)],
-                             device_key=crypto.new_device_key(), kind="art_style",
-                             style="watercolor", account_id=account)
-        deadline = time.monotonic() + 60
-        while not signal_file.exists():
-            assert time.monotonic() < deadline and not future.done(), "no input was written"
-            time.sleep(0.01)
-        stored_key = signal_file.read_text()
+    with client.http:
+        steps = client.submit_while(signal_file, victim, account)
+        stored_key = next(steps)
         cut_job = stored_key.split("/")[1]
         # In flight: the object is stored, the job registered, and no runner holds it.
         assert (store_root / stored_key).is_file()
         status, runner = redis_client.hmget(keys.job(cut_job), "status", "runner_id")
         assert status == b"queued" and not runner
-        os.kill(victim, signal.SIGKILL)
-        accepted = future.result(timeout=240)
-        assert accepted.job_id != cut_job
-        assert len(attempts) >= 2 and len(set(attempts)) == 1, attempts  # retried, same key
-        assert answers[-1] == 202, answers
-        done = api.wait_job(account, accepted.job_id, timeout_s=180)
-        cut = api.wait_job(account, cut_job, timeout_s=60)
+        accepted = next(steps)
+        assert accepted.job_id != cut_job and not accepted.replayed
+        list(steps)
+        done = client.api.wait_job(account, accepted.job_id, timeout_s=180)
+        cut = client.api.wait_job(account, cut_job, timeout_s=60)
     assert done.status == "succeeded", done
     assert (cut.status, cut.reason) == ("failed", NOT_STARTED_REASON)
     assert cut.inputs_purged_s is not None and cut.inputs_purged_s - cut.created_s < 60
     assert not (store_root / stored_key).exists()
     assert replica_pid("ApiDeployment") != victim
     assert_clean(service, store_root, [done.model_dump(mode="json"), cut.model_dump(mode="json")])
+
+
+def _block_before_recording_the_key(signal_path: str):
+    """Fault injection, run inside the ingress replica: the call that records a handed-off
+    job under its Idempotency-Key reports the job id in ``signal_path`` and blocks."""
+    def install(_actor) -> bool:
+        import time
+        from pathlib import Path
+
+        from pipeline import idempotency
+
+        def complete(self, account_id, key, digest, job_id):
+            Path(signal_path).write_text(job_id)
+            time.sleep(600)
+
+        idempotency.Idempotency.complete = complete
+        return True
+    return install
+
+
+def test_ingress_killed_between_hand_off_and_answer_makes_no_second_job(service, store_root,
+                                                                       redis_client, tmp_path):
+    """The kill provably lands after a runner took the job and before the ingress answered
+    (it is stopped inside the call recording the job under its Idempotency-Key); then
+    SIGKILL. The client's retry with the same key is answered with that same job, which
+    succeeds: the account has one job, not two."""
+    signal_file = tmp_path / "answering"
+    victim = replica_pid("ApiDeployment")
+    assert run_in_replica("ApiDeployment", _block_before_recording_the_key(str(signal_file)))
+    client = RecordingApi(service)
+    account = f"acct-handed-{os.urandom(4).hex()}"
+    with client.http:
+        steps = client.submit_while(signal_file, victim, account)
+        handed = next(steps)
+        deadline = time.monotonic() + 30
+        while not redis_client.hget(keys.job(handed), "runner_id"):  # a runner holds it
+            assert time.monotonic() < deadline, "no runner took the job"
+            time.sleep(0.02)
+        accepted = next(steps)
+        list(steps)
+        assert (accepted.job_id, accepted.replayed) == (handed, True)
+        done = client.api.wait_job(account, handed, timeout_s=180)
+        assert [j.job_id for j in client.api.iter_jobs(account)] == [handed]
+    assert done.status == "succeeded", done
+    assert replica_pid("ApiDeployment") != victim
+    assert_clean(service, store_root, [done.model_dump(mode="json")])

@@ -137,21 +137,43 @@ def test_an_idempotency_claim_of_a_dead_ingress_is_taken_over_after_its_lease(jo
 
     idem, now = Idempotency(jobs.redis, window_s=3600), time.time()
     jobs.heartbeat(Worker.INGRESS, "ingress-a", lease_s=10, now_s=now)
-    assert idem.claim("acct-i", "key-00000001", "d1", ingress_id="ingress-a", now_s=now) is None
+    first = new_job(jobs, ingress_id="ingress-a")  # registered, never handed over
+
+    def claim(digest: str, ingress: str, at_s: float, job_id: str = "job-x") -> str | None:
+        return idem.claim("acct-i", "key-00000001", digest, job_id=job_id, ingress_id=ingress,
+                          now_s=at_s)
+
+    assert claim("d1", "ingress-a", now, job_id=first.job_id) is None
     with pytest.raises(InvalidUpload, match="still being handled") as busy:
-        idem.claim("acct-i", "key-00000001", "d1", ingress_id="ingress-b", now_s=now + 3)
+        claim("d1", "ingress-b", now + 3)
     assert busy.value.retry_after_s == 7  # until ingress-a's lease lapses
     with pytest.raises(InvalidUpload, match="different request"):
-        idem.claim("acct-i", "key-00000001", "d2", ingress_id="ingress-b", now_s=now + 3)
-    # ingress-a is gone: the retry takes the claim over, and then owns it.
-    assert idem.claim("acct-i", "key-00000001", "d1", ingress_id="ingress-b",
-                      now_s=now + 11) is None
+        claim("d2", "ingress-b", now + 3)
+    # ingress-a is gone and no runner took its job: the retry takes the claim over (the
+    # reaper fails and purges the first job), and then owns it.
+    assert claim("d1", "ingress-b", now + 11, job_id="job-b") is None
     jobs.heartbeat(Worker.INGRESS, "ingress-b", lease_s=10, now_s=now + 11)
     with pytest.raises(InvalidUpload, match="still being handled"):
-        idem.claim("acct-i", "key-00000001", "d1", ingress_id="ingress-c", now_s=now + 12)
+        claim("d1", "ingress-c", now + 12)
     idem.complete("acct-i", "key-00000001", "d1", "job-b")
-    assert idem.claim("acct-i", "key-00000001", "d1", ingress_id="ingress-c",
-                      now_s=now + 12) == "job-b"
+    assert claim("d1", "ingress-c", now + 12) == "job-b"
     # Another account's same key is another claim.
-    assert idem.claim("acct-other", "key-00000001", "d1", ingress_id="ingress-c",
-                      now_s=now + 12) is None
+    assert idem.claim("acct-other", "key-00000001", "d1", job_id="job-o",
+                      ingress_id="ingress-c", now_s=now + 12) is None
+
+
+def test_a_retry_after_the_ingress_died_past_the_hand_off_gets_the_running_job(jobs):
+    """The ingress handed its job to a runner, then died before recording it under the
+    key: the retry is answered with that job, and no second job is made."""
+    from pipeline.idempotency import Idempotency
+
+    idem, now = Idempotency(jobs.redis, window_s=3600), time.time()
+    jobs.heartbeat(Worker.INGRESS, "ingress-a", lease_s=10, now_s=now)
+    job = new_job(jobs, ingress_id="ingress-a")
+    assert idem.claim("acct-h", "key-00000002", "d1", job_id=job.job_id,
+                      ingress_id="ingress-a", now_s=now) is None
+    assert jobs.claim_job(job.job_id, "runner-a")  # the hand-off happened
+    assert idem.claim("acct-h", "key-00000002", "d1", job_id="job-second",
+                      ingress_id="ingress-b", now_s=now + 11) == job.job_id
+    assert idem.claim("acct-h", "key-00000002", "d1", job_id="job-third",
+                      ingress_id="ingress-c", now_s=now + 12) == job.job_id  # recorded
