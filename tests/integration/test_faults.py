@@ -7,10 +7,11 @@ Run with ``pytest -m faults``; they run after every other test of a session (con
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -308,25 +309,29 @@ class RecordingApi:
                              if r.request.method == "POST" else None]})
         self.api = EphemeraClient(http=self.http, retry=RetryPolicy(max_retries=40,
                                                                     max_backoff_s=5.0))
+        self.pool = ThreadPoolExecutor(1)
 
-    def submit_while(self, signal_file: Path, victim: int, account: str):
-        """Submit one job; once the injected fault in the ingress reports (it writes
-        ``signal_file``), check what it says, SIGKILL the ingress, and return what the
-        client's retries got: (the reported value, the accepted answer)."""
-        with ThreadPoolExecutor(1) as pool:
-            future = pool.submit(self.api.submit_job, [("photo.png", PHOTO)],
-                                 device_key=crypto.new_device_key(), kind="art_style",
-                                 style="watercolor", account_id=account)
-            deadline = time.monotonic() + 60
-            while not signal_file.exists():
-                assert time.monotonic() < deadline and not future.done(), "no fault reported"
-                time.sleep(0.01)
-            reported = signal_file.read_text()
-            yield reported
-            os.kill(victim, signal.SIGKILL)
-            yield future.result(timeout=240)
+    def submit_in_background(self, account: str) -> Future:
+        return self.pool.submit(self.api.submit_job, [("photo.png", PHOTO)],
+                                device_key=crypto.new_device_key(), kind="art_style",
+                                style="watercolor", account_id=account)
+
+    def assert_retried_with_one_key(self) -> None:
         assert len(self.attempts) >= 2 and len(set(self.attempts)) == 1, self.attempts
-        assert self.answers[-1] == 202, self.answers  # retried with the same key
+        assert self.answers[-1] == 202, self.answers
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        self.http.close()
+
+
+def wait_for_fault(signal_file: Path, submission: Future) -> str:
+    """What the fault injected in the ingress reported once it struck (it writes it)."""
+    deadline = time.monotonic() + 60
+    while not signal_file.exists():
+        assert time.monotonic() < deadline and not submission.done(), "the fault never struck"
+        time.sleep(0.01)
+    return signal_file.read_text()
 
 
 def test_ingress_killed_mid_write_loses_nothing(service, store_root, redis_client, tmp_path):
@@ -343,19 +348,24 @@ def test_ingress_killed_mid_write_loses_nothing(service, store_root, redis_clien
     assert run_in_replica("ApiDeployment", _block_after_storing_an_input(str(signal_file)))
     client = RecordingApi(service)
     account = f"acct-cut-{os.urandom(4).hex()}"
-    with client.http:
-        steps = client.submit_while(signal_file, victim, account)
-        stored_key = next(steps)
+    try:
+        submission = client.submit_in_background(account)
+        stored_key = wait_for_fault(signal_file, submission)
         cut_job = stored_key.split("/")[1]
         # In flight: the object is stored, the job registered, and no runner holds it.
         assert (store_root / stored_key).is_file()
         status, runner = redis_client.hmget(keys.job(cut_job), "status", "runner_id")
         assert status == b"queued" and not runner
-        accepted = next(steps)
+        os.kill(victim, signal.SIGKILL)
+        accepted = submission.result(timeout=240)
+        client.assert_retried_with_one_key()
         assert accepted.job_id != cut_job and not accepted.replayed
-        list(steps)
         done = client.api.wait_job(account, accepted.job_id, timeout_s=180)
         cut = client.api.wait_job(account, cut_job, timeout_s=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # never leave the fault installed
+            os.kill(victim, signal.SIGKILL)
+        client.close()
     assert done.status == "succeeded", done
     assert (cut.status, cut.reason) == ("failed", NOT_STARTED_REASON)
     assert cut.inputs_purged_s is not None and cut.inputs_purged_s - cut.created_s < 60
@@ -393,18 +403,23 @@ def test_ingress_killed_between_hand_off_and_answer_makes_no_second_job(service,
     assert run_in_replica("ApiDeployment", _block_before_recording_the_key(str(signal_file)))
     client = RecordingApi(service)
     account = f"acct-handed-{os.urandom(4).hex()}"
-    with client.http:
-        steps = client.submit_while(signal_file, victim, account)
-        handed = next(steps)
+    try:
+        submission = client.submit_in_background(account)
+        handed = wait_for_fault(signal_file, submission)
         deadline = time.monotonic() + 30
         while not redis_client.hget(keys.job(handed), "runner_id"):  # a runner holds it
             assert time.monotonic() < deadline, "no runner took the job"
             time.sleep(0.02)
-        accepted = next(steps)
-        list(steps)
+        os.kill(victim, signal.SIGKILL)
+        accepted = submission.result(timeout=240)
+        client.assert_retried_with_one_key()
         assert (accepted.job_id, accepted.replayed) == (handed, True)
         done = client.api.wait_job(account, handed, timeout_s=180)
         assert [j.job_id for j in client.api.iter_jobs(account)] == [handed]
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # never leave the fault installed
+            os.kill(victim, signal.SIGKILL)
+        client.close()
     assert done.status == "succeeded", done
     assert replica_pid("ApiDeployment") != victim
     assert_clean(service, store_root, [done.model_dump(mode="json")])
