@@ -75,15 +75,19 @@ def deployed_app_config(app_name: str = APP_NAME) -> tuple[dict[str, Any], dict[
     return app["deployed_app_config"], instance
 
 
-def retune(pool: str, changes: dict[str, Any], app_name: str = APP_NAME) -> dict[str, Any]:
-    """Apply ``changes`` to ``pool`` on the running service; returns the new user_config."""
-    from serve.launcher import deploy_config
+def retune(pool: str, changes: dict[str, Any], app_name: str = APP_NAME,
+           timeout_s: float = 120.0) -> dict[str, Any]:
+    """Apply ``changes`` to ``pool`` on the running service and return the new user_config
+    once every replica runs with it (Serve applies a deploy asynchronously: the app reads
+    DEPLOYING from the moment the config is accepted until the replicas are reconfigured)."""
+    from serve.launcher import deploy_config, wait_app_running
 
     deployed, instance = deployed_app_config(app_name)
     config = tuned_config(deployed, pool, changes)
     http = {k: v for k, v in instance["http_options"].items() if k in ("host", "port")}
     deploy_config({"proxy_location": instance["proxy_location"], "http_options": http,
                    "applications": [config]})
+    wait_app_running(timeout_s, app_name)
     name = POOL_DEPLOYMENTS[pool]
     return next(d for d in config["deployments"] if d["name"] == name)["user_config"]
 
