@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import redis
 
-from pipeline.config import Settings, StageBatchConfig
-from pipeline.jobs import JobStore
-from pipeline.orchestration import TIMEOUT_REASON, batch_cost, is_expired, merge_waiting
-from pipeline.records import Stage, StageResult, WorkItem
-from pipeline.storage import StoreSet, open_stores
+from pipeline.core.config import Settings, StageBatchConfig
+from pipeline.core.records import Stage, StageResult, WorkItem
+from pipeline.jobs.orchestration import TIMEOUT_REASON, batch_cost, is_expired, merge_waiting
+from pipeline.state.job_store import JobStore
+from pipeline.storage.base import StoreSet, open_stores
 from serve.telemetry import observe_batch
 
 ENDED_REASON = "the job already ended"

@@ -12,9 +12,9 @@ from actors.common import (
     pin_torch_threads,
     raise_if_stuck,
 )
-from pipeline.config import MAX_CONCURRENT_BATCHES, Settings, StageBatchConfig
-from pipeline.orchestration import batch_cost
-from pipeline.records import Stage, StageResult, WorkItem
+from pipeline.core.config import MAX_CONCURRENT_BATCHES, Settings, StageBatchConfig
+from pipeline.core.records import Stage, StageResult, WorkItem
+from pipeline.jobs.orchestration import batch_cost
 
 
 @serve.deployment
@@ -22,8 +22,8 @@ class DiffusionDeployment:
     def __init__(self, settings: Settings) -> None:
         from diffusers.utils import logging as diffusers_logging
 
-        from pipeline.jobs import JobStore
-        from pipeline.loading import open_generator
+        from pipeline.models.loading import open_generator
+        from pipeline.state.job_store import JobStore
 
         diffusers_logging.disable_progress_bar()
         pin_torch_threads(settings)
@@ -31,7 +31,7 @@ class DiffusionDeployment:
         client, self.stores = open_backends(settings)
         self.jobs = JobStore(client)
         if settings.models.diffusion_backend == "simulated":  # benchmarks only
-            from pipeline.simulated import SimulatedGenerator
+            from pipeline.models.simulated import SimulatedGenerator
 
             self.generator = SimulatedGenerator(
                 settings.models.simulated,
@@ -64,7 +64,7 @@ class DiffusionDeployment:
         return await self.model_calls.submit(key, items)
 
     def _run(self, items: list[WorkItem]) -> list[StageResult]:
-        from pipeline.stages import diffusion_stage, run_isolating_failures
+        from pipeline.jobs.stages import diffusion_stage, run_isolating_failures
 
         return run_isolating_failures(
             lambda batch: diffusion_stage(batch, self.stores, self.jobs, self.generator,

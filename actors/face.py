@@ -12,16 +12,16 @@ from actors.common import (
     pin_torch_threads,
     raise_if_stuck,
 )
-from pipeline.config import MAX_CONCURRENT_BATCHES, Settings, StageBatchConfig
-from pipeline.orchestration import batch_cost
-from pipeline.records import Stage, StageResult, WorkItem
+from pipeline.core.config import MAX_CONCURRENT_BATCHES, Settings, StageBatchConfig
+from pipeline.core.records import Stage, StageResult, WorkItem
+from pipeline.jobs.orchestration import batch_cost
 
 
 @serve.deployment
 class FaceDeployment:
     def __init__(self, settings: Settings) -> None:
-        from pipeline.jobs import JobStore
-        from pipeline.loading import face_quality, open_face_models
+        from pipeline.models.loading import face_quality, open_face_models
+        from pipeline.state.job_store import JobStore
 
         pin_torch_threads(settings)
         self.settings = settings
@@ -55,7 +55,7 @@ class FaceDeployment:
         return await self.model_calls.submit(key, items)
 
     def _run(self, items: list[WorkItem]) -> list[StageResult]:
-        from pipeline.stages import face_stage, run_isolating_failures
+        from pipeline.jobs.stages import face_stage, run_isolating_failures
 
         return run_isolating_failures(
             lambda batch: face_stage(batch, self.stores, self.jobs, self.detector,

@@ -16,7 +16,7 @@ import time
 from ray import serve
 
 from actors.common import open_backends
-from pipeline.config import Settings
+from pipeline.core.config import Settings
 
 log = logging.getLogger("ray.serve")
 
@@ -24,7 +24,7 @@ log = logging.getLogger("ray.serve")
 @serve.deployment(max_ongoing_requests=100, ray_actor_options={"num_cpus": 0})
 class RetentionDeployment:
     def __init__(self, settings: Settings) -> None:
-        from pipeline.jobs import JobStore
+        from pipeline.state.job_store import JobStore
 
         self.settings = settings
         client, self.stores = open_backends(settings)
@@ -58,7 +58,7 @@ class RetentionDeployment:
         self._ensure_background()  # Serve calls this periodically: work starts with the replica
 
     def sweep(self) -> int:
-        from pipeline.retention import note_purges, sweep_due
+        from pipeline.retention.purge import note_purges, sweep_due
 
         receipts = sweep_due(self.stores, self.jobs.ledger, owner=self.owner,
                              cfg=self.settings.retention)
@@ -72,7 +72,7 @@ class RetentionDeployment:
         return minimised + deleted
 
     def reconcile(self) -> int:
-        from pipeline.retention import note_purges, reconcile
+        from pipeline.retention.purge import note_purges, reconcile
 
         receipts = reconcile(self.stores, self.jobs.ledger, owner=self.owner,
                              cfg=self.settings.retention)
@@ -80,7 +80,7 @@ class RetentionDeployment:
         return len(receipts)
 
     def resume_account_deletions(self) -> int:
-        from pipeline.deletion import delete_account, pending_account_deletions
+        from pipeline.retention.deletion import delete_account, pending_account_deletions
 
         done = 0
         for receipt_id, account_id in pending_account_deletions(self.jobs.redis).items():
@@ -93,7 +93,7 @@ class RetentionDeployment:
 
     async def purge_job(self, job_id: str) -> int:
         """Purge and verify a finished job's inputs and face data; returns objects verified."""
-        from pipeline.retention import purge_finished_job
+        from pipeline.retention.purge import purge_finished_job
 
         self._ensure_background()
         return await asyncio.to_thread(purge_finished_job, job_id, self.stores, self.jobs,
@@ -101,13 +101,13 @@ class RetentionDeployment:
 
     async def discard_outputs(self, account_id: str, output_ids: list[str]) -> int:
         """Delete outputs written by an abandoned attempt of a job (never shown to anyone)."""
-        from pipeline.deletion import discard_outputs
+        from pipeline.retention.deletion import discard_outputs
 
         return await asyncio.to_thread(discard_outputs, account_id, output_ids, self.stores,
                                        self.jobs)
 
     async def delete_account(self, account_id: str, receipt_id: str) -> int:
-        from pipeline.deletion import delete_account
+        from pipeline.retention.deletion import delete_account
 
         self._ensure_background()
         return await asyncio.to_thread(delete_account, account_id, receipt_id, self.stores,

@@ -37,7 +37,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import load_settings  # noqa: E402
+from pipeline.core.config import load_settings  # noqa: E402
 
 OUT = REPO / "bench-out"
 BATCHES = (1, 2, 4, 8, 16)
@@ -73,10 +73,10 @@ def measure(batches: tuple[int, ...], repeats: int, steps: int) -> tuple[dict, d
     import torch
     from diffusers.utils import logging as diffusers_logging
 
-    from pipeline.diffusion import GenerationParams
-    from pipeline.faces import align_face
-    from pipeline.loading import open_face_models, open_generator
-    from pipeline.runtime import select_runtime
+    from pipeline.models.diffusion import GenerationParams
+    from pipeline.models.faces import align_face
+    from pipeline.models.loading import open_face_models, open_generator
+    from pipeline.models.runtime import select_runtime
 
     diffusers_logging.disable_progress_bar()
     diffusers_logging.set_verbosity_error()

@@ -34,12 +34,12 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline import crypto  # noqa: E402
-from pipeline.config import load_settings  # noqa: E402
-from pipeline.jobs import JobStore  # noqa: E402
-from pipeline.metrics import percentile  # noqa: E402
-from pipeline.records import JobRecord, JobStatus, ObjectClass, OutputRecord, RetentionRecord  # noqa: E402
-from pipeline.storage import object_uri, open_stores, output_key  # noqa: E402
+from pipeline.core.config import load_settings  # noqa: E402
+from pipeline.core.records import JobRecord, JobStatus, ObjectClass, OutputRecord, RetentionRecord  # noqa: E402
+from pipeline.security import crypto  # noqa: E402
+from pipeline.state.job_store import JobStore  # noqa: E402
+from pipeline.state.metrics import percentile  # noqa: E402
+from pipeline.storage.base import object_uri, open_stores, output_key  # noqa: E402
 from serve.client import EphemeraClient  # noqa: E402
 from serve.launcher import start_service  # noqa: E402
 

@@ -4,7 +4,7 @@ Run:  .venv/bin/python scripts/bench_scale.py --quick     (about 2 minutes here)
       .venv/bin/python scripts/bench_scale.py             (1, 2, 4, 8 replicas; longer)
 
 SIMULATED GPUs. This machine has 2 cores and no GPU, so the diffusion pool runs the GPU
-stand-in (models.yaml diffusion_backend: simulated, pipeline/simulated.py): each batch
+stand-in (models.yaml diffusion_backend: simulated, pipeline/models/simulated.py): each batch
 takes overhead_s + s_per_unit x cost, calibrated to Stable Diffusion 1.5 fp16 on an A100
 (1.6 s for one 512 px image at 50 steps), scaled by --time-scale, and uses no CPU. Everything
 else is real: HTTP, the ingress (decode, strip, encrypt, store), job runners, Serve's
@@ -40,8 +40,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline import crypto
-from pipeline.config import (
+from pipeline.core.config import (
     AutoscalingConfig,
     PoolConfig,
     Settings,
@@ -49,6 +48,7 @@ from pipeline.config import (
     StageBatchConfig,
     load_settings,
 )
+from pipeline.security import crypto
 from serve.client import NO_RETRIES, EphemeraClient
 from serve.schemas import JobView
 

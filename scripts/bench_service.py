@@ -54,8 +54,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline import crypto
-from pipeline.config import Settings, StageBatchConfig, load_settings
+from pipeline.core.config import Settings, StageBatchConfig, load_settings
+from pipeline.security import crypto
 from serve.client import NO_RETRIES, ApiError, EphemeraClient
 from serve.schemas import JobView
 
@@ -126,7 +126,7 @@ def bench_settings(base: Settings, root: Path, name: str, batch: int) -> Setting
 
 def ensure_tiny_models(settings: Settings) -> None:
     """Build the tiny models once, before any timing, so no run pays for it."""
-    from pipeline.loading import open_face_models, open_generator
+    from pipeline.models.loading import open_face_models, open_generator
 
     open_generator(settings)
     open_face_models(settings)
@@ -239,11 +239,11 @@ def load_stages(settings: Settings, redis_url: str, kind: str) -> Stages:
     import torch
     from diffusers.utils import logging as diffusers_logging
 
-    from pipeline.jobs import JobStore
-    from pipeline.ledger import RetentionLedger
-    from pipeline.loading import face_quality, open_face_models, open_generator
-    from pipeline.runtime import select_runtime
-    from pipeline.storage import LocalObjectStore, StoreSet
+    from pipeline.models.loading import face_quality, open_face_models, open_generator
+    from pipeline.models.runtime import select_runtime
+    from pipeline.state.job_store import JobStore
+    from pipeline.state.ledger import RetentionLedger
+    from pipeline.storage.base import LocalObjectStore, StoreSet
 
     diffusers_logging.disable_progress_bar()  # as the diffusion actor does
     diffusers_logging.set_verbosity_error()
@@ -262,7 +262,7 @@ def load_stages(settings: Settings, redis_url: str, kind: str) -> Stages:
 
 def accept_items(stages: Stages, spec: JobSpec, count: int) -> list:
     """Validate and store ``count`` jobs as the API does (not timed)."""
-    from pipeline.intake import accept_job, check_job_request
+    from pipeline.jobs.intake import accept_job, check_job_request
 
     key = crypto.new_device_key()
     items = []
@@ -277,7 +277,7 @@ def accept_items(stages: Stages, spec: JobSpec, count: int) -> list:
 
 def run_chunk(stages: Stages, chunk: list) -> list[str]:
     """Face (ai_photo) then diffusion for one chunk; returns failure reasons."""
-    from pipeline.stages import diffusion_stage, face_stage
+    from pipeline.jobs.stages import diffusion_stage, face_stage
 
     failures = []
     if chunk[0].kind == "ai_photo":
@@ -297,7 +297,7 @@ def run_in_process(base: Settings, root: Path, batch: int, spec: JobSpec,
                    jobs: int) -> RunResult:
     """Raw: accept (validate, strip, encrypt, store) and run the stages, in chunks of
     ``batch``, all timed; the same work the service does, without Ray or HTTP."""
-    from pipeline.redis_server import RedisServer
+    from pipeline.state.redis_server import RedisServer
 
     name = f"raw b{batch}"
     settings = bench_settings(base, root, name, batch)

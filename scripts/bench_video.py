@@ -33,8 +33,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline import crypto  # noqa: E402
-from pipeline.config import Settings, StageBatchConfig, load_settings  # noqa: E402
+from pipeline.core.config import Settings, StageBatchConfig, load_settings  # noqa: E402
+from pipeline.security import crypto  # noqa: E402
 from serve.client import NO_RETRIES, EphemeraClient  # noqa: E402
 from serve.schemas import JobView  # noqa: E402
 
@@ -49,7 +49,7 @@ def astronaut_png() -> bytes:
 
 def long_video(frames: int) -> bytes:
     """A moving crop of a real photo, 96x64 at 24 fps, made here with PyAV."""
-    from pipeline.video import encode_mp4
+    from pipeline.media.video import encode_mp4
 
     photo = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((192, 128)))
     clip = [np.ascontiguousarray(photo[i % 64: i % 64 + 64, i % 96: i % 96 + 96])
@@ -61,9 +61,9 @@ def measure_in_process(frames: int, chunk: int, steps: int) -> dict[str, float]:
     import torch
     from diffusers.utils import logging as diffusers_logging
 
-    from pipeline.diffusion import GenerationParams
-    from pipeline.loading import open_generator
-    from pipeline.video import decode_frames
+    from pipeline.media.video import decode_frames
+    from pipeline.models.diffusion import GenerationParams
+    from pipeline.models.loading import open_generator
 
     diffusers_logging.set_verbosity_error()
     base = load_settings()

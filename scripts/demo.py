@@ -24,9 +24,9 @@ from PIL import Image, ImageFilter
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline import crypto  # noqa: E402
-from pipeline.config import load_settings  # noqa: E402
-from pipeline.storage import open_stores  # noqa: E402
+from pipeline.core.config import load_settings  # noqa: E402
+from pipeline.security import crypto  # noqa: E402
+from pipeline.storage.base import open_stores  # noqa: E402
 from serve.client import EphemeraClient  # noqa: E402
 from serve.launcher import start_service  # noqa: E402
 

@@ -43,8 +43,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline import crypto
-from pipeline.config import PoolConfig, SimulatedGpuConfig, StageBatchConfig, load_settings
+from pipeline.core.config import PoolConfig, SimulatedGpuConfig, StageBatchConfig, load_settings
+from pipeline.security import crypto
 from scripts.bench_scale import replica_pids
 from serve.client import NO_RETRIES, ApiError, EphemeraClient, job_call
 from serve.schemas import JobView

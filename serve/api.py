@@ -26,10 +26,8 @@ from ray.serve.exceptions import BackPressureError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.config import Settings
-from pipeline.crypto import check_device_key
-from pipeline.deletion import delete_output, request_account_deletion
-from pipeline.errors import (
+from pipeline.core.config import Settings
+from pipeline.core.errors import (
     EphemeraError,
     InvalidUpload,
     NotFound,
@@ -37,28 +35,30 @@ from pipeline.errors import (
     TooManyJobs,
     Unavailable,
 )
-from pipeline.idempotency import Idempotency, body_digest, check_key
-from pipeline.ingest import declared_media
-from pipeline.intake import (
+from pipeline.core.records import JobRecord, Worker
+from pipeline.jobs.intake import (
     ACCOUNT_ID_PATTERN,
     accept_job,
     check_job_request,
     new_job_id,
     withdraw_job,
 )
-from pipeline.jobs import JobStore
-from pipeline.metrics import render_prometheus, service_metrics
-from pipeline.privacy import (
+from pipeline.media.ingest import declared_media
+from pipeline.privacy.rights import (
     PrivacyRequests,
     RequestKind,
     block_child_account,
     export_account,
     set_opt_out,
 )
-from pipeline.pseudonyms import account_ref, check_secret
-from pipeline.receipts import ReceiptLedger
-from pipeline.records import JobRecord, Worker
-from pipeline.storage import open_stores
+from pipeline.retention.deletion import delete_output, request_account_deletion
+from pipeline.security.crypto import check_device_key
+from pipeline.security.pseudonyms import account_ref, check_secret
+from pipeline.state.idempotency import Idempotency, body_digest, check_key
+from pipeline.state.job_store import JobStore
+from pipeline.state.metrics import render_prometheus, service_metrics
+from pipeline.state.receipts import ReceiptLedger
+from pipeline.storage.base import open_stores
 from serve.errors import RETRY_LATER, http_status
 from serve.leases import keep_lease
 from serve.schemas import (

@@ -20,7 +20,7 @@ from ray.serve.config import BackpressureConfig
 from actors.diffusion import DiffusionDeployment
 from actors.face import FaceDeployment
 from actors.retention import RetentionDeployment
-from pipeline.config import PoolConfig, Settings, StageBatchConfig, load_settings, resolve_path
+from pipeline.core.config import PoolConfig, Settings, StageBatchConfig, load_settings, resolve_path
 from serve.api import ApiDeployment
 from serve.runner import JobRunnerDeployment
 

@@ -31,8 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import CONFIG_DIR, load_settings
-from pipeline.errors import EphemeraError
+from pipeline.core.config import CONFIG_DIR, load_settings
+from pipeline.core.errors import EphemeraError
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -55,8 +55,8 @@ def _backends(args: argparse.Namespace):
     """Redis and the store from the configs, overridable on the command line."""
     import redis
 
-    from pipeline.jobs import JobStore
-    from pipeline.storage import StoreSet, open_store, open_stores
+    from pipeline.state.job_store import JobStore
+    from pipeline.storage.base import StoreSet, open_store, open_stores
 
     settings = load_settings(args.config_dir)
     redis_url = args.redis_url or settings.service.redis_url
@@ -69,7 +69,7 @@ def _backends(args: argparse.Namespace):
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from pipeline.retention import sweep_due
+    from pipeline.retention.purge import sweep_due
 
     settings, jobs, store = _backends(args)
     receipts = sweep_due(store, jobs.ledger, owner="cli", cfg=settings.retention)
@@ -78,7 +78,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _reconcile(args: argparse.Namespace) -> int:
-    from pipeline.retention import reconcile
+    from pipeline.retention.purge import reconcile
 
     settings, jobs, store = _backends(args)
     receipts = reconcile(store, jobs.ledger, owner="cli", cfg=settings.retention)
@@ -89,8 +89,8 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 
 def _verify_ledger(args: argparse.Namespace) -> int:
-    from pipeline import keys
-    from pipeline.receipts import verify_chain
+    from pipeline.state import keys
+    from pipeline.state.receipts import verify_chain
 
     _, jobs, _ = _backends(args)
     problems = verify_chain(jobs.redis)
@@ -104,7 +104,7 @@ def _verify_ledger(args: argparse.Namespace) -> int:
 def _privacy_report(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from pipeline.privacy import PrivacyRequests, late_requests
+    from pipeline.privacy.rights import PrivacyRequests, late_requests
 
     _, jobs, _ = _backends(args)
     requests = PrivacyRequests(jobs.redis)
@@ -130,8 +130,8 @@ def _privacy_report(args: argparse.Namespace) -> int:
 def _usage_aggregate(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
-    from pipeline.privacy import excluded_from_sharing
-    from pipeline.usage import aggregate, read_events
+    from pipeline.privacy.rights import excluded_from_sharing
+    from pipeline.privacy.usage import aggregate, read_events
 
     settings, jobs, stores = _backends(args)
     events = read_events(stores.outputs)
@@ -151,8 +151,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _storage_check(args: argparse.Namespace) -> int:
-    from pipeline.posture import check_storage
-    from pipeline.storage import open_stores
+    from pipeline.storage.base import open_stores
+    from pipeline.storage.posture import check_storage
 
     settings = load_settings(args.config_dir)
     stores = open_stores(settings.storage)
@@ -197,8 +197,8 @@ def _tune(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import redis
 
-    from pipeline.jobs import JobStore
-    from pipeline.metrics import render_status, service_metrics
+    from pipeline.state.job_store import JobStore
+    from pipeline.state.metrics import render_status, service_metrics
     from serve.tuning import service_status
 
     _connect(args)
@@ -228,7 +228,7 @@ def _deploy_config(args: argparse.Namespace) -> int:
 
 
 def _models_stage(args: argparse.Namespace) -> int:
-    from pipeline.model_store import stage_model
+    from pipeline.models.model_store import stage_model
 
     settings = load_settings(args.config_dir)
     manifest = stage_model(Path(args.src), args.dest, settings.storage)
@@ -239,8 +239,8 @@ def _models_stage(args: argparse.Namespace) -> int:
 
 
 def _models_fetch(args: argparse.Namespace) -> int:
-    from pipeline.config import resolve_path
-    from pipeline.model_store import ModelStoreError, fetch_model
+    from pipeline.core.config import resolve_path
+    from pipeline.models.model_store import ModelStoreError, fetch_model
 
     settings = load_settings(args.config_dir)
     try:
@@ -254,8 +254,8 @@ def _models_fetch(args: argparse.Namespace) -> int:
 
 
 def _models_convert(args: argparse.Namespace) -> int:
-    from pipeline.diffusion import convert_ip_adapter_bin
-    from pipeline.errors import ModelError
+    from pipeline.core.errors import ModelError
+    from pipeline.models.diffusion import convert_ip_adapter_bin
 
     try:
         convert_ip_adapter_bin(Path(args.src), Path(args.dest))

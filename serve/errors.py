@@ -2,7 +2,7 @@
 
 RETRY_LATER = (429, 503)  # these carry a Retry-After header
 
-from pipeline.errors import (
+from pipeline.core.errors import (
     EphemeraError,
     Forbidden,
     InvalidUpload,

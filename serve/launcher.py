@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 
-from pipeline.config import Settings, resolve_path
-from pipeline.redis_server import RedisServer, free_port
+from pipeline.core.config import Settings, resolve_path
+from pipeline.state.redis_server import RedisServer, free_port
 
 
 def resolve_settings(settings: Settings, *, workdir: Path) -> tuple[Settings, RedisServer | None]:
@@ -143,8 +143,8 @@ def wait_app_running(timeout_s: float, app_name: str = "ephemera") -> None:
 
 def refuse_bad_buckets(settings: Settings) -> None:
     """Refuse to start on a bucket whose settings would break a privacy promise."""
-    from pipeline.posture import check_storage
-    from pipeline.storage import open_stores
+    from pipeline.storage.base import open_stores
+    from pipeline.storage.posture import check_storage
 
     problems = check_storage(settings.storage, open_stores(settings.storage))
     if problems:

@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from pipeline.jobs import JobStore
-from pipeline.records import Worker
+from pipeline.core.records import Worker
+from pipeline.state.job_store import JobStore
 
 log = logging.getLogger("ray.serve")
 

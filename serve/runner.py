@@ -7,7 +7,7 @@ autoscales the pool on ongoing requests. No runner holds all in-flight work: los
 loses only the jobs it held, whose device keys died with it; the other runners notice its
 lease lapse, fail those jobs with a reason and have their inputs purged.
 
-The decisions (next stage, retry, deadline, orphan) are pure: pipeline/orchestration.py.
+The decisions (next stage, retry, deadline, orphan) are pure: pipeline/jobs/orchestration.py.
 This class only moves messages between the stages, Redis and the retention pool.
 """
 
@@ -24,9 +24,10 @@ import redis
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
-from pipeline.config import Settings
-from pipeline.jobs import JobStore
-from pipeline.orchestration import (
+from pipeline.core.config import Settings
+from pipeline.core.records import Orphan, Stage, StageResult, Worker, WorkItem
+from pipeline.core.retry import backoff_s
+from pipeline.jobs.orchestration import (
     TIMEOUT_REASON,
     Next,
     after_crash,
@@ -37,11 +38,10 @@ from pipeline.orchestration import (
     stage_timeout_s,
     start,
 )
-from pipeline.pseudonyms import account_ref
-from pipeline.records import Orphan, Stage, StageResult, Worker, WorkItem
-from pipeline.retry import backoff_s
-from pipeline.storage import open_stores
-from pipeline.usage import UsageEvent, day_of, write_events
+from pipeline.privacy.usage import UsageEvent, day_of, write_events
+from pipeline.security.pseudonyms import account_ref
+from pipeline.state.job_store import JobStore
+from pipeline.storage.base import open_stores
 from serve.leases import keep_lease
 from serve.telemetry import observe_stage
 

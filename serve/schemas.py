@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from pipeline.records import JobKind, JobStatus
+from pipeline.core.records import JobKind, JobStatus
 
 
 class ErrorBody(BaseModel):

@@ -1,7 +1,7 @@
 """Per-process metrics through Ray's metrics agent (``ray.serve.metrics``): each node
 exports them for Prometheus on its metrics port, beside Serve's own (queue lengths, batch
 wait and size, replica counts). Cluster-wide gauges read from Redis live in
-pipeline/metrics.py and are served at /metrics.
+pipeline/state/metrics.py and are served at /metrics.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 
 from ray.serve.metrics import Counter, Histogram
 
-from pipeline.records import Stage, WorkItem
+from pipeline.core.records import Stage, WorkItem
 
 _LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300]
 _SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pipeline.config import BatchingConfig, Settings, StageBatchConfig, load_settings, resolve_path
+from pipeline.core.config import BatchingConfig, Settings, StageBatchConfig, load_settings, resolve_path
 from serve.app import APP_NAME, DIFFUSION, FACE, RUNNER
 
 POOL_DEPLOYMENTS = {"face": FACE, "diffusion": DIFFUSION, "runner": RUNNER}

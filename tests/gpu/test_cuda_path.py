@@ -10,7 +10,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _generator(tmp_path, runtime):
-    from pipeline.diffusion import load_generator
+    from pipeline.models.diffusion import load_generator
 
     return load_generator(tmp_path / "m", runtime, ip_adapter=tmp_path / "faceid.safetensors",
                           build_tiny_if_missing=True)
@@ -18,9 +18,9 @@ def _generator(tmp_path, runtime):
 
 def test_tiny_models_and_faceid_adapter_run_in_fp16_on_cuda_with_the_selected_attention(
         tmp_path):
-    from pipeline.config import ModelsConfig
-    from pipeline.diffusion import GenerationParams
-    from pipeline.runtime import select_runtime
+    from pipeline.core.config import ModelsConfig
+    from pipeline.models.diffusion import GenerationParams
+    from pipeline.models.runtime import select_runtime
 
     runtime = select_runtime(ModelsConfig(device="auto", dtype="auto", attention="auto"))
     assert runtime.device == "cuda" and runtime.dtype == torch.float16
@@ -43,10 +43,10 @@ def test_face_stage_runs_on_cuda(tmp_path):
     import onnxruntime
     import skimage.data
 
-    from pipeline.config import ModelsConfig
-    from pipeline.faces import MtcnnDetector, embed_faces, load_embedder
-    from pipeline.records import FaceBatch
-    from pipeline.runtime import select_runtime
+    from pipeline.core.config import ModelsConfig
+    from pipeline.core.records import FaceBatch
+    from pipeline.models.faces import MtcnnDetector, embed_faces, load_embedder
+    from pipeline.models.runtime import select_runtime
 
     runtime = select_runtime(ModelsConfig())
     detector = MtcnnDetector(runtime, min_probability=0.9)
@@ -61,9 +61,9 @@ def test_face_stage_runs_on_cuda(tmp_path):
 
 def test_compiled_channels_last_unet_runs_on_cuda(tmp_path):
     """The optional GPU paths: torch.compile and channels-last, both by config."""
-    from pipeline.config import ModelsConfig
-    from pipeline.diffusion import GenerationParams
-    from pipeline.runtime import select_runtime
+    from pipeline.core.config import ModelsConfig
+    from pipeline.models.diffusion import GenerationParams
+    from pipeline.models.runtime import select_runtime
 
     runtime = select_runtime(ModelsConfig(channels_last=True, torch_compile=True))
     assert runtime.compile and runtime.channels_last
@@ -77,9 +77,9 @@ def test_compiled_channels_last_unet_runs_on_cuda(tmp_path):
 
 def test_clips_run_in_fp16_on_cuda(tmp_path):
     """AnimateDiff's video-to-video pipeline (animate, styled videos) on the GPU."""
-    from pipeline.config import ModelsConfig
-    from pipeline.diffusion import GenerationParams, load_generator
-    from pipeline.runtime import select_runtime
+    from pipeline.core.config import ModelsConfig
+    from pipeline.models.diffusion import GenerationParams, load_generator
+    from pipeline.models.runtime import select_runtime
 
     runtime = select_runtime(ModelsConfig())
     generator = load_generator(tmp_path / "m", runtime, ip_adapter=tmp_path / "faceid.safetensors",

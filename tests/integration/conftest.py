@@ -10,8 +10,8 @@ import httpx
 import pytest
 import redis
 
-from pipeline.config import load_settings
-from pipeline.redis_server import RedisServer, free_port
+from pipeline.core.config import load_settings
+from pipeline.state.redis_server import RedisServer, free_port
 
 API_TOKEN_ENV = "EPHEMERA_TEST_API_TOKEN"
 API_TOKEN = "test-token-" + "0123456789abcdef"
@@ -36,7 +36,7 @@ def redis_client(redis_server) -> redis.Redis:
 def face_weights_path(tmp_path_factory) -> Path:
     """An ArcFace-format ONNX embedder in a file (not the default one): the service loads it
     through its config path."""
-    from pipeline.faces import build_tiny_arcface
+    from pipeline.models.faces import build_tiny_arcface
 
     path = tmp_path_factory.mktemp("weights") / "arcface.onnx"
     build_tiny_arcface(path, seed=1234)

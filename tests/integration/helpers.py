@@ -121,11 +121,11 @@ def windows(data: bytes, size: int = 48, count: int = 4) -> list[bytes]:
 def face_embedding(clean_png: bytes, weights: Path) -> np.ndarray:
     """The identity embedding the face stage computes for this (stripped) photo with the
     service's weights, computed here in-process: float32, unit length."""
-    from pipeline.config import ModelsConfig
-    from pipeline.faces import ArcFaceEmbedder, MtcnnDetector, embed_faces, mean_identity
-    from pipeline.ingest import decode_clean_png
-    from pipeline.records import FaceBatch
-    from pipeline.runtime import select_runtime
+    from pipeline.core.config import ModelsConfig
+    from pipeline.core.records import FaceBatch
+    from pipeline.media.ingest import decode_clean_png
+    from pipeline.models.faces import ArcFaceEmbedder, MtcnnDetector, embed_faces, mean_identity
+    from pipeline.models.runtime import select_runtime
 
     runtime = select_runtime(ModelsConfig())
     batch = embed_faces(FaceBatch(["j"], [decode_clean_png(clean_png)]),

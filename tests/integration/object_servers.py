@@ -18,8 +18,8 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
-from pipeline.posture import PURGED_PREFIXES
-from pipeline.redis_server import free_port
+from pipeline.state.redis_server import free_port
+from pipeline.storage.posture import PURGED_PREFIXES
 
 FAKE_AWS_ENV = {"AWS_ACCESS_KEY_ID": "ephemera-test", "AWS_SECRET_ACCESS_KEY": "ephemera-test",
                 "AWS_DEFAULT_REGION": "us-east-1"}

@@ -13,7 +13,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from pipeline import crypto
+from pipeline.security import crypto
 from serve.client import NO_RETRIES, ApiError, AsyncEphemeraClient, EphemeraClient, RetryPolicy
 from serve.schemas import AgeSignalNoAction, DeletionStarted
 from tests.integration.conftest import API_TOKEN

@@ -28,7 +28,7 @@ from schemathesis.specs.openapi.checks import (
     use_after_free,
 )
 
-from pipeline import keys
+from pipeline.state import keys
 from tests.integration.conftest import API_TOKEN
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]

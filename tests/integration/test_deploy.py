@@ -20,8 +20,8 @@ import pytest
 import skimage.data
 import yaml
 
-from pipeline import crypto
-from pipeline.redis_server import RedisServer, free_port
+from pipeline.security import crypto
+from pipeline.state.redis_server import RedisServer, free_port
 from tests.integration.helpers import encode_image, key_header
 
 pytestmark = pytest.mark.deploy

@@ -21,11 +21,12 @@ import ray
 import redis as redis_lib
 import skimage.data
 
-from pipeline import crypto, keys
-from pipeline.config import RetentionConfig
-from pipeline.ledger import RetentionLedger
-from pipeline.retention import reconcile
-from pipeline.storage import open_stores
+from pipeline.core.config import RetentionConfig
+from pipeline.retention.purge import reconcile
+from pipeline.security import crypto
+from pipeline.state import keys
+from pipeline.state.ledger import RetentionLedger
+from pipeline.storage.base import open_stores
 from tests.integration.helpers import (
     encode_image,
     job_url,
@@ -222,7 +223,7 @@ def test_job_runner_killed_fails_only_the_jobs_it_held(client, service, store_ro
     """Two runners share the jobs. Kill one while its jobs are provably in flight (claimed,
     unfinished, held back by a slow batch): exactly those fail with a reason and are
     purged; the other runner's jobs all succeed."""
-    from pipeline.orchestration import RESTART_REASON
+    from pipeline.jobs.orchestration import RESTART_REASON
     from serve.tuning import retune
 
     retune("diffusion", {"max_wait_ms": 6000, "max_batch_cost": 64})  # hold jobs in flight
@@ -275,7 +276,7 @@ def _block_after_storing_an_input(signal_path: str):
         import time
         from pathlib import Path
 
-        from pipeline import storage
+        from pipeline.storage import base as storage
 
         real_put = storage.LocalObjectStore.put
 
@@ -341,7 +342,7 @@ def test_ingress_killed_mid_write_loses_nothing(service, store_root, redis_clien
     ingress's claim is taken over once its lease lapses), which succeeds. The job the dead
     ingress was storing fails with a reason and its stored input is purged within seconds
     (its ingress's lease), not at the job timeout."""
-    from pipeline.orchestration import NOT_STARTED_REASON
+    from pipeline.jobs.orchestration import NOT_STARTED_REASON
 
     signal_file = tmp_path / "storing"
     victim = replica_pid("ApiDeployment")
@@ -381,7 +382,7 @@ def _block_before_recording_the_key(signal_path: str):
         import time
         from pathlib import Path
 
-        from pipeline import idempotency
+        from pipeline.state import idempotency
 
         def complete(self, account_id, key, digest, job_id):
             Path(signal_path).write_text(job_id)

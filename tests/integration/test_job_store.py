@@ -9,10 +9,8 @@ import uuid
 import pytest
 import redis
 
-from pipeline import keys
-from pipeline.errors import TooManyJobs
-from pipeline.jobs import JobStore
-from pipeline.records import (
+from pipeline.core.errors import TooManyJobs
+from pipeline.core.records import (
     JobRecord,
     JobStatus,
     ObjectClass,
@@ -21,7 +19,9 @@ from pipeline.records import (
     Stage,
     Worker,
 )
-from pipeline.redis_server import RedisServer
+from pipeline.state import keys
+from pipeline.state.job_store import JobStore
+from pipeline.state.redis_server import RedisServer
 
 
 @pytest.fixture()
@@ -132,8 +132,8 @@ def test_a_purged_job_loses_its_personal_fields_after_the_grace_then_goes(jobs):
 def test_an_idempotency_claim_of_a_dead_ingress_is_taken_over_after_its_lease(jobs):
     """A request cut by its ingress's death (kill -9 mid-write) released nothing: its
     retry is told to wait until that ingress's lease lapses, then goes ahead."""
-    from pipeline.errors import InvalidUpload
-    from pipeline.idempotency import Idempotency
+    from pipeline.core.errors import InvalidUpload
+    from pipeline.state.idempotency import Idempotency
 
     idem, now = Idempotency(jobs.redis, window_s=3600), time.time()
     jobs.heartbeat(Worker.INGRESS, "ingress-a", lease_s=10, now_s=now)
@@ -165,7 +165,7 @@ def test_an_idempotency_claim_of_a_dead_ingress_is_taken_over_after_its_lease(jo
 def test_a_retry_after_the_ingress_died_past_the_hand_off_gets_the_running_job(jobs):
     """The ingress handed its job to a runner, then died before recording it under the
     key: the retry is answered with that job, and no second job is made."""
-    from pipeline.idempotency import Idempotency
+    from pipeline.state.idempotency import Idempotency
 
     idem, now = Idempotency(jobs.redis, window_s=3600), time.time()
     jobs.heartbeat(Worker.INGRESS, "ingress-a", lease_s=10, now_s=now)

@@ -1,7 +1,7 @@
 """The model store on real protocol servers: a tiny diffusion pipeline, an IP-Adapter-FaceID
 file and an ArcFace ONNX embedder staged to S3 (SeaweedFS) and to GCS (the emulator),
 fetched and verified by a node, then loaded exactly as the GPU pools load them
-(pipeline.loading)."""
+(pipeline.models.loading)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 from skimage import data
 
-from pipeline.config import GcsConfig, ModelsConfig, S3Config, StorageConfig, load_settings
-from pipeline.diffusion import (
+from pipeline.core.config import GcsConfig, ModelsConfig, S3Config, StorageConfig, load_settings
+from pipeline.core.records import FaceBatch
+from pipeline.models.diffusion import (
     GenerationParams,
     build_tiny_ip_adapter,
     build_tiny_models,
     build_tiny_motion_adapter,
 )
-from pipeline.faces import build_tiny_arcface, embed_faces
-from pipeline.loading import open_face_models, open_generator
-from pipeline.model_store import ModelStoreError, stage_model
-from pipeline.records import FaceBatch
+from pipeline.models.faces import build_tiny_arcface, embed_faces
+from pipeline.models.loading import open_face_models, open_generator
+from pipeline.models.model_store import ModelStoreError, stage_model
 from tests.integration.object_servers import make_gcs_bucket, make_s3_bucket
 
 pytestmark = [pytest.mark.storage, pytest.mark.models]

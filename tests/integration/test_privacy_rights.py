@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import skimage.data
 
-from pipeline import crypto, keys
-from pipeline.privacy import PrivacyRequests, RequestKind
-from pipeline.pseudonyms import account_ref
+from pipeline.privacy.rights import PrivacyRequests, RequestKind
+from pipeline.security import crypto
+from pipeline.security.pseudonyms import account_ref
+from pipeline.state import keys
 from serve.cli import main as cli
 from tests.integration.helpers import api_over, encode_image, job_url, submit, wait_finished
 
@@ -217,8 +218,8 @@ def test_media_keys_embeddings_gps_and_account_ids_are_nowhere_they_should_not_b
     import tempfile
     import uuid
 
-    from pipeline.config import ServiceConfig
-    from pipeline.ingest import check_upload
+    from pipeline.core.config import ServiceConfig
+    from pipeline.media.ingest import check_upload
     from tests.integration.helpers import (
         CAMERA_MODEL,
         embedding_patterns,

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import redis
 
-from pipeline import keys
-from pipeline.ledger import RetentionLedger
-from pipeline.receipts import ReceiptLedger, verify_chain
+from pipeline.state import keys
+from pipeline.state.ledger import RetentionLedger
+from pipeline.state.receipts import ReceiptLedger, verify_chain
 from tests.unit.fakes import RecordingSink
 from tests.unit.test_purge import *  # noqa: F403  (the same tests, on this module's ledger)
 

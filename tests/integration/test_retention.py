@@ -10,16 +10,17 @@ import uuid
 import pytest
 import redis
 
-from pipeline import crypto, keys
-from pipeline.config import RetentionConfig
-from pipeline.deletion import delete_account, delete_output, request_account_deletion
-from pipeline.errors import NotFound
-from pipeline.jobs import JobStore
-from pipeline.receipts import ReceiptLedger, verify_chain
-from pipeline.records import JobRecord, OutputRecord, RetentionRecord
-from pipeline.redis_server import RedisServer
-from pipeline.retention import purge_finished_job, reconcile
-from pipeline.storage import (
+from pipeline.core.config import RetentionConfig
+from pipeline.core.errors import NotFound
+from pipeline.core.records import JobRecord, OutputRecord, RetentionRecord
+from pipeline.retention.deletion import delete_account, delete_output, request_account_deletion
+from pipeline.retention.purge import purge_finished_job, reconcile
+from pipeline.security import crypto
+from pipeline.state import keys
+from pipeline.state.job_store import JobStore
+from pipeline.state.receipts import ReceiptLedger, verify_chain
+from pipeline.state.redis_server import RedisServer
+from pipeline.storage.base import (
     LocalObjectStore,
     StoreSet,
     face_key,
@@ -212,7 +213,7 @@ def test_two_actors_deleting_one_account_do_not_double_delete(store, jobs):
 def test_outputs_are_never_purged_by_time(store, jobs):
     """Uninstalling or waiting deletes nothing: outputs have no deadline, and neither the
     sweep nor the reconciler touches them, even ten years on."""
-    from pipeline.retention import sweep_due
+    from pipeline.retention.purge import sweep_due
 
     job, (out,) = finished_job_with_outputs(store, jobs, 1)
     purge_finished_job(job.job_id, StoreSet.single(store), jobs, owner="t", cfg=CFG)
@@ -227,7 +228,7 @@ def test_embedded_redis_falls_back_to_valkey_when_redis_server_is_absent(tmp_pat
                                                                           monkeypatch):
     import shutil
 
-    from pipeline import redis_server as module
+    from pipeline.state import redis_server as module
 
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert module.find_server_binary().endswith("valkey-server")
@@ -244,8 +245,8 @@ def test_late_outputs_for_a_deleted_account_are_refused_and_removed(store, jobs)
     """A diffusion call that finishes after the account's deletion began leaves nothing."""
     import numpy as np
 
-    from pipeline.records import WorkItem
-    from pipeline.stages import JobEnded, store_outputs
+    from pipeline.core.records import WorkItem
+    from pipeline.jobs.stages import JobEnded, store_outputs
 
     job = make_job(store, jobs, account="acct-late")
     item = WorkItem(job_id=job.job_id, account_id="acct-late", kind="art_style", style="comic",
@@ -261,8 +262,8 @@ def test_late_outputs_for_a_deleted_account_are_refused_and_removed(store, jobs)
 def test_an_indexed_output_keeps_no_retention_record(store, jobs):
     import numpy as np
 
-    from pipeline.records import WorkItem
-    from pipeline.stages import store_outputs
+    from pipeline.core.records import WorkItem
+    from pipeline.jobs.stages import store_outputs
 
     job = make_job(store, jobs, account="acct-idx")
     item = WorkItem(job_id=job.job_id, account_id="acct-idx", kind="art_style", style="comic",
@@ -275,8 +276,8 @@ def test_an_indexed_output_keeps_no_retention_record(store, jobs):
 
 @pytest.mark.privacy
 def test_reconciler_deletes_orphan_outputs_and_expired_usage_with_receipts(store, jobs):
-    from pipeline.storage import output_key
-    from pipeline.usage import UsageEvent, day_of, write_events
+    from pipeline.privacy.usage import UsageEvent, day_of, write_events
+    from pipeline.storage.base import output_key
 
     job, (kept,) = finished_job_with_outputs(store, jobs, 1)
     orphan = output_key(job.account_id, uuid.uuid4().hex, "png")  # written, never indexed
@@ -310,10 +311,10 @@ def test_a_stuck_jobs_inputs_and_face_data_are_gone_by_their_ceilings(store, job
     (accept_job, store_with_inputs: real records in Redis), and the sweep, run as the
     retention actors run it, deletes both by those deadlines, verified, while the job is
     still unfinished. Short ceilings: input 3 s, face data 2 s."""
-    from pipeline.config import load_settings
-    from pipeline.intake import accept_job, check_job_request
-    from pipeline.records import ObjectClass
-    from pipeline.retention import store_with_inputs, sweep_due
+    from pipeline.core.config import load_settings
+    from pipeline.core.records import ObjectClass
+    from pipeline.jobs.intake import accept_job, check_job_request
+    from pipeline.retention.purge import store_with_inputs, sweep_due
     from tests.unit.factories import encode, photo
 
     ceilings = CFG.model_copy(update={"input_ceiling_h": 3 / 3600, "face_data_ceiling_h": 2 / 3600,

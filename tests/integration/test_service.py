@@ -17,9 +17,10 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from pipeline import crypto, keys
-from pipeline.config import ServiceConfig
-from pipeline.ingest import check_upload
+from pipeline.core.config import ServiceConfig
+from pipeline.media.ingest import check_upload
+from pipeline.security import crypto
+from pipeline.state import keys
 from tests.integration.helpers import (
     CAMERA_MODEL,
     api_over,
@@ -263,9 +264,9 @@ def test_nothing_plaintext_in_any_input_object_while_stored(service, store_root)
     fresh upload, before the pipeline purges it)."""
     import redis as redis_lib
 
-    from pipeline.intake import accept_job, check_job_request
-    from pipeline.jobs import JobStore
-    from pipeline.storage import open_stores
+    from pipeline.jobs.intake import accept_job, check_job_request
+    from pipeline.state.job_store import JobStore
+    from pipeline.storage.base import open_stores
 
     settings = service.settings
     stores = open_stores(settings.storage)
@@ -286,7 +287,7 @@ def test_nothing_plaintext_in_any_input_object_while_stored(service, store_root)
         assert not decoded.getexif() and CAMERA_MODEL not in plain
         assert np.asarray(decoded.convert("RGB")).shape == ASTRONAUT.shape
     finally:
-        from pipeline.retention import purge_finished_job
+        from pipeline.retention.purge import purge_finished_job
 
         jobs.finish_job(job.job_id, ok=False, reason="test cleanup")
         purge_finished_job(job.job_id, stores, jobs, owner="test", cfg=settings.retention)
@@ -556,9 +557,9 @@ def test_a_stored_input_opens_with_the_header_key_and_with_no_other(client, redi
                                                                     service):
     """Over HTTP: the object the service stores for an upload decrypts with the key the
     request sent in X-Device-Key, and with no other key (another device's, all zeros)."""
-    from pipeline.errors import WrongKey
-    from pipeline.jobs import JobStore
-    from pipeline.storage import open_stores
+    from pipeline.core.errors import WrongKey
+    from pipeline.state.job_store import JobStore
+    from pipeline.storage.base import open_stores
     from serve.tuning import retune
 
     key, photo = crypto.new_device_key(), encode_image(ASTRONAUT, "PNG")

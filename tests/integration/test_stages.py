@@ -12,14 +12,14 @@ import redis
 import skimage.data
 import torch
 
-from pipeline import crypto
-from pipeline.config import RetentionConfig
-from pipeline.ingest import encode_png
-from pipeline.jobs import JobStore
-from pipeline.records import RetentionRecord, WorkItem
-from pipeline.retention import purge_finished_job, sweep_due
-from pipeline.stages import face_stage
-from pipeline.storage import LocalObjectStore, StoreSet, input_key, key_from_uri, object_uri
+from pipeline.core.config import RetentionConfig
+from pipeline.core.records import RetentionRecord, WorkItem
+from pipeline.jobs.stages import face_stage
+from pipeline.media.ingest import encode_png
+from pipeline.retention.purge import purge_finished_job, sweep_due
+from pipeline.security import crypto
+from pipeline.state.job_store import JobStore
+from pipeline.storage.base import LocalObjectStore, StoreSet, input_key, key_from_uri, object_uri
 from tests.integration.helpers import files_under, find_needles, redis_values, windows
 
 FAST = RetentionConfig(lease_s=5, purge_max_attempts=3)
@@ -72,9 +72,9 @@ def _item(job_id: str, uris: list[str], key: bytes) -> WorkItem:
 
 def test_face_stage_stores_only_encrypted_face_data_then_purge_removes_it(
         store, jobs, stage_redis, redis_server, tmp_path):
-    from pipeline.config import ModelsConfig
-    from pipeline.faces import MtcnnDetector
-    from pipeline.runtime import select_runtime
+    from pipeline.core.config import ModelsConfig
+    from pipeline.models.faces import MtcnnDetector
+    from pipeline.models.runtime import select_runtime
 
     key = crypto.new_device_key()
     face_job, cat_job = uuid.uuid4().hex, uuid.uuid4().hex

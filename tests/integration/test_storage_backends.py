@@ -15,18 +15,18 @@ import pytest
 import redis
 import skimage.data
 
-from pipeline import crypto
-from pipeline.config import GcsConfig, S3Config, StorageConfig, load_settings
-from pipeline.deletion import delete_account, delete_output
-from pipeline.errors import InvalidUpload, StorageError, WrongKey
-from pipeline.gcs_store import open_gcs_stores
-from pipeline.intake import accept_job, check_job_request
-from pipeline.jobs import JobStore
-from pipeline.posture import check_gcs_bucket, check_s3_bucket
-from pipeline.retention import purge_finished_job, reconcile
-from pipeline.s3_store import S3ObjectStore
-from pipeline.stages import diffusion_stage, face_stage
-from pipeline.storage import StoreSet
+from pipeline.core.config import GcsConfig, S3Config, StorageConfig, load_settings
+from pipeline.core.errors import InvalidUpload, StorageError, WrongKey
+from pipeline.jobs.intake import accept_job, check_job_request
+from pipeline.jobs.stages import diffusion_stage, face_stage
+from pipeline.retention.deletion import delete_account, delete_output
+from pipeline.retention.purge import purge_finished_job, reconcile
+from pipeline.security import crypto
+from pipeline.state.job_store import JobStore
+from pipeline.storage.base import StoreSet
+from pipeline.storage.gcs import open_gcs_stores
+from pipeline.storage.posture import check_gcs_bucket, check_s3_bucket
+from pipeline.storage.s3 import S3ObjectStore
 from tests.integration.helpers import encode_image, windows
 from tests.integration.object_servers import make_gcs_bucket, make_s3_bucket
 
@@ -64,10 +64,10 @@ def jobs(redis_server):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Tiny diffusion models and the real MTCNN, loaded once for the module."""
-    from pipeline.config import ModelsConfig
-    from pipeline.diffusion import load_generator
-    from pipeline.faces import MtcnnDetector, load_embedder
-    from pipeline.runtime import select_runtime
+    from pipeline.core.config import ModelsConfig
+    from pipeline.models.diffusion import load_generator
+    from pipeline.models.faces import MtcnnDetector, load_embedder
+    from pipeline.models.runtime import select_runtime
 
     runtime = select_runtime(ModelsConfig())
     root = tmp_path_factory.mktemp("m")
@@ -95,7 +95,7 @@ def stores(request, seaweed, gcs_emulator) -> StoreSet:
     for bucket in buckets.values():
         make_gcs_bucket(client, bucket)
     cfg = gcs_config(gcs_emulator, buckets)
-    from pipeline.residency import region_for_country
+    from pipeline.storage.residency import region_for_country
 
     return StoreSet(open_gcs_stores(cfg, client), outputs,
                     lambda country: region_for_country(country, cfg))
@@ -170,7 +170,7 @@ def test_pipeline_path_per_backend(stores, jobs, models):
     job2, item2 = accept_job(request, key, stores, jobs, settings)
     [art] = diffusion_stage([item2], stores, jobs, generator, settings)
     assert art.ok
-    from pipeline.deletion import request_account_deletion
+    from pipeline.retention.deletion import request_account_deletion
 
     receipt_id = request_account_deletion("alice_smith", jobs)
     delete_account("alice_smith", receipt_id, stores, jobs, owner="t", cfg=settings.retention)
@@ -189,7 +189,7 @@ def test_gcs_residency_routes_each_country_to_its_region(gcs_emulator, seaweed, 
     for bucket in buckets.values():
         make_gcs_bucket(client, bucket)
     cfg = gcs_config(gcs_emulator, buckets)
-    from pipeline.residency import region_for_country
+    from pipeline.storage.residency import region_for_country
 
     stores = StoreSet(open_gcs_stores(cfg, client),
                       S3ObjectStore(s3_config(seaweed, "unused-out"), client=seaweed.client()),
@@ -357,7 +357,7 @@ def test_outputs_get_server_side_encryption_on_aws():
     KMS), since every device of the account must read outputs."""
     from moto.server import ThreadedMotoServer
 
-    from pipeline.redis_server import free_port
+    from pipeline.state.redis_server import free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
@@ -439,7 +439,7 @@ def test_gcs_5xx_is_retried_then_fails_clearly(failing_server):
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
-    from pipeline.gcs_store import GcsObjectStore
+    from pipeline.storage.gcs import GcsObjectStore
 
     cfg = GcsConfig(project="p", endpoint_url=failing_server, buckets={"us-central1": "b"},
                     fallback_region="us-central1", max_attempts=3, timeout_s=2)
@@ -456,10 +456,10 @@ def test_face_embedder_loads_from_the_model_store_on_s3_and_gcs(seaweed, gcs_emu
                                                                 face_weights_path, tmp_path):
     """models.yaml face_embedder_weights may name an s3:// or gs:// store location: staged
     with its manifest, fetched once, verified, and the same model runs."""
-    from pipeline.config import ModelsConfig
-    from pipeline.faces import ArcFaceEmbedder
-    from pipeline.model_store import ModelStoreError, resolve_model, stage_model
-    from pipeline.runtime import select_runtime
+    from pipeline.core.config import ModelsConfig
+    from pipeline.models.faces import ArcFaceEmbedder
+    from pipeline.models.model_store import ModelStoreError, resolve_model, stage_model
+    from pipeline.models.runtime import select_runtime
 
     runtime = select_runtime(ModelsConfig())
     s3_bucket, gcs_bucket = _name("weights"), _name("weights")

@@ -20,9 +20,9 @@ import httpx
 import pytest
 import skimage.data
 
-from pipeline import crypto
-from pipeline.config import CONFIG_DIR
-from pipeline.redis_server import free_port
+from pipeline.core.config import CONFIG_DIR
+from pipeline.security import crypto
+from pipeline.state.redis_server import free_port
 from tests.integration.conftest import API_TOKEN, API_TOKEN_ENV
 from tests.integration.helpers import api_over, encode_image, submit, wait_finished
 from tests.integration.object_servers import FAKE_AWS_ENV, make_gcs_bucket, make_s3_bucket

@@ -13,7 +13,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from pipeline import crypto, keys
+from pipeline.security import crypto
+from pipeline.state import keys
 from tests.integration.helpers import (
     encode_image,
     files_under,

@@ -34,10 +34,10 @@ def check_one(data: bytes) -> None:
     file. Returns on a clean refusal or a clean result; raises on anything else."""
     from PIL import Image
 
-    from pipeline.config import ServiceConfig
-    from pipeline.errors import InvalidUpload
-    from pipeline.ingest import check_media
-    from pipeline.records import CleanImage
+    from pipeline.core.config import ServiceConfig
+    from pipeline.core.errors import InvalidUpload
+    from pipeline.core.records import CleanImage
+    from pipeline.media.ingest import check_media
     from serve.errors import http_status
 
     if not data:
@@ -96,8 +96,8 @@ def main(argv: list[str]) -> None:
     with atheris.instrument_imports(include=["pipeline", "PIL", "pillow_heif"]):
         from PIL import Image
 
-        import pipeline.ingest  # noqa: F401
-        import pipeline.video  # noqa: F401
+        import pipeline.media.ingest  # noqa: F401
+        import pipeline.media.video  # noqa: F401
 
         Image.init()  # Pillow imports its format plugins lazily: import them instrumented
 

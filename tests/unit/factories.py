@@ -13,10 +13,10 @@ import numpy as np
 from PIL import Image
 from skimage import data
 
-from pipeline.config import ModelsConfig, ServiceConfig, Settings, StyleConfig, StylesConfig
-from pipeline.records import JobRecord, JobStatus, RetentionRecord, StageResult, WorkItem
-from pipeline.runtime import Runtime, select_runtime
-from pipeline.storage import ObjectStore
+from pipeline.core.config import ModelsConfig, ServiceConfig, Settings, StyleConfig, StylesConfig
+from pipeline.core.records import JobRecord, JobStatus, RetentionRecord, StageResult, WorkItem
+from pipeline.models.runtime import Runtime, select_runtime
+from pipeline.storage.base import ObjectStore
 
 
 def photo(height: int = 128, width: int = 128) -> np.ndarray:
@@ -100,7 +100,7 @@ def make_settings(**service: object) -> Settings:
 
 
 class MemoryJobStore:
-    """In-memory stand-in for pipeline.jobs.JobStore's create/discard, recording each call.
+    """In-memory stand-in for pipeline.state.job_store.JobStore's create/discard, recording each call.
 
     ``store_keys_at_create`` holds what the object store held when the job was registered,
     so a test can check that records are written before any object.

@@ -7,9 +7,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from pipeline.errors import StorageError
-from pipeline.records import DeletionReceipt, RetentionRecord
-from pipeline.storage import LocalObjectStore
+from pipeline.core.errors import StorageError
+from pipeline.core.records import DeletionReceipt, RetentionRecord
+from pipeline.storage.base import LocalObjectStore
 
 
 class RecordingSink:

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from pipeline.crypto import new_device_key
+from pipeline.security.crypto import new_device_key
 from serve.client import ApiError, EphemeraClient, RetryPolicy
 from serve.schemas import JobAccepted
 
@@ -129,7 +129,7 @@ def test_retries_run_out_with_the_last_answer(scripted):
 
 
 def test_a_connection_refused_is_retried_then_raised():
-    from pipeline.redis_server import free_port
+    from pipeline.state.redis_server import free_port
 
     waits: list[int] = []
 

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from pipeline import config
-from pipeline.config import (
+from pipeline.core import config
+from pipeline.core.config import (
     CONFIG_DIR,
     ModelsConfig,
     RetentionConfig,
@@ -162,8 +162,8 @@ def test_the_simulated_gpu_is_refused_in_a_production_config():
 
 
 def test_simulated_gpu_time_follows_its_cost_model():
-    from pipeline.config import SimulatedGpuConfig
-    from pipeline.simulated import SimulatedGenerator
+    from pipeline.core.config import SimulatedGpuConfig
+    from pipeline.models.simulated import SimulatedGenerator
 
     gpu = SimulatedGenerator(SimulatedGpuConfig(overhead_s=0.25, s_per_unit=1.35),
                              reference_resolution_px=512)
@@ -185,7 +185,7 @@ def test_a_batch_limit_below_the_largest_job_is_refused(tmp_path):
     {"ray_address": "auto"},
 ])
 def test_the_service_never_runs_open_beyond_loopback(service):
-    from pipeline.config import ServiceConfig, Settings, StyleConfig, StylesConfig
+    from pipeline.core.config import ServiceConfig, Settings, StyleConfig, StylesConfig
 
     styles = StylesConfig(styles={"p": StyleConfig(prompt="p")})
     with pytest.raises(ValueError, match="api_token_env must name"):

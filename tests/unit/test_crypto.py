@@ -6,8 +6,8 @@ import base64
 
 import pytest
 
-from pipeline import crypto
-from pipeline.errors import InvalidUpload, WrongKey
+from pipeline.core.errors import InvalidUpload, WrongKey
+from pipeline.security import crypto
 from serve.errors import http_status
 from tests.unit.factories import encode, photo
 
@@ -105,8 +105,8 @@ def test_the_provider_key_cannot_open_the_ciphertext_inside():
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    from pipeline.config import S3Config
-    from pipeline.s3_store import S3ObjectStore
+    from pipeline.core.config import S3Config
+    from pipeline.storage.s3 import S3ObjectStore
 
     key = crypto.new_device_key()
     assert len({key, crypto.app_key(key), crypto.provider_key(key)}) == 3

@@ -14,7 +14,7 @@ import ray
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from pipeline.config import US_AWS_REGIONS, load_settings
+from pipeline.core.config import US_AWS_REGIONS, load_settings
 from serve.app import IMPORT_PATH, serve_config
 from serve.cli import main as cli
 
@@ -111,7 +111,7 @@ def test_deploy_config_writes_a_valid_serve_config(tmp_path):
 
 def test_grafana_dashboard_queries_only_metrics_we_export():
     dashboard = json.loads((ROOT / "configs" / "deploy" / "grafana-dashboard.json").read_text())
-    exported = (ROOT / "pipeline" / "metrics.py").read_text() + \
+    exported = (ROOT / "pipeline" / "state" / "metrics.py").read_text() + \
         (ROOT / "serve" / "telemetry.py").read_text()
     for panel in dashboard["panels"]:
         for target in panel["targets"]:

@@ -15,7 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from skimage import data
 
-from pipeline.diffusion import (
+from pipeline.core.errors import ModelError
+from pipeline.models.diffusion import (
     FACE_EMBEDDING_DIM,
     FACEID_NUM_TOKENS,
     DiffusionGenerator,
@@ -26,7 +27,6 @@ from pipeline.diffusion import (
     ip_adapter_layout,
     load_generator,
 )
-from pipeline.errors import ModelError
 from tests.unit.factories import cpu_runtime
 
 STEPS = 2

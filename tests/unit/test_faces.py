@@ -16,8 +16,9 @@ import pytest
 from PIL import Image, ImageFilter
 from skimage import data
 
-from pipeline.errors import ModelError
-from pipeline.faces import (
+from pipeline.core.errors import ModelError
+from pipeline.core.records import EmbeddingBatch, FaceBatch, FaceProblem
+from pipeline.models.faces import (
     ALIGNED_SIZE_PX,
     ARCFACE_TEMPLATE_PX,
     EMBEDDING_DIM,
@@ -33,7 +34,6 @@ from pipeline.faces import (
     sharpness,
     similarity_transform,
 )
-from pipeline.records import EmbeddingBatch, FaceBatch, FaceProblem
 from tests.unit.factories import cpu_runtime
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline.config import ServiceConfig
-from pipeline.errors import InvalidUpload
-from pipeline.ingest import check_media, declared_media, decode_clean_png
-from pipeline.intake import check_account_id
-from pipeline.records import CleanImage
-from pipeline.video import CleanVideo
+from pipeline.core.config import ServiceConfig
+from pipeline.core.errors import InvalidUpload
+from pipeline.core.records import CleanImage
+from pipeline.jobs.intake import check_account_id
+from pipeline.media.ingest import check_media, declared_media, decode_clean_png
+from pipeline.media.video import CleanVideo
 from serve.errors import http_status
 from tests.unit.factories import encode, photo
 

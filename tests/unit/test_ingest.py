@@ -9,9 +9,9 @@ import pytest
 from PIL import Image, ImageCms
 from PIL.PngImagePlugin import PngInfo
 
-from pipeline.config import ServiceConfig
-from pipeline.errors import InvalidUpload
-from pipeline.ingest import check_upload, decode_clean_png, encode_output
+from pipeline.core.config import ServiceConfig
+from pipeline.core.errors import InvalidUpload
+from pipeline.media.ingest import check_upload, decode_clean_png, encode_output
 from serve.errors import http_status
 from tests.unit.factories import encode, photo, png_declaring
 

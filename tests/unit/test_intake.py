@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import crypto
-from pipeline.errors import InvalidUpload, StorageError
-from pipeline.ingest import decode_clean_png
-from pipeline.intake import accept_job, check_account_id, check_job_request
-from pipeline.storage import LocalObjectStore, StoreSet, key_from_uri
+from pipeline.core.errors import InvalidUpload, StorageError
+from pipeline.jobs.intake import accept_job, check_account_id, check_job_request
+from pipeline.media.ingest import decode_clean_png
+from pipeline.security import crypto
+from pipeline.storage.base import LocalObjectStore, StoreSet, key_from_uri
 from serve.errors import http_status
 from tests.unit.factories import MemoryJobStore, encode, make_settings, make_video, photo
 
@@ -161,7 +161,7 @@ def test_animate_takes_frames_and_fps_from_its_style(tmp_path):
 
 
 def test_a_request_over_its_decoded_pixel_budget_is_refused_before_decoding():
-    from pipeline.config import Settings
+    from pipeline.core.config import Settings
 
     tight = Settings(service=SETTINGS.service.model_copy(update={"max_request_pixels": 10_000}),
                      styles=SETTINGS.styles)

@@ -8,7 +8,7 @@ import asyncio
 import threading
 import time
 
-from pipeline.records import Worker
+from pipeline.core.records import Worker
 from serve.leases import keep_lease
 
 

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.clips import clip_size_px
-from pipeline.config import ServiceConfig
-from pipeline.errors import InvalidUpload
-from pipeline.ingest import check_media, declared_media, decode_clean_png
-from pipeline.records import CleanImage
-from pipeline.video import CleanVideo, decode_frames, encode_mp4, upright
+from pipeline.core.config import ServiceConfig
+from pipeline.core.errors import InvalidUpload
+from pipeline.core.records import CleanImage
+from pipeline.jobs.clips import clip_size_px
+from pipeline.media.ingest import check_media, declared_media, decode_clean_png
+from pipeline.media.video import CleanVideo, decode_frames, encode_mp4, upright
 from serve.errors import http_status
 from tests.unit.factories import (
     CREATION_TAG,
@@ -150,7 +150,7 @@ def test_photo_formats_in_the_error_text():
 @pytest.mark.video
 @pytest.mark.parametrize(("fmt", "media_type"), [("mp4", "video/mp4"), ("webp", "image/webp")])
 def test_a_clip_encodes_as_configured_with_a_poster(fmt, media_type):
-    from pipeline.clips import encode_clip
+    from pipeline.jobs.clips import encode_clip
 
     frames = np.stack([np.full((40, 64, 3), 25 * i, np.uint8) for i in range(6)])
     (clip, clip_type, ext), (poster, poster_type, _) = encode_clip(frames, 12.0, fmt, "png")

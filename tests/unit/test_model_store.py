@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import StorageConfig
-from pipeline.model_store import (
+from pipeline.core.config import StorageConfig
+from pipeline.models.model_store import (
     MANIFEST,
     Manifest,
     ModelStoreError,
@@ -46,7 +46,7 @@ def test_stage_then_fetch_gives_the_same_files_and_a_stable_hash(tmp_path):
 
 
 def test_a_second_fetch_reads_nothing_from_the_store(tmp_path, monkeypatch):
-    from pipeline.storage import LocalObjectStore
+    from pipeline.storage.base import LocalObjectStore
 
     src = make_model(tmp_path / "src")
     stage_model(src, str(tmp_path / "store"), STORAGE)

@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from pipeline.orchestration import (
+from pipeline.core.records import Orphan, Stage, Worker
+from pipeline.jobs.orchestration import (
     NOT_STARTED_REASON,
     RESTART_REASON,
     TIMEOUT_REASON,
@@ -22,7 +23,6 @@ from pipeline.orchestration import (
     stage_timeout_s,
     start,
 )
-from pipeline.records import Orphan, Stage, Worker
 from tests.unit.factories import failed_result, make_item, make_job_record, ok_result
 
 FACE_URI = "file:///store/face/job1/e.bin"

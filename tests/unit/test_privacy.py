@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from pipeline import pseudonyms
-from pipeline.privacy import PrivacyRequest, RequestKind, add_business_days, late_requests
+from pipeline.privacy.rights import PrivacyRequest, RequestKind, add_business_days, late_requests
+from pipeline.security import pseudonyms
 
 pytestmark = pytest.mark.privacy
 

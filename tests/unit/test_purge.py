@@ -13,16 +13,16 @@ import uuid
 
 import pytest
 
-from pipeline.config import RetentionConfig
-from pipeline.records import PURGED_WITH_INPUTS, ObjectClass, RetentionRecord
-from pipeline.retention import (
+from pipeline.core.config import RetentionConfig
+from pipeline.core.records import PURGED_WITH_INPUTS, ObjectClass, RetentionRecord
+from pipeline.retention.purge import (
     FOREIGN_RETRY_S,
     purge_job,
     purge_receipt_id,
     purge_records,
     sweep_due,
 )
-from pipeline.storage import StoreSet, face_key, input_key, object_uri, output_key
+from pipeline.storage.base import StoreSet, face_key, input_key, object_uri, output_key
 from tests.unit.fakes import FlakyStore, MemoryLedger
 
 FAST = RetentionConfig(lease_s=5, purge_max_attempts=3)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from pipeline.config import US_AWS_REGIONS, GcsConfig, S3Config
-from pipeline.errors import InvalidUpload
-from pipeline.residency import check_country, region_for_country
+from pipeline.core.config import US_AWS_REGIONS, GcsConfig, S3Config
+from pipeline.core.errors import InvalidUpload
+from pipeline.storage.residency import check_country, region_for_country
 
 GCS = GcsConfig(project="p", buckets={"us-central1": "b-us", "europe-west1": "b-eu",
                                       "asia-northeast1": "b-jp"},

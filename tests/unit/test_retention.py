@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from pipeline.config import RetentionConfig
-from pipeline.records import ObjectClass
-from pipeline.retention import backoff_s, deadline_for
+from pipeline.core.config import RetentionConfig
+from pipeline.core.records import ObjectClass
+from pipeline.retention.purge import backoff_s, deadline_for
 
 
 def test_deadlines_follow_the_ceilings():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import ModelsConfig
-from pipeline.runtime import Runtime, select_runtime
+from pipeline.core.config import ModelsConfig
+from pipeline.models.runtime import Runtime, select_runtime
 
 
 def pick(*, cuda: bool, xformers: bool, **models: str) -> Runtime:

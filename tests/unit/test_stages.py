@@ -2,8 +2,8 @@
 
 import pytest
 
-from pipeline.records import StageResult
-from pipeline.stages import run_isolating_failures
+from pipeline.core.records import StageResult
+from pipeline.jobs.stages import run_isolating_failures
 from tests.unit.factories import make_item
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.errors import StorageError
-from pipeline.storage import (
+from pipeline.core.errors import StorageError
+from pipeline.storage.base import (
     LocalObjectStore,
     account_digest,
     delete_verified,

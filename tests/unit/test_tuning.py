@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from actors.common import BatchRunner
-from pipeline.config import StageBatchConfig
-from pipeline.records import StageResult
+from pipeline.core.config import StageBatchConfig
+from pipeline.core.records import StageResult
 from serve.tuning import tuned_config
 from tests.unit.factories import make_item
 

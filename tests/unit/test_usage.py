@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.storage import LocalObjectStore
-from pipeline.usage import (
+from pipeline.privacy.usage import (
     UsageEvent,
     aggregate,
     day_of,
@@ -16,6 +15,7 @@ from pipeline.usage import (
     rotating_hash,
     write_events,
 )
+from pipeline.storage.base import LocalObjectStore
 
 pytestmark = pytest.mark.privacy
 DAY_S = 86400.0
@@ -51,7 +51,7 @@ def vars_of(e: UsageEvent) -> dict:
 def test_aggregates_drop_opt_outs_and_suppress_small_groups():
     import pyarrow as pa
 
-    from pipeline.usage import SCHEMA
+    from pipeline.privacy.usage import SCHEMA
 
     rows = [vars_of(event(f"acct-{i}", total_s=float(i))) for i in range(6)]  # 6 accounts
     rows += [vars_of(event("acct-0", kind="animate"))] * 3  # one account: a group of 1

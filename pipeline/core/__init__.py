@@ -1,0 +1,1 @@
+"""Records, errors, config, retry: the ground every layer stands on."""

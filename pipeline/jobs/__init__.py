@@ -1,0 +1,1 @@
+"""A job from intake to its end: intake, orchestration, stages, clips."""

@@ -1,0 +1,1 @@
+"""Bytes in, clean bytes out: photo and video decoding, stripping, encoding."""

@@ -1,0 +1,1 @@
+"""Users' rights requests and usage data."""

@@ -1,0 +1,1 @@
+"""Purging and deletion: what is deleted when, verified."""

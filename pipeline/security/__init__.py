@@ -1,0 +1,1 @@
+"""Crypto (device-key encryption), pseudonyms (account secrets)."""

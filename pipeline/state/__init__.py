@@ -1,0 +1,1 @@
+"""Redis: every key, the job store, retention ledger, receipts, idempotency, metrics."""

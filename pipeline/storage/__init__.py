@@ -1,0 +1,1 @@
+"""Object stores: the interface, S3, GCS, residency, production posture."""
