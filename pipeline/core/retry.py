@@ -1,14 +1,19 @@
-"""The one retry policy of the project: exponential backoff with full jitter, bounded.
+"""The one retry policy of the project: bounded tries, exponential backoff with full jitter,
+and a predicate for what is worth retrying.
 
-Every retry loop goes through here: calls to remote services (stores, Redis) and
-optimistic Redis transactions (WATCH) alike, so none of them can spin forever.
+Every retry loop goes through ``retry_call`` (or ``retry_call_async``): calls to remote
+services (stores, Redis, other pools) and optimistic Redis transactions (WATCH) alike, so
+none of them can spin forever and all of them back off the same way (ARCHITECTURE.md,
+invariant 12).
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import redis
@@ -19,8 +24,82 @@ MAX_CONFLICT_RETRIES = 50
 
 
 def backoff_s(attempt: int, *, base_s: float = 0.05, cap_s: float = 2.0) -> float:
-    """Exponential backoff with full jitter for retry ``attempt`` (0-based)."""
+    """Exponential backoff with full jitter before retry ``attempt`` (0-based): a uniform
+    draw from [0, min(cap_s, base_s * 2**attempt)]."""
     return random.uniform(0.0, min(cap_s, base_s * (2**attempt)))
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how patiently to retry one kind of call."""
+
+    max_tries: int  # the first call included; at least 1
+    base_s: float = 0.05  # the longest first pause
+    cap_s: float = 2.0  # no pause is longer
+
+    def __post_init__(self) -> None:
+        if self.max_tries < 1 or self.base_s < 0 or self.cap_s < 0:
+            raise ValueError(f"a retry policy needs max_tries >= 1 and pauses >= 0: {self}")
+
+    def pause_s(self, attempt: int) -> float:
+        """The pause after failed try ``attempt`` (0-based)."""
+        return backoff_s(attempt, base_s=self.base_s, cap_s=self.cap_s)
+
+
+def _always(exc: BaseException) -> bool:
+    return isinstance(exc, Exception)
+
+
+Retryable = Callable[[BaseException], bool]
+Hint = Callable[[BaseException], float | None]
+
+
+def _pause(policy: RetryPolicy, attempt: int, exc: BaseException, hint: Hint | None) -> float:
+    hinted = hint(exc) if hint is not None else None
+    return min(hinted, policy.cap_s) if hinted is not None else policy.pause_s(attempt)
+
+
+def retry_call(fn: Callable[[], T], *, policy: RetryPolicy, retryable: Retryable = _always,
+               sleep: Callable[[float], None] = time.sleep, hint_s: Hint | None = None,
+               on_retry: Callable[[int, BaseException], None] | None = None) -> T:
+    """Call ``fn`` until it returns, at most ``policy.max_tries`` times.
+
+    An exception for which ``retryable`` is false is raised at once; after the last try the
+    last exception is raised. Between tries it sleeps ``policy.pause_s(attempt)``, or what
+    ``hint_s(exc)`` asks (a server's Retry-After), capped at ``policy.cap_s``.
+    ``on_retry(attempt, exc)`` is told of each retry (for a log line or a metric).
+    """
+    for attempt in range(policy.max_tries):
+        try:
+            return fn()
+        except BaseException as exc:
+            if not retryable(exc) or attempt == policy.max_tries - 1:
+                raise
+            if on_retry is not None:
+                on_retry(attempt, exc)
+            sleep(_pause(policy, attempt, exc, hint_s))
+    raise AssertionError("unreachable")
+
+
+async def retry_call_async(fn: Callable[[], Awaitable[T]], *, policy: RetryPolicy,
+                           retryable: Retryable = _always,
+                           sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                           hint_s: Hint | None = None,
+                           on_retry: Callable[[int, BaseException], None] | None = None) -> T:
+    """``retry_call`` for a coroutine function; pauses without blocking the event loop."""
+    for attempt in range(policy.max_tries):
+        try:
+            return await fn()
+        except BaseException as exc:
+            if not retryable(exc) or attempt == policy.max_tries - 1:
+                raise
+            if on_retry is not None:
+                on_retry(attempt, exc)
+            await sleep(_pause(policy, attempt, exc, hint_s))
+    raise AssertionError("unreachable")
+
+
+CONFLICT_POLICY = RetryPolicy(max_tries=MAX_CONFLICT_RETRIES, base_s=0.001, cap_s=0.05)
 
 
 def retry_on_conflict(attempt: Callable[[], T], *, max_tries: int = MAX_CONFLICT_RETRIES) -> T:
@@ -29,11 +108,7 @@ def retry_on_conflict(attempt: Callable[[], T], *, max_tries: int = MAX_CONFLICT
     Backs off a little between tries (contention means others are writing the same
     keys) and gives up with the last WatchError after ``max_tries``.
     """
-    for n in range(max_tries):
-        try:
-            return attempt()
-        except redis.WatchError:
-            if n == max_tries - 1:
-                raise
-            time.sleep(backoff_s(n, base_s=0.001, cap_s=0.05))
-    raise AssertionError("unreachable")
+    policy = CONFLICT_POLICY if max_tries == MAX_CONFLICT_RETRIES else RetryPolicy(
+        max_tries=max_tries, base_s=CONFLICT_POLICY.base_s, cap_s=CONFLICT_POLICY.cap_s)
+    return retry_call(attempt, policy=policy,
+                      retryable=lambda exc: isinstance(exc, redis.WatchError))
