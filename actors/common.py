@@ -1,5 +1,6 @@
 """What every actor does once at start (pin torch threads, open Redis and the store), and
-the batching shell shared by the GPU pools."""
+the batching shell shared by the GPU pools (``GpuPool``: the face and diffusion pools differ
+only in the model they load and the stage function they call)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
+from ray import serve
 
-from pipeline.core.config import Settings, StageBatchConfig
+from pipeline.core.config import MAX_CONCURRENT_BATCHES, Settings, StageBatchConfig
+from pipeline.core.reasons import Reason
 from pipeline.core.records import Stage, StageResult, WorkItem
-from pipeline.jobs.orchestration import TIMEOUT_REASON, batch_cost, is_expired, merge_waiting
+from pipeline.jobs.orchestration import batch_cost, is_expired, merge_waiting
 from pipeline.state.job_store import JobStore
 from pipeline.storage.base import StoreSet, open_stores
 from serve.telemetry import observe_batch
-
-ENDED_REASON = "the job already ended"
-SUPERSEDED_REASON = "a newer attempt of this job ran instead"
 
 
 def open_backends(settings: Settings) -> tuple[redis.Redis, StoreSet]:
@@ -92,7 +92,7 @@ class BatchRunner:
             for w in taken:
                 if not w.future.done():
                     w.future.set_result([by_attempt.get((it.job_id, it.attempts)) or StageResult(
-                        it.job_id, ok=False, reason=SUPERSEDED_REASON) for it in w.items])
+                        it.job_id, ok=False, reason=Reason.SUPERSEDED) for it in w.items])
         except Exception as exc:
             for w in taken:
                 if not w.future.done():
@@ -141,7 +141,7 @@ def run_unexpired(items: list[WorkItem], run: Callable[[list[WorkItem]], list[St
         on_batch(live)
         results = {r.job_id: r for r in run(live)}
     return [results.get(it.job_id) or StageResult(
-        it.job_id, ok=False, reason=ENDED_REASON if it.job_id in gone else TIMEOUT_REASON)
+        it.job_id, ok=False, reason=Reason.ENDED if it.job_id in gone else Reason.TIMEOUT)
         for it in items]
 
 
@@ -164,3 +164,56 @@ def raise_if_stuck(model_calls: BatchRunner, stage_timeout_s: float) -> None:
     stuck_s = model_calls.longest_call_s(time.time())
     if stuck_s > stage_timeout_s * 2:
         raise RuntimeError(f"a model call has run for {stuck_s:.0f} s")
+
+
+class GpuPool:
+    """A GPU pool replica: Serve batches its ``run`` calls (by cost, split by batch key),
+    its BatchRunner merges and runs them, live knobs arrive through ``reconfigure``.
+    Subclasses (actors/face.py, actors/diffusion.py) load their model in ``load`` and run
+    one stage function in ``run_stage``; they return results and never write a job's
+    status (docs/ARCHITECTURE.md, "Who writes a job").
+
+    ``@serve.batch`` keeps one queue per decorated function in a process; each replica is
+    its own process, so sharing the method between the two pools shares nothing.
+    """
+
+    stage: Stage
+
+    def __init__(self, settings: Settings) -> None:
+        pin_torch_threads(settings)
+        self.settings = settings
+        client, self.stores = open_backends(settings)
+        self.jobs = JobStore(client)
+        self.load(settings)
+        self.batching: StageBatchConfig = getattr(settings.batching, self.stage.value)
+        self.model_calls = BatchRunner(
+            live_model_call(self.stage, self.jobs, self.run_stage,
+                            lambda: self.batching.max_batch_cost), self.batching)
+
+    def load(self, settings: Settings) -> None:
+        """Load the pool's model(s) once."""
+        raise NotImplementedError
+
+    def run_stage(self, items: list[WorkItem]) -> list[StageResult]:
+        """One model call over a merged batch (in a worker thread)."""
+        raise NotImplementedError
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """batching.yaml's section of this pool: applied live, no restart (user_config)."""
+        self.batching = StageBatchConfig.model_validate(user_config)
+        apply_batching(self.run, self.model_calls, self.batching)
+
+    def check_health(self) -> None:
+        raise_if_stuck(self.model_calls, self.settings.batching.stage_timeout_s)
+
+    @serve.multiplexed(max_num_models_per_replica=64)
+    async def bucket(self, bucket_id: str) -> str:
+        """Batch keys count as 'models', so Serve routes a key to replicas already batching it."""
+        return bucket_id
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05,
+                 max_concurrent_batches=MAX_CONCURRENT_BATCHES, batch_size_fn=batch_cost)
+    async def run(self, items: list[WorkItem]) -> list[StageResult]:
+        key = serve.get_multiplexed_model_id()
+        await self.bucket(key)
+        return await self.model_calls.submit(key, items)

@@ -163,9 +163,9 @@ MUTATIONS = [
              ("tests/integration/test_job_store.py::"
               "test_a_purged_job_loses_its_personal_fields_after_the_grace_then_goes",)),
     Mutation("usage-keeps-account-id", "usage data holds no personal data",
-             "serve/runner.py",
-             "day=day_of(now), account_ref=account_ref(item.account_id), kind=item.kind,",
-             "day=day_of(now), account_ref=item.account_id, kind=item.kind,",
+             "pipeline/privacy/usage.py",
+             "day=day_of(now_s), account_ref=account_ref(item.account_id), kind=str(item.kind),",
+             "day=day_of(now_s), account_ref=item.account_id, kind=str(item.kind),",
              (f"{T_PRIVACY}::test_usage_events_hold_no_personal_data_and_aggregates_honour_opt_outs",)),
     Mutation("child-not-blocked", "a child's account accepts no job after an age signal",
              "pipeline/privacy/rights.py",

@@ -35,7 +35,7 @@ from pipeline.core.errors import (
     TooManyJobs,
     Unavailable,
 )
-from pipeline.core.records import JobRecord, Worker
+from pipeline.core.records import JOB_KINDS, JobRecord, JobStatus, Stage, Worker
 from pipeline.jobs.intake import (
     ACCOUNT_ID_PATTERN,
     accept_job,
@@ -126,7 +126,7 @@ _JOB_BODY = {
             "files": {"type": "array", "items": {"type": "string", "format": "binary"},
                       "description": "1..max_files_per_job photos (JPEG, PNG, WebP, HEIC, "
                                      "AVIF) or one video (MP4, MOV, WebM; art_style only)"},
-            "kind": {"type": "string", "enum": ["ai_photo", "art_style", "animate"]},
+            "kind": {"type": "string", "enum": list(JOB_KINDS)},
             "style": {"type": "string", "description": "a style of configs/styles.yaml"},
             "account_id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
             "resolution_px": {"type": "integer"},
@@ -258,7 +258,7 @@ def _expected_token_digest(settings: Settings) -> bytes | None:
 
 def _accepted(account_id: str, job_id: str, *, replayed: bool) -> JSONResponse:
     url = f"/v1/accounts/{account_id}/jobs/{job_id}"
-    return JSONResponse({"job_id": job_id, "status": "queued", "status_url": url,
+    return JSONResponse({"job_id": job_id, "status": JobStatus.QUEUED.value, "status_url": url,
                          "replayed": replayed}, status_code=202, headers={"Location": url})
 
 
@@ -297,7 +297,7 @@ def job_view(job: JobRecord, account_id: str) -> dict:
         "inputs_purged_s": job.inputs_purged_s,
         "num_inputs_purged_verified": job.num_inputs_purged_verified,
         "attempts": job.attempts,
-        "batch_sizes": {"face": job.face_batch_size, "diffusion": job.diffusion_batch_size},
+        "batch_sizes": {s.value: getattr(job, f"{s.value}_batch_size") for s in Stage},
         "progress": ({"frames_done": job.frames_done, "frames_total": job.frames_total}
                      if job.frames_total else None),
         "minimised_s": job.minimised_s,

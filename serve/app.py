@@ -20,7 +20,14 @@ from ray.serve.config import BackpressureConfig
 from actors.diffusion import DiffusionDeployment
 from actors.face import FaceDeployment
 from actors.retention import RetentionDeployment
-from pipeline.core.config import PoolConfig, Settings, StageBatchConfig, load_settings, resolve_path
+from pipeline.core.config import (
+    PoolConfig,
+    Settings,
+    StageBatchConfig,
+    load_settings,
+    portable_path,
+    resolve_path,
+)
 from serve.api import ApiDeployment
 from serve.runner import JobRunnerDeployment
 
@@ -68,12 +75,13 @@ def build_app(settings: Settings) -> Application:
 
 
 def build_from_args(args: dict[str, Any]) -> Application:
-    """Serve's application builder. ``args``: ``config_dir`` (a folder of our YAML files,
-    relative to the repository) and optionally ``redis_url`` (overrides service.yaml), or
-    ``settings`` (resolved settings, as the launcher sends them)."""
+    """Serve's application builder. ``args``: ``config_dir`` (a folder of our YAML files;
+    relative: to the app root, by ``resolve_path`` as in the CLI) and optionally
+    ``redis_url`` (overrides service.yaml), or ``settings`` (resolved settings, as the
+    launcher sends them)."""
     if "settings" in args:
         return build_app(Settings.model_validate(args["settings"]))
-    settings = load_settings(resolve_path(str(args.get("config_dir", "configs"))))
+    settings = load_settings(str(args.get("config_dir", "configs")))
     redis_url = args.get("redis_url") or settings.service.redis_url
     if redis_url is None:
         raise ValueError("serve run / serve deploy need an external Redis: set redis_url in "
@@ -91,7 +99,11 @@ def build_from_args(args: dict[str, Any]) -> Application:
 
 
 def serve_config(settings: Settings, *, args: dict[str, Any]) -> dict[str, Any]:
-    """The Serve config file (``ServeDeploySchema``) that deploys this app with ``args``."""
+    """The Serve config file (``ServeDeploySchema``) that deploys this app with ``args``;
+    ``args.config_dir`` is written relative to the app root when it lies under it (see
+    ``portable_path``), so the file works on any machine with the app at any path."""
+    if "config_dir" in args:
+        args = {**args, "config_dir": portable_path(str(args["config_dir"]))}
     deployments = []
     for name, options in deployment_options(settings).items():
         entry: dict[str, Any] = {"name": name}

@@ -1,8 +1,17 @@
-"""The ``ephemera`` command. Options may come before or after the subcommand.
+"""The ``ephemera`` command.
+
+Options: every option of a command may stand anywhere on the line, before the first command
+word, between two (``ephemera retention --redis-url URL sweep``) or after the last, as
+``--opt VALUE`` or ``--opt=VALUE``; given twice, the later one wins; an option the command
+does not take is an error wherever it stands. Paths: a relative ``--config-dir`` (and
+``--workdir``) is relative to the app root (the folder holding pipeline/ and configs/), as
+the Serve config's ``args.config_dir`` is, never to the current directory; files a command
+reads or writes for you (``--out``, SRC, DEST) are relative to the current directory.
 
   ephemera serve [--config-dir DIR] [--workdir DIR]   run the service until Ctrl-C
   ephemera deploy-config [--config-dir DIR] [--out F] [--redis-url URL]
-                                                       write the Serve config (serve deploy, KubeRay)
+                                                       write the Serve config (serve deploy, KubeRay);
+                                                       config_dir is written relative to the app root
   ephemera tune POOL [--max-batch-cost N] [--max-wait-ms MS] [--max-concurrent-batches N]
                 [--max-attempts N] [--stage-timeout-s S] [--address ADDR]
                                                        change batching live (no restart)
@@ -29,17 +38,21 @@ import argparse
 import signal
 import sys
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from pipeline.core.config import CONFIG_DIR, load_settings
+from pipeline.core.config import APP_ROOT, load_settings, portable_path, resolve_path
 from pipeline.core.errors import EphemeraError
+from pipeline.core.records import Pool
 
 
 def _serve(args: argparse.Namespace) -> int:
     from serve.launcher import start_service
 
     settings = load_settings(args.config_dir)
-    with start_service(settings, workdir=Path(args.workdir)) as service:
+    with start_service(settings, workdir=resolve_path(args.workdir)) as service:
         print(f"ephemera serving at {service.base_url} (Ctrl-C stops)", flush=True)
         stop = []
         signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -215,7 +228,12 @@ def _deploy_config(args: argparse.Namespace) -> int:
     from serve.app import serve_config
 
     settings = load_settings(args.config_dir)
-    app_args = {"config_dir": args.config_dir}
+    config_dir = portable_path(args.config_dir)  # what build_from_args resolves back
+    if Path(config_dir).is_absolute():
+        print(f"ephemera: warning: {config_dir} is outside the app root {APP_ROOT}, so the "
+              "Serve config names it by absolute path: it is not portable and works only "
+              "where that path exists", file=sys.stderr)
+    app_args = {"config_dir": config_dir}
     if args.redis_url:
         app_args["redis_url"] = args.redis_url
     text = yaml.safe_dump(serve_config(settings, args=app_args), sort_keys=False)
@@ -239,7 +257,6 @@ def _models_stage(args: argparse.Namespace) -> int:
 
 
 def _models_fetch(args: argparse.Namespace) -> int:
-    from pipeline.core.config import resolve_path
     from pipeline.models.model_store import ModelStoreError, fetch_model
 
     settings = load_settings(args.config_dir)
@@ -279,89 +296,161 @@ def _openapi(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass(frozen=True)
+class Command:
+    """One leaf command: what it runs, its options (option -> help, None: the shared
+    help), its positionals (name -> add_argument keywords) and its required options."""
+
+    func: Callable[[argparse.Namespace], int]
+    help: str
+    options: dict[str, str | None] = field(default_factory=dict)
+    positionals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    required: tuple[str, ...] = ()
+
+
+CONFIG_DIR_HELP = ("folder of YAML configs (default: configs); a relative path is relative to "
+                   f"the app root ({APP_ROOT}), not to the current directory, here and in the "
+                   "Serve config's args.config_dir alike")
+
+# Every option takes one value; add_argument keywords and the shared help of each.
+OPTIONS: dict[str, dict[str, Any]] = {
+    "--config-dir": {"metavar": "DIR", "help": CONFIG_DIR_HELP},
+    "--workdir": {"metavar": "DIR", "help": "embedded Redis data folder (default: data); "
+                                            "relative to the app root, like --config-dir"},
+    "--address": {"help": "Ray cluster to join (default: auto)"},
+    "--redis-url": {"metavar": "URL", "help": "overrides service.yaml redis_url"},
+    "--store-url": {"metavar": "URL", "help": "overrides service.yaml store_url"},
+    "--out": {"metavar": "FILE", "help": "file to write (default: standard output)"},
+    "--max-batch-cost": {"type": int, "metavar": "N"},
+    "--max-wait-ms": {"type": float, "metavar": "MS"},
+    "--max-concurrent-batches": {"type": int, "metavar": "N"},
+    "--max-attempts": {"type": int, "metavar": "N"},
+    "--stage-timeout-s": {"type": float, "metavar": "S"},
+    "--sha256": {"metavar": "H", "help": "the manifest hash to insist on"},
+}
+DEFAULTS: dict[str, Any] = {"config_dir": "configs", "workdir": "data", "address": "auto"}
+
+_BACKENDS: dict[str, str | None] = {"--config-dir": None, "--redis-url": None,
+                                    "--store-url": None}
+_TUNE: dict[str, str | None] = dict.fromkeys((
+    "--config-dir", "--address", "--max-batch-cost", "--max-wait-ms", "--max-concurrent-batches",
+    "--max-attempts", "--stage-timeout-s"))
+
+# name -> a Command, or (help, {name -> Command}) for a command with subcommands.
+COMMANDS: dict[str, Command | tuple[str, dict[str, Command]]] = {
+    "serve": Command(_serve, "run the service on local Ray",
+                     {"--config-dir": None, "--workdir": None}),
+    "deploy-config": Command(_deploy_config, "write the Serve config file for these configs",
+                             {"--config-dir": None, "--out": None,
+                              "--redis-url": "put this Redis in the app's args"}),
+    "tune": Command(_tune, "change a pool's batching on the running service", _TUNE,
+                    {"pool": {"choices": [p.value for p in Pool]}}),
+    "status": Command(_status, "what the service is doing",
+                      {"--config-dir": None, "--address": None, "--redis-url": None}),
+    "retention": ("retention operations", {
+        "sweep": Command(_sweep, "purge what is past its deadline", _BACKENDS),
+        "reconcile": Command(_reconcile, "delete stored inputs/face data with no live record",
+                             _BACKENDS),
+        "verify-ledger": Command(_verify_ledger, "check the deletion receipts' hash chain",
+                                 _BACKENDS)}),
+    "privacy": ("users' privacy requests", {
+        "report": Command(_privacy_report, "open requests and any past a deadline",
+                          _BACKENDS)}),
+    "usage": ("usage data", {
+        "aggregate": Command(_usage_aggregate, "de-identified aggregates for sharing (Parquet)",
+                             {**_BACKENDS, "--out": "the Parquet file to write"},
+                             required=("--out",))}),
+    "storage": ("object stores", {
+        "check": Command(_storage_check, "check every bucket's posture", {"--config-dir": None})}),
+    "models": ("the model store", {
+        "stage": Command(_models_stage, "copy a model into the store, write its manifest",
+                         {"--config-dir": None},
+                         {"src": {"help": "a save_pretrained folder or a single weights file"},
+                          "dest": {"help": "a folder, s3://bucket/prefix or gs://bucket/prefix"}}),
+        "fetch": Command(_models_fetch, "fetch a model into the local cache and verify it",
+                         {"--config-dir": None, "--sha256": None}, {"location": {}}),
+        "convert-ip-adapter": Command(_models_convert,
+                                      "a published IP-Adapter .bin as one safetensors file",
+                                      {"--config-dir": None}, {"src": {}, "dest": {}})}),
+    "openapi": Command(_openapi, "print or write the OpenAPI document",
+                       {"--config-dir": None, "--out": None}),
+    "config": ("configuration", {
+        "check": Command(_check, "validate configs", {"--config-dir": None})}),
+}
+
+
+def _dest(option: str) -> str:
+    return option.lstrip("-").replace("-", "_")
+
+
+def _add_options(parser: argparse.ArgumentParser, options: dict[str, str | None]) -> None:
+    """``options`` on ``parser`` with no default: a value given on the other side of a
+    subcommand is kept, and defaults are filled in once parsing is done."""
+    for option, text in options.items():
+        keywords = {**OPTIONS[option], "default": argparse.SUPPRESS}
+        if text is not None:
+            keywords["help"] = text
+        parser.add_argument(option, **keywords)
+
+
+def _options_under(tree: Mapping[str, Command | tuple[str, dict[str, Command]]]
+                   ) -> dict[str, str | None]:
+    """Every option of every command in ``tree``, with its shared help."""
+    found: dict[str, str | None] = {}
+    for node in tree.values():
+        leaves = [node] if isinstance(node, Command) else list(node[1].values())
+        for leaf in leaves:
+            found.update(dict.fromkeys(leaf.options))
+    return {option: found[option] for option in OPTIONS if option in found}
+
+
+def _add_commands(parser: argparse.ArgumentParser,
+                  tree: Mapping[str, Command | tuple[str, dict[str, Command]]],
+                  dest: str) -> None:
+    sub = parser.add_subparsers(dest=dest, required=True)
+    for name, node in tree.items():
+        if isinstance(node, Command):
+            leaf = sub.add_parser(name, help=node.help)
+            _add_options(leaf, node.options)
+            for positional, keywords in node.positionals.items():
+                leaf.add_argument(positional, **keywords)
+            leaf.set_defaults(func=node.func, _command=node)
+        else:
+            group = sub.add_parser(name, help=node[0])
+            _add_options(group, _options_under(node[1]))
+            _add_commands(group, node[1], "action")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ephemera`` parser. Use :func:`parse_args`: it also fills the defaults and
+    refuses an option that the command given does not take."""
     parser = argparse.ArgumentParser(prog="ephemera", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-dir", default=str(CONFIG_DIR), help="folder of YAML configs")
-    # Every subcommand also takes --config-dir after its name (SUPPRESS keeps the one
-    # given before the subcommand when none comes after it).
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config-dir", default=argparse.SUPPRESS, help="folder of YAML configs")
-    cluster = argparse.ArgumentParser(add_help=False)
-    cluster.add_argument("--address", default="auto", help="Ray cluster to join (default: auto)")
-    backends = argparse.ArgumentParser(add_help=False)  # commands working on Redis + store
-    backends.add_argument("--redis-url", help="overrides service.yaml redis_url")
-    backends.add_argument("--store-url", help="overrides service.yaml store_url")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve_p = sub.add_parser("serve", parents=[common], help="run the service on local Ray")
-    serve_p.add_argument("--workdir", default="data", help="embedded Redis data folder")
-    serve_p.set_defaults(func=_serve)
-    deploy = sub.add_parser("deploy-config", parents=[common],
-                            help="write the Serve config file for these configs")
-    deploy.add_argument("--out", help="file to write (default: standard output)")
-    deploy.add_argument("--redis-url", help="put this Redis in the app's args")
-    deploy.set_defaults(func=_deploy_config)
-    tune = sub.add_parser("tune", parents=[common, cluster],
-                          help="change a pool's batching on the running service")
-    tune.add_argument("pool", choices=["face", "diffusion", "runner"])
-    tune.add_argument("--max-batch-cost", type=int)
-    tune.add_argument("--max-wait-ms", type=float)
-    tune.add_argument("--max-concurrent-batches", type=int)
-    tune.add_argument("--max-attempts", type=int)
-    tune.add_argument("--stage-timeout-s", type=float)
-    tune.set_defaults(func=_tune)
-    status = sub.add_parser("status", parents=[common, cluster], help="what the service is doing")
-    status.add_argument("--redis-url", help="overrides service.yaml redis_url")
-    status.set_defaults(func=_status)
-    retention = sub.add_parser("retention", help="retention operations")
-    retention_sub = retention.add_subparsers(dest="action", required=True)
-    for name, func, text in (
-        ("sweep", _sweep, "purge what is past its deadline"),
-        ("reconcile", _reconcile, "delete stored inputs/face data with no live record"),
-        ("verify-ledger", _verify_ledger, "check the deletion receipts' hash chain"),
-    ):
-        retention_sub.add_parser(name, parents=[common, backends], help=text).set_defaults(
-            func=func)
-    privacy = sub.add_parser("privacy", help="users' privacy requests")
-    privacy_sub = privacy.add_subparsers(dest="action", required=True)
-    privacy_sub.add_parser("report", parents=[common, backends],
-                           help="open requests and any past a deadline").set_defaults(
-        func=_privacy_report)
-    usage = sub.add_parser("usage", help="usage data")
-    usage_sub = usage.add_subparsers(dest="action", required=True)
-    agg = usage_sub.add_parser("aggregate", parents=[common, backends],
-                               help="de-identified aggregates for sharing (Parquet)")
-    agg.add_argument("--out", required=True, help="the Parquet file to write")
-    agg.set_defaults(func=_usage_aggregate)
-    storage = sub.add_parser("storage", help="object stores")
-    storage_sub = storage.add_subparsers(dest="action", required=True)
-    storage_sub.add_parser("check", parents=[common],
-                           help="check every bucket's posture").set_defaults(func=_storage_check)
-    models = sub.add_parser("models", help="the model store")
-    models_sub = models.add_subparsers(dest="action", required=True)
-    stage = models_sub.add_parser("stage", parents=[common],
-                                  help="copy a model into the store, write its manifest")
-    stage.add_argument("src", help="a save_pretrained folder or a single weights file")
-    stage.add_argument("dest", help="a folder, s3://bucket/prefix or gs://bucket/prefix")
-    stage.set_defaults(func=_models_stage)
-    fetch = models_sub.add_parser("fetch", parents=[common],
-                                  help="fetch a model into the local cache and verify it")
-    fetch.add_argument("location")
-    fetch.add_argument("--sha256", help="the manifest hash to insist on")
-    fetch.set_defaults(func=_models_fetch)
-    convert = models_sub.add_parser("convert-ip-adapter", parents=[common],
-                                    help="a published IP-Adapter .bin as one safetensors file")
-    convert.add_argument("src")
-    convert.add_argument("dest")
-    convert.set_defaults(func=_models_convert)
-    openapi = sub.add_parser("openapi", help="print or write the OpenAPI document")
-    openapi.add_argument("--out", help="file to write (default: stdout)")
-    openapi.set_defaults(func=_openapi)
-    config = sub.add_parser("config", help="configuration")
-    config_sub = config.add_subparsers(dest="action", required=True)
-    config_sub.add_parser("check", parents=[common], help="validate configs").set_defaults(
-        func=_check)
+    _add_options(parser, _options_under(COMMANDS))
+    _add_commands(parser, COMMANDS, "command")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` wherever its options sit; exits 2 (argparse's way) on an error."""
+    parser = build_parser()
     args = parser.parse_args(argv)
+    command: Command = vars(args).pop("_command")
+    words = " ".join(w for w in (args.command, getattr(args, "action", None)) if w)
+    for option in OPTIONS:
+        if option not in command.options and hasattr(args, _dest(option)):
+            parser.error(f"`ephemera {words}` takes no {option}")
+    missing = [o for o in command.required if not hasattr(args, _dest(o))]
+    if missing:
+        parser.error(f"`ephemera {words}` needs {', '.join(missing)}")
+    for option in command.options:
+        if not hasattr(args, _dest(option)):
+            setattr(args, _dest(option), DEFAULTS.get(_dest(option)))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, EphemeraError) as exc:  # config errors name the file and the field

@@ -15,9 +15,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from pipeline.core.config import BatchingConfig, Settings, StageBatchConfig, load_settings, resolve_path
+from pipeline.core.records import Pool
 from serve.app import APP_NAME, DIFFUSION, FACE, RUNNER
 
-POOL_DEPLOYMENTS = {"face": FACE, "diffusion": DIFFUSION, "runner": RUNNER}
+POOL_DEPLOYMENTS = {Pool.FACE: FACE, Pool.DIFFUSION: DIFFUSION, Pool.RUNNER: RUNNER}
 
 
 def tuned_config(deployed: dict[str, Any], pool: str, changes: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from typing import Annotated, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.core.records import Stage
+
 APP_ROOT = Path(__file__).resolve().parents[2]  # the folder holding pipeline/ and configs/
 CONFIG_DIR = APP_ROOT / "configs"
 
@@ -539,7 +541,7 @@ class Settings(_Strict):
                 f"below the cost of one video chunk ({chunk}: video_chunk_frames "
                 f"{batching.video_chunk_frames} at {max(service.allowed_resolutions_px)} px); "
                 "raise it or lower video_chunk_frames")
-        for name, pool in (("face", batching.face), ("diffusion", batching.diffusion)):
+        for name, pool in ((s.value, getattr(batching, s.value)) for s in Stage):
             if pool.max_batch_cost < largest:
                 raise ValueError(
                     f"batching.yaml {name}.max_batch_cost {pool.max_batch_cost} is below the "
@@ -607,8 +609,8 @@ def load_yaml(path: Path, model: type[M]) -> M:
 
 
 def load_settings(config_dir: Path | str = CONFIG_DIR) -> Settings:
-    """Load the seven config files from ``config_dir``."""
-    root = Path(config_dir)
+    """Load the seven config files from ``config_dir`` (relative: to ``APP_ROOT``)."""
+    root = resolve_path(config_dir)
     return Settings(
         service=load_yaml(root / "service.yaml", ServiceConfig),
         batching=load_yaml(root / "batching.yaml", BatchingConfig),
@@ -620,7 +622,19 @@ def load_settings(config_dir: Path | str = CONFIG_DIR) -> Settings:
     )
 
 
-def resolve_path(path: str) -> Path:
-    """A config path: absolute as given, relative to the repository root otherwise."""
+def resolve_path(path: Path | str) -> Path:
+    """The one rule for a path the app is given (``--config-dir``, ``args.config_dir``,
+    paths inside the configs): absolute as given, relative to ``APP_ROOT`` otherwise, never
+    to the current directory."""
     p = Path(path)
     return p if p.is_absolute() else APP_ROOT / p
+
+
+def portable_path(path: Path | str) -> str:
+    """``path`` as a file meant for other machines names it: relative to ``APP_ROOT``
+    (POSIX separators) when it lies under it, else absolute (only valid on this machine)."""
+    full = resolve_path(path).resolve()
+    try:
+        return full.relative_to(APP_ROOT).as_posix()
+    except ValueError:
+        return str(full)

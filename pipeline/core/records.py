@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Literal, get_args
 
 import numpy as np
 
-JobKind = Literal["ai_photo", "art_style", "animate"]
-JOB_KINDS: tuple[str, ...] = get_args(JobKind)
+
+class JobKind(StrEnum):
+    """What a job makes. Values are what the API takes and Redis holds."""
+
+    AI_PHOTO = "ai_photo"  # face-conditioned photos from the user's selfies
+    ART_STYLE = "art_style"  # each photo (or the one video) in a style
+    ANIMATE = "animate"  # one photo brought to life as a short clip
+
+
+JOB_KINDS: tuple[str, ...] = tuple(k.value for k in JobKind)
 
 
 class JobStatus(StrEnum):
@@ -22,14 +29,36 @@ class JobStatus(StrEnum):
 
     @property
     def is_finished(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+        return not TRANSITIONS[self]
+
+
+# Every move a job's status may make, declared once. Every status write goes through
+# JobStore.transition, which checks this table inside Redis (its Lua is generated from it);
+# see docs/ARCHITECTURE.md, "Who writes a job". Ended states allow no move.
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED}),
+    JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED}),
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+}
+FINISHED_STATUSES: tuple[JobStatus, ...] = tuple(s for s, moves in TRANSITIONS.items()
+                                                 if not moves)
 
 
 class Stage(StrEnum):
-    """The GPU stages a job passes through."""
+    """The GPU stages a job passes through; each is served by the pool of the same name."""
 
     FACE = "face"
     DIFFUSION = "diffusion"
+
+
+class Pool(StrEnum):
+    """The pools an operator tunes live (``ephemera tune POOL``): one per GPU stage, and
+    the job runners."""
+
+    FACE = Stage.FACE.value
+    DIFFUSION = Stage.DIFFUSION.value
+    RUNNER = "runner"
 
 
 class Worker(StrEnum):
@@ -109,7 +138,7 @@ class JobRecord:
 
     job_id: str
     account_id: str
-    kind: str
+    kind: JobKind
     style: str
     resolution_px: int
     status: JobStatus
@@ -158,7 +187,7 @@ class WorkItem:
 
     job_id: str
     account_id: str
-    kind: str
+    kind: JobKind
     style: str
     resolution_px: int
     input_uris: tuple[str, ...]

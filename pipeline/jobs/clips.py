@@ -17,7 +17,7 @@ from fractions import Fraction
 import numpy as np
 
 from pipeline.core.config import Settings
-from pipeline.core.records import ObjectClass, WorkItem
+from pipeline.core.records import JobKind, ObjectClass, WorkItem
 from pipeline.media.ingest import decode_clean_png, encode_output
 from pipeline.media.video import decode_frames, encode_mp4, encode_webp
 from pipeline.models.diffusion import GenerationParams
@@ -41,7 +41,7 @@ def chunk_range(item: WorkItem, chunk_frames: int) -> tuple[int, int]:
 
 def clip_params(item: WorkItem, settings: Settings) -> GenerationParams:
     style = settings.styles.styles[item.style]
-    strength = style.motion_strength if item.kind == "animate" else style.strength
+    strength = style.motion_strength if item.kind == JobKind.ANIMATE else style.strength
     return GenerationParams(prompt=style.prompt, resolution_px=item.resolution_px,
                             num_inference_steps=settings.models.num_inference_steps,
                             guidance_scale=style.guidance_scale, strength=strength)

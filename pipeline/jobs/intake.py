@@ -18,9 +18,11 @@ from dataclasses import dataclass
 
 from pipeline.core.config import Settings
 from pipeline.core.errors import InvalidUpload, StorageError
+from pipeline.core.reasons import Reason
 from pipeline.core.records import (
     JOB_KINDS,
     CleanImage,
+    JobKind,
     JobRecord,
     JobStatus,
     ObjectClass,
@@ -52,7 +54,7 @@ class JobRequest:
     be stored."""
 
     account_id: str
-    kind: str
+    kind: JobKind
     style: str
     resolution_px: int
     images: list[CleanImage]
@@ -68,12 +70,12 @@ class JobRequest:
         """Frames of the clip this job makes; 0 for a photo job."""
         if self.video:
             return self.video.num_frames
-        return settings.styles.styles[self.style].num_frames if self.kind == "animate" else 0
+        return settings.styles.styles[self.style].num_frames if self.kind == JobKind.ANIMATE else 0
 
     def fps(self, settings: Settings) -> float:
         if self.video:
             return float(self.video.fps)
-        return float(settings.styles.styles[self.style].fps) if self.kind == "animate" else 0.0
+        return float(settings.styles.styles[self.style].fps) if self.kind == JobKind.ANIMATE else 0.0
 
 
 def check_account_id(account_id: str | None) -> str:
@@ -122,12 +124,12 @@ def check_job_request(*, account_id: str | None, kind: str | None, style: str | 
     if videos and len(media) > 1:
         raise InvalidUpload("a job takes photos or one video, not several files with a video",
                             problem="invalid")
-    if videos and kind != "art_style":
+    if videos and kind != JobKind.ART_STYLE:
         raise InvalidUpload(f"kind {kind} takes photos; send a video with kind art_style",
                             problem="invalid")
-    if kind == "animate" and len(images) != 1:
+    if kind == JobKind.ANIMATE and len(images) != 1:
         raise InvalidUpload("kind animate takes exactly one photo", problem="invalid")
-    return JobRequest(account_id=account, kind=kind, style=style, resolution_px=resolution,
+    return JobRequest(account_id=account, kind=JobKind(kind), style=style, resolution_px=resolution,
                       images=images, country=user_country,
                       video=videos[0] if videos else None)
 
@@ -176,7 +178,7 @@ def accept_job(request: JobRequest, device_key: bytes, stores: StoreSet, jobs: J
                     seed=secrets.randbelow(2**31),
                     deadline_s=now + settings.service.job_timeout_s,
                     cost_units=job_cost_units(
-                        1 if request.kind in ("ai_photo", "animate") or num_frames
+                        1 if request.kind in (JobKind.AI_PHOTO, JobKind.ANIMATE) or num_frames
                         else len(request.images),
                         request.resolution_px,
                         reference_resolution_px=settings.batching.reference_resolution_px,
@@ -196,8 +198,7 @@ def _undo(job_id: str, uris: list[str], records: list[RetentionRecord], store: O
         for uri in uris:
             delete_verified(store, key_from_uri(store, uri))
     except StorageError:
-        jobs.finish_job(job_id, ok=False, reason="the object store failed while storing "
-                        "the upload; nothing was processed, please try again")
+        jobs.finish_job(job_id, ok=False, reason=Reason.STORE_FAILED_ON_UPLOAD)
         return
     jobs.discard_job(job_id, records)
 
@@ -211,6 +212,6 @@ def withdraw_job(job_id: str, stores: StoreSet, jobs: JobStore) -> None:
             store, key = stores.locate(rec.uri)
             delete_verified(store, key)
     except StorageError:
-        jobs.finish_job(job_id, ok=False, reason="the service was at capacity; please try again")
+        jobs.finish_job(job_id, ok=False, reason=Reason.AT_CAPACITY)
         return
     jobs.discard_job(job_id, records)

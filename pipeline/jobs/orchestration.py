@@ -11,14 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from pipeline.core.records import JobRecord, Orphan, Stage, StageResult, Worker, WorkItem
-
-RESTART_REASON = (
-    "the worker holding this job stopped before it finished; the device key is held in "
-    "memory only, so please submit the photos again"
-)
-TIMEOUT_REASON = "the job timed out; please try again"
-NOT_STARTED_REASON = "the job was interrupted before it started; please try again"
+from pipeline.core.reasons import Reason, out_of_attempts
+from pipeline.core.records import JobKind, JobRecord, Orphan, Stage, StageResult, Worker, WorkItem
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +27,7 @@ class Next:
 
 
 def first_stage(item: WorkItem) -> Stage:
-    return Stage.FACE if item.kind == "ai_photo" and item.face_uri is None else Stage.DIFFUSION
+    return Stage.FACE if item.kind == JobKind.AI_PHOTO and item.face_uri is None else Stage.DIFFUSION
 
 
 def start(item: WorkItem, now_s: float) -> Next:
@@ -50,7 +44,7 @@ def after_result(stage: Stage, item: WorkItem, result: StageResult, *, max_attem
     if result.ok and item.is_clip and result.frames_done < item.num_frames:
         # A clip's next chunk: the frames made so far are stored at result.work_uri.
         if result.frames_done <= item.frames_done or result.work_uri is None:
-            return Next(item, stage=None, ok=False, reason="a clip chunk made no progress")
+            return Next(item, stage=None, ok=False, reason=Reason.CLIP_STALLED)
         chunk = replace(item, frames_done=result.frames_done,
                         work_uris=(*item.work_uris, result.work_uri))
         return check_deadline(Next(chunk, stage=Stage.DIFFUSION), now_s)
@@ -69,13 +63,13 @@ def after_crash(stage: Stage, item: WorkItem, reason: str, *, max_attempts: int,
     if tried.attempts < max_attempts:
         return check_deadline(Next(tried, stage=stage), now_s)
     return Next(tried, stage=None, ok=False,
-                reason=f"{reason} ({tried.attempts} attempts); please try again later")
+                reason=out_of_attempts(reason, tried.attempts))
 
 
 def check_deadline(plan: Next, now_s: float) -> Next:
     """A job past its deadline is never sent to a stage: it ends failed instead."""
     if plan.stage is not None and now_s >= plan.item.deadline_s:
-        return Next(plan.item, stage=None, ok=False, reason=TIMEOUT_REASON)
+        return Next(plan.item, stage=None, ok=False, reason=Reason.TIMEOUT)
     return plan
 
 
@@ -138,11 +132,11 @@ def find_orphan(job: JobRecord, *, live_runners: set[str], live_ingresses: set[s
     if job.status.is_finished:
         return None
     if job.runner_id:
-        return None if job.runner_id in live_runners else Orphan(RESTART_REASON, Worker.RUNNER)
+        return None if job.runner_id in live_runners else Orphan(Reason.RESTART, Worker.RUNNER)
     if job.ingress_id and job.ingress_id not in live_ingresses:
-        return Orphan(NOT_STARTED_REASON, Worker.INGRESS)
+        return Orphan(Reason.NOT_STARTED, Worker.INGRESS)
     if now_s - job.created_s > unclaimed_grace_s:
-        return Orphan(NOT_STARTED_REASON, None)
+        return Orphan(Reason.NOT_STARTED, None)
     return None
 
 

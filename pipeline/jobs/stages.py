@@ -18,10 +18,12 @@ import numpy as np
 
 from pipeline.core.config import RetentionConfig, Settings
 from pipeline.core.errors import StorageError, WrongKey
+from pipeline.core.reasons import Reason
 from pipeline.core.records import (
     FaceBatch,
     FaceProblem,
     FaceRejection,
+    JobKind,
     ObjectClass,
     OutputRecord,
     RetentionRecord,
@@ -83,7 +85,7 @@ def _read_plain(stores: StoreSet, uri: str, key: bytes) -> bytes:
         raise _ItemFailed(str(exc), retryable=False) from None
     except StorageError as exc:
         log.warning("reading a job object failed: %s", exc)  # the error names no content
-        raise _ItemFailed("the object store is unavailable", retryable=True) from None
+        raise _ItemFailed(Reason.STORE_UNAVAILABLE, retryable=True) from None
 
 
 def _read_images(stores: StoreSet, item: WorkItem) -> list[np.ndarray]:
@@ -106,7 +108,7 @@ def run_isolating_failures(stage: Callable[[list[WorkItem]], list[StageResult]],
         except Exception as exc:
             log.warning("a job failed alone in its stage: %s", type(exc).__name__)
             results.append(StageResult(item.job_id, ok=False, retryable=True,
-                                       reason="this photo could not be processed"))
+                                       reason=Reason.UNPROCESSABLE))
     return results
 
 
@@ -152,7 +154,7 @@ def face_stage(items: list[WorkItem], stores: StoreSet, jobs: JobStore,
                                     ObjectClass.FACE_DATA, retention)
         except StorageError:
             results[item.job_id] = StageResult(item.job_id, ok=False, retryable=True,
-                                               reason="the object store is unavailable")
+                                               reason=Reason.STORE_UNAVAILABLE)
             continue
         results[item.job_id] = StageResult(item.job_id, ok=True, face_uri=uri)
     return [results[item.job_id] for item in items]
@@ -196,9 +198,9 @@ def diffusion_stage(items: list[WorkItem], stores: StoreSet, jobs: JobStore,
     sources: list[tuple[WorkItem, np.ndarray]] = []
     for item in items:
         try:
-            if item.kind == "ai_photo":
+            if item.kind == JobKind.AI_PHOTO:
                 if item.face_uri is None:
-                    raise _ItemFailed("face stage did not run", retryable=False)
+                    raise _ItemFailed(Reason.NO_FACE_DATA, retryable=False)
                 raw = _read_plain(stores, item.face_uri, item.device_key)
                 sources.append((item, np.frombuffer(raw, dtype=np.float32).reshape(FACE_EMBEDDING_DIM)))
             else:
@@ -210,7 +212,7 @@ def diffusion_stage(items: list[WorkItem], stores: StoreSet, jobs: JobStore,
     generated: np.ndarray | list = []
     if sources:
         seeds = [it.seed + n for n, (it, _) in enumerate(sources)]
-        if items[0].kind == "ai_photo":
+        if items[0].kind == JobKind.AI_PHOTO:
             generated = generator.ai_photos(np.stack([x for _, x in sources]), params, seeds)
         else:
             generated = generator.art_styles([x for _, x in sources], params, seeds)
@@ -223,18 +225,18 @@ def diffusion_stage(items: list[WorkItem], stores: StoreSet, jobs: JobStore,
             results.append(failed[item.job_id])
             continue
         if jobs.is_finished(item.job_id):  # timed out or account deleted meanwhile
-            results.append(StageResult(item.job_id, ok=False, reason="the job already ended"))
+            results.append(StageResult(item.job_id, ok=False, reason=Reason.ENDED))
             continue
         try:
             output_ids = store_outputs(item, per_job[item.job_id], stores.outputs, jobs,
                                        settings.service.output_format)
         except JobEnded:
-            results.append(StageResult(item.job_id, ok=False, reason="the job already ended"))
+            results.append(StageResult(item.job_id, ok=False, reason=Reason.ENDED))
             continue
         except StorageError as exc:
             log.warning("storing outputs failed: %s", exc)
             results.append(StageResult(item.job_id, ok=False, retryable=True,
-                                       reason="the object store is unavailable"))
+                                       reason=Reason.STORE_UNAVAILABLE))
             continue
         results.append(StageResult(item.job_id, ok=True, output_ids=tuple(output_ids)))
     return results
@@ -256,7 +258,7 @@ def clip_chunk_stage(item: WorkItem, stores: StoreSet, jobs: JobStore, generator
     size = clips.clip_size_px(height_px, width_px, item.resolution_px)
     made = generator.clip(frames, clips.clip_params(item, settings), item.seed, size)
     if jobs.is_finished(item.job_id):
-        return StageResult(item.job_id, ok=False, reason="the job already ended")
+        return StageResult(item.job_id, ok=False, reason=Reason.ENDED)
     try:
         if stop < item.num_frames:
             work_uri = clips.store_chunk(stores, jobs, item, made, settings)
@@ -266,11 +268,11 @@ def clip_chunk_stage(item: WorkItem, stores: StoreSet, jobs: JobStore, generator
                                   settings.service.output_format)
         output_ids = store_encoded_outputs(item, blobs, stores.outputs, jobs)
     except JobEnded:
-        return StageResult(item.job_id, ok=False, reason="the job already ended")
+        return StageResult(item.job_id, ok=False, reason=Reason.ENDED)
     except StorageError as exc:
         log.warning("storing a clip failed: %s", exc)
         return StageResult(item.job_id, ok=False, retryable=True,
-                           reason="the object store is unavailable")
+                           reason=Reason.STORE_UNAVAILABLE)
     return StageResult(item.job_id, ok=True, frames_done=stop, output_ids=tuple(output_ids))
 
 

@@ -15,15 +15,13 @@
 
 Models are always loaded from files: the pipeline with ``from_pretrained`` from a folder,
 the adapter from one file in the published FaceID layout (``image_proj.*`` and
-``ip_adapter.*`` keys). For the demo and tests ``build_tiny_models`` and
-``build_tiny_ip_adapter`` write tiny random-weight versions of the real architectures and
-layouts; on a GPU host they are full-size weights from the model store.
+``ip_adapter.*`` keys). On a GPU host they are full-size weights from the model store;
+for the embedded default, the demo and tests ``pipeline.models.tiny`` writes tiny
+random-weight versions of the real architectures and layouts.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +30,6 @@ import numpy as np
 import torch
 from diffusers import (
     AnimateDiffVideoToVideoPipeline,
-    AutoencoderKL,
-    DDIMScheduler,
     MotionAdapter,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
@@ -42,79 +38,12 @@ from diffusers import (
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from pipeline.core.errors import ModelError
 from pipeline.models.runtime import Runtime
 
 FACE_EMBEDDING_DIM = 512
 FACEID_NUM_TOKENS = 4  # what diffusers' FaceID loader builds; the published weights match
-
-
-def _byte_level_alphabet() -> list[str]:
-    """The 256 printable stand-ins CLIP's byte-level BPE uses for raw bytes."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
-    extra = [b for b in range(256) if b not in keep]
-    return [chr(c) for c in keep] + [chr(256 + i) for i in range(len(extra))]
-
-
-def build_tiny_models(model_dir: Path, *, seed: int = 0) -> None:
-    """Write tiny, random-weight SD components to ``model_dir``.
-
-    Real architectures (the sizes diffusers' own tests use), built offline. The tokenizer is
-    a real CLIPTokenizer with a character-level vocabulary (no merges), since no CLIP vocab
-    ships in any installable package.
-    """
-    torch.manual_seed(seed)
-    cross_dim = 32
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=cross_dim,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-    )
-    alphabet = _byte_level_alphabet()
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    vocab.update({c + "</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-            hidden_size=cross_dim,
-            intermediate_size=37,
-            layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=len(vocab),
-            max_position_embeddings=77,
-        )
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(model_dir)
 
 
 def ip_adapter_layout(unet: UNet2DConditionModel) -> dict[str, tuple[int, ...]]:
@@ -146,30 +75,6 @@ def ip_adapter_layout(unet: UNet2DConditionModel) -> dict[str, tuple[int, ...]]:
             layout[f"ip_adapter.{index}.to_k_ip.weight"] = (hidden, cross)
             layout[f"ip_adapter.{index}.to_v_ip.weight"] = (hidden, cross)
     return layout
-
-
-def build_tiny_ip_adapter(model_dir: Path, path: Path, *, seed: int = 0,
-                          lora_rank: int = 4) -> None:
-    """Random IP-Adapter-FaceID weights for the pipeline in ``model_dir``, written as one
-    safetensors file in exactly the published key layout (``ip_adapter_layout``)."""
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in ip_adapter_layout(unet).items():
-        if "_lora.down" in key:
-            shape = (lora_rank, shape[1])
-        elif "_lora.up" in key:
-            shape = (shape[0], lora_rank)
-        if key.endswith("norm.weight"):
-            state[key] = torch.ones(shape)
-        elif key.endswith("bias"):
-            state[key] = torch.zeros(shape)
-        else:
-            state[key] = torch.randn(shape, generator=generator) / shape[-1] ** 0.5
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
 
 
 def check_ip_adapter(path: Path, unet: UNet2DConditionModel) -> None:
@@ -380,20 +285,6 @@ def _motion_pipeline(pipe: StableDiffusionPipeline, motion_adapter: Path,
     return vid2vid
 
 
-def build_tiny_motion_adapter(path: Path, *, seed: int = 0) -> None:
-    """A random-weight AnimateDiff MotionAdapter matching ``build_tiny_models``' UNet."""
-    torch.manual_seed(seed)
-    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2,
-                            motion_norm_num_groups=2, motion_num_attention_heads=4,
-                            motion_max_seq_length=32)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    adapter.save_pretrained(staging)
-    try:
-        staging.rename(path)  # whole, or not at all (another process may have won)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def _one_face_per_row(ip_adapter_image, ip_adapter_image_embeds, device,
                       num_images_per_prompt, do_classifier_free_guidance) -> list[torch.Tensor]:
     """Replaces the pipelines' ``prepare_ip_adapter_image_embeds``: diffusers repeats one
@@ -406,25 +297,3 @@ def _one_face_per_row(ip_adapter_image, ip_adapter_image_embeds, device,
 def _to_uint8(images: np.ndarray) -> np.ndarray:
     return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
 
-
-def load_generator(model_dir: Path, runtime: Runtime, *, ip_adapter: Path,
-                   build_tiny_if_missing: bool,
-                   motion_adapter: Path | None = None) -> DiffusionGenerator:
-    """Load from ``model_dir`` and ``ip_adapter``; build tiny random weights there first if
-    allowed and absent."""
-    if not (model_dir / "model_index.json").is_file():
-        if not build_tiny_if_missing:
-            raise ModelError(
-                f"diffusion_model_dir {model_dir} holds no model_index.json; point it at a "
-                "save_pretrained directory or set build_tiny_if_missing: true"
-            )
-        build_tiny_models(model_dir)
-    if not ip_adapter.is_file() and build_tiny_if_missing:
-        build_tiny_ip_adapter(model_dir, ip_adapter)
-    if motion_adapter is not None and not (motion_adapter / "config.json").is_file():
-        if not build_tiny_if_missing:
-            raise ModelError(f"motion_adapter_dir {motion_adapter} holds no config.json; point "
-                             "it at a MotionAdapter save_pretrained folder")
-        build_tiny_motion_adapter(motion_adapter)
-    return DiffusionGenerator(model_dir, runtime, ip_adapter=ip_adapter,
-                              motion_adapter=motion_adapter)

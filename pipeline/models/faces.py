@@ -4,8 +4,9 @@ input/output contract: RGB 112x112, (x - 127.5) / 127.5 unless the graph normali
 one 512-d vector per face), and L2-normalise.
 
 This is the identity space IP-Adapter-FaceID is trained on. The embedder's weights come
-from the model store; ``build_tiny_arcface`` writes a random-weight ONNX graph of the same
-contract for the demo and tests (InsightFace's trained graphs ship in no package).
+from the model store; for the embedded default, the demo and tests
+``pipeline.models.tiny.build_tiny_arcface`` writes a random-weight ONNX graph of the same
+contract (InsightFace's trained graphs ship in no package).
 
 Every image of a batch goes through one detector call (letterboxed onto a common canvas)
 and every found face through one embedder call.
@@ -240,56 +241,6 @@ def _graph_nodes(model_bytes: bytes) -> list:
     import onnx
 
     return list(onnx.load_from_string(model_bytes).graph.node)
-
-
-def build_tiny_arcface(path: Path, *, seed: int = 0) -> None:
-    """A random-weight ONNX graph with ArcFace's contract: input ``input.1`` (N, 3, 112, 112)
-    float, output (N, 512): four strided conv + PReLU blocks, then a linear layer."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    nodes, inits = [], []
-    channels, name = 3, "input.1"
-    for i, out_ch in enumerate((8, 16, 32, 32)):
-        w = rng.standard_normal((out_ch, channels, 3, 3)).astype(np.float32)
-        w *= np.sqrt(2.0 / (channels * 9))
-        inits += [numpy_helper.from_array(w, f"conv{i}.w"),
-                  numpy_helper.from_array(np.zeros(out_ch, np.float32), f"conv{i}.b"),
-                  numpy_helper.from_array(np.full((out_ch, 1, 1), 0.25, np.float32), f"prelu{i}")]
-        nodes += [helper.make_node("Conv", [name, f"conv{i}.w", f"conv{i}.b"], [f"c{i}"],
-                                   kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
-                  helper.make_node("PRelu", [f"c{i}", f"prelu{i}"], [f"p{i}"])]
-        channels, name = out_ch, f"p{i}"
-    flat = channels * 7 * 7
-    fc = (rng.standard_normal((flat, EMBEDDING_DIM)) / np.sqrt(flat)).astype(np.float32)
-    inits += [numpy_helper.from_array(fc, "fc.w"),
-              numpy_helper.from_array(np.zeros(EMBEDDING_DIM, np.float32), "fc.b")]
-    nodes += [helper.make_node("Flatten", [name], ["flat"], axis=1),
-              helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["embedding"])]
-    graph = helper.make_graph(
-        nodes, "tiny_arcface",
-        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT,
-                                       ["None", 3, ALIGNED_SIZE_PX, ALIGNED_SIZE_PX])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT,
-                                       ["None", EMBEDDING_DIM])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
-                              producer_name="ephemera-tiny-arcface")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    onnx.save(model, str(tmp))
-    tmp.replace(path)
-
-
-def load_embedder(path: Path, runtime: Runtime, *, build_tiny_if_missing: bool,
-                  num_threads: int = 1) -> ArcFaceEmbedder:
-    if not path.is_file() and build_tiny_if_missing:
-        build_tiny_arcface(path)
-    return ArcFaceEmbedder(path, runtime, num_threads=num_threads)
 
 
 # ---------------------------------------------------------------- the stage's core

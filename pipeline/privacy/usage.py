@@ -27,6 +27,8 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.core.records import JobStatus, WorkItem
+from pipeline.security.pseudonyms import account_ref
 from pipeline.storage.base import ObjectStore, delete_verified
 
 USAGE_PREFIX = "usage/"
@@ -55,6 +57,37 @@ SCHEMA = pa.schema([
     ("num_frames", pa.int32()), ("outcome", pa.string()), ("country", pa.string()),
     ("queue_s", pa.float64()), ("total_s", pa.float64()),
 ])
+
+
+class UsageBuffer:
+    """One job runner's usage events between two flushes (``write_events``). Best-effort:
+    while the store is away it keeps at most ``max_events`` and drops the rest."""
+
+    def __init__(self, max_events: int = 10_000) -> None:
+        self.max_events = max_events
+        self.events: list[UsageEvent] = []
+
+    def note(self, item: WorkItem, ok: bool, started_s: float, now_s: float) -> None:
+        """One event for a finished job: counts, timings, outcome, country and the
+        account's pseudonym; nothing of the media, the key or the reason."""
+        if len(self.events) >= self.max_events:
+            return
+        accepted = item.accepted_s or started_s
+        self.events.append(UsageEvent(
+            day=day_of(now_s), account_ref=account_ref(item.account_id), kind=str(item.kind),
+            style=item.style, resolution_px=item.resolution_px,
+            num_inputs=len(item.input_uris), num_frames=item.num_frames,
+            outcome=str(JobStatus.SUCCEEDED if ok else JobStatus.FAILED),
+            country=item.country, queue_s=max(0.0, started_s - accepted),
+            total_s=max(0.0, now_s - accepted)))
+
+    def take(self) -> list[UsageEvent]:
+        events, self.events = self.events, []
+        return events
+
+    def put_back(self, events: list[UsageEvent]) -> None:
+        """Events a flush could not write, kept for the next one (oldest first)."""
+        self.events = (events + self.events)[: self.max_events]
 
 
 def day_of(timestamp_s: float) -> str:

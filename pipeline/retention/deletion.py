@@ -14,6 +14,7 @@ import redis
 
 from pipeline.core.config import RetentionConfig
 from pipeline.core.errors import NotFound
+from pipeline.core.reasons import Reason
 from pipeline.core.records import DeletionReceipt, ObjectClass
 from pipeline.privacy.usage import forget_account
 from pipeline.retention.purge import purge_finished_job
@@ -22,8 +23,6 @@ from pipeline.state import keys
 from pipeline.state.job_store import JobStore
 from pipeline.state.receipts import ReceiptLedger
 from pipeline.storage.base import OUTPUT_PREFIX, StoreSet, account_digest, delete_verified, object_uri
-
-ACCOUNT_DELETED_REASON = "the account was deleted"
 
 
 def delete_output(account_id: str, output_id: str, stores: StoreSet, jobs: JobStore) -> str:
@@ -118,7 +117,7 @@ def _delete_account(account_id: str, receipt_id: str, stores: StoreSet, jobs: Jo
     #    (The tombstone already stops their outputs from being indexed.)
     for job_id in jobs.account_job_ids(account_id):
         keep_lock()
-        jobs.finish_job(job_id, ok=False, reason=ACCOUNT_DELETED_REASON)
+        jobs.finish_job(job_id, ok=False, reason=Reason.ACCOUNT_DELETED)
         count += purge_finished_job(job_id, stores, jobs, owner=owner, cfg=cfg,
                                     receipt_id=receipt_id)
         if not [r for r in jobs.ledger.records_for_job(job_id) if r.object_class != ObjectClass.OUTPUT]:

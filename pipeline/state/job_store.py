@@ -12,7 +12,10 @@ import redis
 
 from pipeline.core.errors import Forbidden, InvalidUpload, NotFound, TooManyJobs
 from pipeline.core.records import (
+    FINISHED_STATUSES,
     PURGED_WITH_INPUTS,
+    TRANSITIONS,
+    JobKind,
     JobRecord,
     JobStatus,
     Orphan,
@@ -37,46 +40,48 @@ _INT_FIELDS = (
 )
 
 
-# Conditional writes run as one script, so a record deleted meanwhile (account deletion)
-# is never recreated half-empty by a late update, and an ended job (failed by the reaper,
-# say) never reads "running" again because a late batch started.
-_UPDATE_IF_UNFINISHED = """
+# Lua literals generated from the one declaration of the lifecycle (records.TRANSITIONS),
+# so a script can never allow a move the enum does not.
+_LUA_FINISHED = "{" + ", ".join(f"['{s.value}']=true" for s in FINISHED_STATUSES) + "}"
+_LUA_MOVES = "{" + ", ".join(
+    f"['{frm.value}']={{" + ", ".join(f"['{to.value}']=true" for to in sorted(moves)) + "}"
+    for frm, moves in TRANSITIONS.items()) + "}"
+ANY_RUNNER = "*"  # transition(): whoever holds the job
+
+# Sets fields other than the status of an unfinished job, so a record deleted meanwhile
+# (account deletion) is never recreated half-empty by a late update.
+_UPDATE_IF_UNFINISHED = f"""
+local finished = {_LUA_FINISHED}
 local status = redis.call('HGET', KEYS[1], 'status')
-if (not status) or status == 'succeeded' or status == 'failed' then return 0 end
+if (not status) or finished[status] then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
-# Ends a job once. KEYS: job, active jobs, the account's active set (keys.account_active).
-_FINISH_TAIL = """
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-redis.call('SREM', KEYS[2], ARGV[1])
-redis.call('SREM', KEYS[3], ARGV[1])
-return 1
-"""
-_FINISH_ONCE = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if (not status) or status == 'succeeded' or status == 'failed' then return 0 end
-""" + _FINISH_TAIL
-# Fails a job only if it is still held by the runner the reaper saw (or still unclaimed)
-# and, when the grounds are a lapsed lease (ARGV[4] names the worker kind: runner or
-# ingress), that lease is still lapsed, all checked at the moment of writing. KEYS: as
-# above, then that worker kind's lease zset. ARGV[1] job id, [2] the runner seen, [3] now,
-# [4] the lapsed worker kind or '', then the fields.
-_FAIL_IF_ORPHANED = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if (not status) or status == 'succeeded' or status == 'failed' then return 0 end
-local now, lapsed = tonumber(ARGV[3]), ARGV[4]
+# The one writer of a job's status (docs/ARCHITECTURE.md, "Who writes a job"). Moves the job
+# to ARGV[2] only if TRANSITIONS allows it from its current status and, unless ARGV[3] is
+# '*', the job is held by runner ARGV[3] ('' = unclaimed) and, when ARGV[5] names a worker
+# kind (runner or ingress), that worker's lease (KEYS[4]) has lapsed at ARGV[4]: all checked
+# at the moment of writing. An ended job leaves the active sets.
+# KEYS: job, active jobs, the account's active set, a lease zset. ARGV: job id, status,
+# runner, now, lapsed worker kind or '', then field, value, ...
+_TRANSITION = f"""
+local moves, finished = {_LUA_MOVES}, {_LUA_FINISHED}
+local status, to = redis.call('HGET', KEYS[1], 'status'), ARGV[2]
+if (not status) or (not moves[status]) or (not moves[status][to]) then return 0 end
 local runner = redis.call('HGET', KEYS[1], 'runner_id') or ''
-if runner ~= ARGV[2] then return 0 end
+if ARGV[3] ~= '*' and runner ~= ARGV[3] then return 0 end
+local lapsed = ARGV[5]
 if lapsed ~= '' then
   local holder = runner
   if lapsed == 'ingress' then holder = redis.call('HGET', KEYS[1], 'ingress_id') or '' end
   local lease = redis.call('ZSCORE', KEYS[4], holder)
-  if lease and tonumber(lease) >= now then return 0 end
+  if lease and tonumber(lease) >= tonumber(ARGV[4]) then return 0 end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
-redis.call('SREM', KEYS[2], ARGV[1])
-redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('HSET', KEYS[1], 'status', to, unpack(ARGV, 6))
+if finished[to] then
+  redis.call('SREM', KEYS[2], ARGV[1])
+  redis.call('SREM', KEYS[3], ARGV[1])
+end
 return 1
 """
 _RECORD_PURGE = """
@@ -99,6 +104,8 @@ def _to_record(job_id: str, raw: dict) -> JobRecord:
     for name in _INT_FIELDS:
         d[name] = int(str(d.get(name) or 0))
     d["status"] = JobStatus(str(d.get("status") or JobStatus.QUEUED))
+    if d.get("kind"):
+        d["kind"] = JobKind(str(d["kind"]))
     d.setdefault("account_id", "")  # minimised records have none
     try:
         return JobRecord(**d)  # type: ignore[arg-type]
@@ -120,8 +127,7 @@ def _to_output(raw: dict, account_id: str) -> OutputRecord | None:
 
 def _end_fields(*, ok: bool, reason: str, output_ids: tuple[str, ...],
                 now_s: float) -> dict[str, object]:
-    fields: dict[str, object] = {"status": JobStatus.SUCCEEDED if ok else JobStatus.FAILED,
-                                 "finished_s": now_s, "updated_s": now_s}
+    fields: dict[str, object] = {"finished_s": now_s, "updated_s": now_s}
     if ok:
         fields.update(succeeded_s=now_s, output_ids=list(output_ids))
     else:
@@ -147,8 +153,7 @@ class JobStore:
         self.redis = client
         self.ledger = RetentionLedger(client)
         self._update_if_unfinished = client.register_script(_UPDATE_IF_UNFINISHED)
-        self._fail_if_orphaned = client.register_script(_FAIL_IF_ORPHANED)
-        self._finish_once = client.register_script(_FINISH_ONCE)
+        self._transition = client.register_script(_TRANSITION)
         self._record_purge = client.register_script(_RECORD_PURGE)
 
     def create_job(self, job: JobRecord, records: list[RetentionRecord], *,
@@ -201,27 +206,45 @@ class JobStore:
     def get_job(self, job_id: str) -> JobRecord:
         return _to_record(job_id, self.redis.hgetall(keys.job(job_id)))
 
+    def transition(self, job_id: str, to: JobStatus, *, account_id: str,
+                   runner: str = ANY_RUNNER, lapsed: Worker | None = None,
+                   now_s: float | None = None, fields: dict[str, object] | None = None) -> bool:
+        """Move a job to status ``to`` and set ``fields`` with it, atomically, if
+        ``TRANSITIONS`` allows the move from its status now and, unless ``runner`` is
+        ANY_RUNNER, the job is held by ``runner`` ("" = unclaimed) and, when ``lapsed``
+        names a worker kind, the lease of the job's worker of that kind has lapsed at
+        ``now_s``. The only writer of ``status``: returns whether it moved the job."""
+        now = time.time() if now_s is None else now_s
+        fields = {"updated_s": now, **(fields or {})}
+        return bool(self._transition(
+            keys=[keys.job(job_id), keys.ACTIVE_JOBS, keys.account_active(account_id),
+                  keys.worker_leases(lapsed or Worker.RUNNER)],
+            args=[job_id, to.value, runner, repr(now), lapsed.value if lapsed else "",
+                  *_flat(fields)]))
+
     def update_job(self, job_id: str, **fields: object) -> bool:
-        """Set some fields of an unfinished job; False (nothing written) once it ended or
-        is gone. Ending a job is ``finish_job``'s alone."""
+        """Set fields other than the status of an unfinished job; False (nothing written)
+        once it ended or is gone. The status moves through ``transition`` alone."""
+        if "status" in fields:
+            raise ValueError("a job's status changes through JobStore.transition only")
         fields["updated_s"] = time.time()
         return bool(self._update_if_unfinished(keys=[keys.job(job_id)], args=_flat(fields)))
 
     def finish_job(
         self, job_id: str, *, ok: bool, reason: str = "", output_ids: tuple[str, ...] = ()
-    ) -> None:
-        """Mark a job succeeded (with outputs) or failed (with a reason the user can read).
-
-        A job that already ended keeps its first outcome; its inputs are made due either way.
-        """
+    ) -> bool:
+        """Mark a job succeeded (with outputs; only a running job can) or failed (with a
+        reason the user can read), whoever holds it: its holder's call, and account
+        deletion's. A job that already ended keeps its first outcome; its inputs are made
+        due either way, so the sweep removes them even if the purge call is lost."""
         now = time.time()
         fields = _end_fields(ok=ok, reason=reason, output_ids=output_ids, now_s=now)
         account = self.account_of(job_id)
-        if account:
-            self._finish_once(keys=[keys.job(job_id), keys.ACTIVE_JOBS,
-                                    keys.account_active(account)],
-                              args=[job_id, *_flat(fields)])
+        moved = bool(account) and self.transition(
+            job_id, JobStatus.SUCCEEDED if ok else JobStatus.FAILED, account_id=account,
+            now_s=now, fields=fields)
         self.ledger.expedite_job(job_id, PURGED_WITH_INPUTS, now)
+        return moved
 
     def fail_orphan(self, job: JobRecord, orphan: Orphan, *, now_s: float) -> bool:
         """Fail ``job`` for ``orphan.reason`` if, at this instant, it is still held by the
@@ -229,11 +252,9 @@ class JobStore:
         worker, that worker's lease is still lapsed. Atomic, so a worker that heartbeats or
         a runner that claims the job meanwhile keeps it. Returns whether it failed the job."""
         fields = _end_fields(ok=False, reason=orphan.reason, output_ids=(), now_s=now_s)
-        lapsed = orphan.lapsed.value if orphan.lapsed else ""
-        failed = bool(self._fail_if_orphaned(
-            keys=[keys.job(job.job_id), keys.ACTIVE_JOBS, keys.account_active(job.account_id),
-                  keys.worker_leases(orphan.lapsed or Worker.RUNNER)],
-            args=[job.job_id, job.runner_id, repr(now_s), lapsed, *_flat(fields)]))
+        failed = self.transition(job.job_id, JobStatus.FAILED, account_id=job.account_id,
+                                 runner=job.runner_id, lapsed=orphan.lapsed, now_s=now_s,
+                                 fields=fields)
         if failed:
             self.ledger.expedite_job(job.job_id, PURGED_WITH_INPUTS, now_s)
         return failed
@@ -399,11 +420,11 @@ class JobStore:
 
     def note_batch(self, job_ids: list[str], stage: Stage, *, cost_units: int,
                    max_cost_units: int) -> None:
-        """Jobs entering one model call: running, the size of the batch that served them,
-        and the batch's fill for the metrics."""
+        """Jobs entering one model call (a GPU pool's only write to a job: a statistic,
+        never its status): the size of the batch that serves them, and the batch's fill
+        for the metrics."""
         for job_id in job_ids:
-            self.update_job(job_id, status=JobStatus.RUNNING,
-                            **{f"{stage.value}_batch_size": len(job_ids)})
+            self.update_job(job_id, **{f"{stage.value}_batch_size": len(job_ids)})
         p = self.redis.pipeline(transaction=False)
         p.lpush(keys.batch_fill(stage.value), repr(cost_units / max_cost_units))
         p.ltrim(keys.batch_fill(stage.value), 0, 999)
@@ -439,9 +460,11 @@ class JobStore:
     # Job runners: who holds which job (and its key) in memory.
 
     def claim_job(self, job_id: str, runner_id: str) -> bool:
-        """Record the runner now holding the job; False if the job already ended or is gone
-        (withdrawn, reaped, account deleted), and then nobody should drive it."""
-        return self.update_job(job_id, runner_id=runner_id)
+        """The hand-off: the job is running, held by ``runner_id``. False if it is not
+        waiting for a runner (ended: withdrawn, reaped, account deleted; or gone), and then
+        nobody should drive it."""
+        return self.transition(job_id, JobStatus.RUNNING, account_id=self.account_of(job_id),
+                               runner="", fields={"runner_id": runner_id})
 
     def heartbeat(self, worker: Worker, worker_id: str, *, lease_s: float, now_s: float) -> None:
         """Renew a worker's lease: it is live until ``now_s + lease_s``."""

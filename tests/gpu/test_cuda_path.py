@@ -10,7 +10,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _generator(tmp_path, runtime):
-    from pipeline.models.diffusion import load_generator
+    from pipeline.models.loading import load_generator
 
     return load_generator(tmp_path / "m", runtime, ip_adapter=tmp_path / "faceid.safetensors",
                           build_tiny_if_missing=True)
@@ -45,7 +45,8 @@ def test_face_stage_runs_on_cuda(tmp_path):
 
     from pipeline.core.config import ModelsConfig
     from pipeline.core.records import FaceBatch
-    from pipeline.models.faces import MtcnnDetector, embed_faces, load_embedder
+    from pipeline.models.faces import MtcnnDetector, embed_faces
+    from pipeline.models.loading import load_embedder
     from pipeline.models.runtime import select_runtime
 
     runtime = select_runtime(ModelsConfig())
@@ -78,7 +79,8 @@ def test_compiled_channels_last_unet_runs_on_cuda(tmp_path):
 def test_clips_run_in_fp16_on_cuda(tmp_path):
     """AnimateDiff's video-to-video pipeline (animate, styled videos) on the GPU."""
     from pipeline.core.config import ModelsConfig
-    from pipeline.models.diffusion import GenerationParams, load_generator
+    from pipeline.models.diffusion import GenerationParams
+    from pipeline.models.loading import load_generator
     from pipeline.models.runtime import select_runtime
 
     runtime = select_runtime(ModelsConfig())

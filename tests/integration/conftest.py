@@ -36,7 +36,7 @@ def redis_client(redis_server) -> redis.Redis:
 def face_weights_path(tmp_path_factory) -> Path:
     """An ArcFace-format ONNX embedder in a file (not the default one): the service loads it
     through its config path."""
-    from pipeline.models.faces import build_tiny_arcface
+    from pipeline.models.tiny import build_tiny_arcface
 
     path = tmp_path_factory.mktemp("weights") / "arcface.onnx"
     build_tiny_arcface(path, seed=1234)

@@ -223,7 +223,7 @@ def test_job_runner_killed_fails_only_the_jobs_it_held(client, service, store_ro
     """Two runners share the jobs. Kill one while its jobs are provably in flight (claimed,
     unfinished, held back by a slow batch): exactly those fail with a reason and are
     purged; the other runner's jobs all succeed."""
-    from pipeline.jobs.orchestration import RESTART_REASON
+    from pipeline.core.reasons import Reason
     from serve.tuning import retune
 
     retune("diffusion", {"max_wait_ms": 6000, "max_batch_cost": 64})  # hold jobs in flight
@@ -246,7 +246,7 @@ def test_job_runner_killed_fails_only_the_jobs_it_held(client, service, store_ro
     for job_id, runner in holders.items():
         if runner == victim:
             assert views[job_id]["status"] == "failed"
-            assert views[job_id]["reason"] == RESTART_REASON
+            assert views[job_id]["reason"] == Reason.RESTART
         else:
             assert views[job_id]["status"] == "succeeded", views[job_id]
     assert_clean(service, store_root, list(views.values()))
@@ -342,7 +342,7 @@ def test_ingress_killed_mid_write_loses_nothing(service, store_root, redis_clien
     ingress's claim is taken over once its lease lapses), which succeeds. The job the dead
     ingress was storing fails with a reason and its stored input is purged within seconds
     (its ingress's lease), not at the job timeout."""
-    from pipeline.jobs.orchestration import NOT_STARTED_REASON
+    from pipeline.core.reasons import Reason
 
     signal_file = tmp_path / "storing"
     victim = replica_pid("ApiDeployment")
@@ -368,7 +368,7 @@ def test_ingress_killed_mid_write_loses_nothing(service, store_root, redis_clien
             os.kill(victim, signal.SIGKILL)
         client.close()
     assert done.status == "succeeded", done
-    assert (cut.status, cut.reason) == ("failed", NOT_STARTED_REASON)
+    assert (cut.status, cut.reason) == ("failed", Reason.NOT_STARTED)
     assert cut.inputs_purged_s is not None and cut.inputs_purged_s - cut.created_s < 60
     assert not (store_root / stored_key).exists()
     assert replica_pid("ApiDeployment") != victim

@@ -48,6 +48,7 @@ def test_an_account_at_its_limit_is_refused_until_a_job_ends(jobs):
     with pytest.raises(TooManyJobs, match="2 unfinished"):
         new_job(jobs, limit=2)
     assert jobs.redis.zcard(keys.account_jobs("acct-j")) == 2  # the refused one left nothing
+    assert jobs.claim_job(first.job_id, "runner-a")
     jobs.finish_job(first.job_id, ok=True)
     new_job(jobs, limit=2)
     assert jobs.redis.scard(keys.account_active("acct-j")) == 2
@@ -74,7 +75,7 @@ def test_the_reaper_fails_a_job_only_while_its_runner_is_gone(jobs):
     # The runner renews its lease after the reaper's snapshot: the job stays.
     jobs.heartbeat(Worker.RUNNER, "runner-a", lease_s=10, now_s=now + 20)
     assert not jobs.fail_orphan(seen, gone, now_s=now + 25)
-    assert jobs.get_job(job.job_id).status is JobStatus.QUEUED
+    assert jobs.get_job(job.job_id).status is JobStatus.RUNNING
     # Lapsed for real: failed, out of the active sets, inputs made due.
     assert jobs.fail_orphan(seen, gone, now_s=now + 40)
     view = jobs.get_job(job.job_id)
@@ -177,3 +178,26 @@ def test_a_retry_after_the_ingress_died_past_the_hand_off_gets_the_running_job(j
                       ingress_id="ingress-b", now_s=now + 11) == job.job_id
     assert idem.claim("acct-h", "key-00000002", "d1", job_id="job-third",
                       ingress_id="ingress-c", now_s=now + 12) == job.job_id  # recorded
+
+
+def test_every_status_write_follows_the_declared_transitions(jobs):
+    """The Lua transition checks records.TRANSITIONS: a queued job cannot succeed (no runner
+    ran it), an ended job moves nowhere, and a GPU pool's batch note never moves it."""
+    from pipeline.core.records import TRANSITIONS
+
+    job = new_job(jobs)
+    assert not jobs.transition(job.job_id, JobStatus.SUCCEEDED, account_id="acct-j")
+    assert jobs.get_job(job.job_id).status is JobStatus.QUEUED
+    jobs.note_batch([job.job_id], Stage.FACE, cost_units=1, max_cost_units=8)
+    view = jobs.get_job(job.job_id)
+    assert (view.status, view.face_batch_size) == (JobStatus.QUEUED, 1)
+    assert jobs.claim_job(job.job_id, "runner-a")
+    assert not jobs.claim_job(job.job_id, "runner-b")  # held already: no second claim
+    assert jobs.get_job(job.job_id).runner_id == "runner-a"
+    with pytest.raises(ValueError, match="transition"):
+        jobs.update_job(job.job_id, status=JobStatus.SUCCEEDED)
+    assert jobs.finish_job(job.job_id, ok=True)
+    for status in JobStatus:
+        assert not jobs.transition(job.job_id, status, account_id="acct-j")
+    assert jobs.get_job(job.job_id).status is JobStatus.SUCCEEDED
+    assert TRANSITIONS[JobStatus.SUCCEEDED] == frozenset()

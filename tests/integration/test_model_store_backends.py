@@ -13,15 +13,16 @@ from skimage import data
 
 from pipeline.core.config import GcsConfig, ModelsConfig, S3Config, StorageConfig, load_settings
 from pipeline.core.records import FaceBatch
-from pipeline.models.diffusion import (
-    GenerationParams,
+from pipeline.models.diffusion import GenerationParams
+from pipeline.models.faces import embed_faces
+from pipeline.models.loading import open_face_models, open_generator
+from pipeline.models.model_store import ModelStoreError, stage_model
+from pipeline.models.tiny import (
+    build_tiny_arcface,
     build_tiny_ip_adapter,
     build_tiny_models,
     build_tiny_motion_adapter,
 )
-from pipeline.models.faces import build_tiny_arcface, embed_faces
-from pipeline.models.loading import open_face_models, open_generator
-from pipeline.models.model_store import ModelStoreError, stage_model
 from tests.integration.object_servers import make_gcs_bucket, make_s3_bucket
 
 pytestmark = [pytest.mark.storage, pytest.mark.models]

@@ -65,6 +65,7 @@ def make_job(store, jobs, *, account="acct-r", num_inputs=2, finished=False) -> 
     for rec in records:
         store.put(key_from_uri(store, rec.uri), crypto.encrypt(b"pixels", key, uri=rec.uri))
     if finished:
+        assert jobs.claim_job(job_id, "runner-test")  # only a running job can succeed
         jobs.finish_job(job_id, ok=True, output_ids=())
     return job
 
@@ -73,6 +74,7 @@ def finished_job_with_outputs(store, jobs, num_outputs: int, *, account="acct-r"
     """A succeeded job and its indexed outputs (indexed while it ran, as the stage does)."""
     job = make_job(store, jobs, account=account)
     outputs = [make_output(store, jobs, job) for _ in range(num_outputs)]
+    assert jobs.claim_job(job.job_id, "runner-test")
     jobs.finish_job(job.job_id, ok=True, output_ids=tuple(o.output_id for o in outputs))
     return job, outputs
 

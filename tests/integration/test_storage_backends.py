@@ -65,8 +65,8 @@ def jobs(redis_server):
 def models(tmp_path_factory):
     """Tiny diffusion models and the real MTCNN, loaded once for the module."""
     from pipeline.core.config import ModelsConfig
-    from pipeline.models.diffusion import load_generator
-    from pipeline.models.faces import MtcnnDetector, load_embedder
+    from pipeline.models.faces import MtcnnDetector
+    from pipeline.models.loading import load_embedder, load_generator
     from pipeline.models.runtime import select_runtime
 
     runtime = select_runtime(ModelsConfig())
@@ -159,6 +159,7 @@ def test_pipeline_path_per_backend(stores, jobs, models):
     all_keys = [k for s in stores.all() for k in s.list_keys("")]
     assert all_keys and not any("alice" in k or "photo" in k for k in all_keys)
 
+    assert jobs.claim_job(job.job_id, "runner-test")
     jobs.finish_job(job.job_id, ok=True, output_ids=result.output_ids)
     purge_finished_job(job.job_id, stores, jobs, owner="t", cfg=settings.retention)
     assert not _raw_exists(input_store, input_key) and not _raw_exists(face_store, face_key)

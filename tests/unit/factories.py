@@ -59,14 +59,16 @@ def cpu_runtime() -> Runtime:
 def make_item(job_id: str = "job1", *, kind: str = "ai_photo", style: str = "portrait",
               resolution_px: int = 64, attempts: int = 0, face_uri: str | None = None,
               device_key: bytes = b"k" * 32, num_inputs: int = 1,
-              deadline_s: float = float("inf"), cost_units: int = 1) -> WorkItem:
+              deadline_s: float = float("inf"), cost_units: int = 1,
+              num_frames: int = 0) -> WorkItem:
     """A WorkItem with plausible defaults."""
     return WorkItem(
         job_id=job_id, account_id="acct-1", kind=kind, style=style,
         resolution_px=resolution_px,
         input_uris=tuple(f"file:///store/inputs/{job_id}/{n}.bin" for n in range(num_inputs)),
         device_key=device_key, seed=7, face_uri=face_uri, attempts=attempts,
-        deadline_s=deadline_s, cost_units=cost_units,
+        deadline_s=deadline_s, cost_units=cost_units, num_frames=num_frames,
+        fps=8.0 if num_frames else 0.0,
     )
 
 

@@ -21,12 +21,11 @@ from pipeline.models.diffusion import (
     FACEID_NUM_TOKENS,
     DiffusionGenerator,
     GenerationParams,
-    build_tiny_ip_adapter,
-    build_tiny_models,
     convert_ip_adapter_bin,
     ip_adapter_layout,
-    load_generator,
 )
+from pipeline.models.loading import load_generator
+from pipeline.models.tiny import build_tiny_ip_adapter, build_tiny_models
 from tests.unit.factories import cpu_runtime
 
 STEPS = 2

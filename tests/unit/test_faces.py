@@ -27,13 +27,13 @@ from pipeline.models.faces import (
     FaceQuality,
     MtcnnDetector,
     align_face,
-    build_tiny_arcface,
     embed_faces,
     letterbox,
     mean_identity,
     sharpness,
     similarity_transform,
 )
+from pipeline.models.tiny import build_tiny_arcface
 from tests.unit.factories import cpu_runtime
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -7,11 +7,9 @@ from dataclasses import replace
 
 import pytest
 
+from pipeline.core.reasons import Reason
 from pipeline.core.records import Orphan, Stage, Worker
 from pipeline.jobs.orchestration import (
-    NOT_STARTED_REASON,
-    RESTART_REASON,
-    TIMEOUT_REASON,
     after_crash,
     after_result,
     batch_cost,
@@ -70,7 +68,7 @@ def test_the_next_chunk_of_an_expired_clip_is_never_sent():
     clip = replace(make_item(kind="animate", deadline_s=NOW), num_frames=20)
     plan = after_result(Stage.DIFFUSION, clip, ok_result(frames_done=8, work_uri="w"),
                         max_attempts=3, now_s=NOW)
-    assert plan.stage is None and plan.reason == TIMEOUT_REASON
+    assert plan.stage is None and plan.reason == Reason.TIMEOUT
 
 
 def test_diffusion_success_finishes_the_job_with_its_outputs():
@@ -121,7 +119,7 @@ def test_a_job_past_its_deadline_is_never_sent_to_a_stage(step):
     else:
         plan = after_crash(Stage.FACE, item, "crash", max_attempts=3, now_s=NOW)
 
-    assert (plan.stage, plan.ok, plan.reason) == (None, False, TIMEOUT_REASON)
+    assert (plan.stage, plan.ok, plan.reason) == (None, False, Reason.TIMEOUT)
 
 
 def test_a_job_within_its_deadline_starts():
@@ -154,7 +152,7 @@ def test_a_job_whose_runner_is_gone_is_an_orphan_on_the_runners_lease():
     job = make_job_record(status="running", runner_id="runner-a", ingress_id="ingress-a")
 
     assert orphan(job, runners={"runner-b"}, ingresses={"ingress-a"}) == Orphan(
-        RESTART_REASON, Worker.RUNNER)
+        Reason.RESTART, Worker.RUNNER)
     assert orphan(job, runners={"runner-a"}) is None  # its ingress no longer matters
 
 
@@ -163,7 +161,7 @@ def test_an_unclaimed_job_whose_ingress_is_gone_is_an_orphan_at_once():
     so nothing can run the job; it need not wait for the grace period."""
     job = make_job_record(runner_id="", ingress_id="ingress-a", created_s=NOW - 1)
 
-    assert orphan(job, ingresses={"ingress-b"}) == Orphan(NOT_STARTED_REASON, Worker.INGRESS)
+    assert orphan(job, ingresses={"ingress-b"}) == Orphan(Reason.NOT_STARTED, Worker.INGRESS)
     assert orphan(job, ingresses={"ingress-a"}) is None  # still being stored or handed off
 
 
@@ -171,11 +169,11 @@ def test_an_unclaimed_job_of_a_live_ingress_is_an_orphan_only_after_the_grace_pe
     job = make_job_record(runner_id="", ingress_id="ingress-a", created_s=NOW - 100)
 
     assert orphan(job, ingresses={"ingress-a"}) is None
-    assert orphan(job, ingresses={"ingress-a"}, now_s=NOW + 600) == Orphan(NOT_STARTED_REASON,
+    assert orphan(job, ingresses={"ingress-a"}, now_s=NOW + 600) == Orphan(Reason.NOT_STARTED,
                                                                           None)
     # A job registered without an ingress id (by a tool) is judged by time alone.
     assert orphan(make_job_record(created_s=NOW - 100), now_s=NOW + 600) == Orphan(
-        NOT_STARTED_REASON, None)
+        Reason.NOT_STARTED, None)
 
 
 def test_a_finished_job_is_never_an_orphan():
