@@ -1,0 +1,1 @@
+"""Face and diffusion models, loading, the model store, runtime, the simulated GPU."""
