@@ -34,6 +34,7 @@ from typing import Any, Generic, TypeVar, cast
 import httpx
 from pydantic import TypeAdapter
 
+from pipeline.core import retry as core_retry
 from serve.schemas import (
     AgeSignalNoAction,
     DeletionReceipt,
@@ -112,11 +113,48 @@ class RetryPolicy:
         hinted = retry_after(response) if response is not None else None
         if hinted is not None:
             return min(hinted, self.max_backoff_s)
-        computed = min(self.backoff_s * 2 ** attempt, self.max_backoff_s)
+        computed = core_retry.backoff_ceiling_s(attempt, base_s=self.backoff_s,
+                                                cap_s=self.max_backoff_s)
         return computed * (1.0 - self.jitter * random.random())
 
 
 NO_RETRIES = RetryPolicy(max_retries=0)
+
+
+class _RetryAnswer(Exception):
+    """An answer the policy retries, raised inside ``retry_call`` and unwrapped to the
+    answer itself once the tries run out."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(response.status_code)
+        self.response = response
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, (_RetryAnswer, httpx.TransportError))
+
+
+class _Pacing:
+    """One request's tries under a client ``RetryPolicy``: ``retry_call`` runs them, and
+    every pause is the policy's ``delay_s`` (Retry-After included)."""
+
+    def __init__(self, retry: RetryPolicy) -> None:
+        self.retry = retry
+        self.policy = core_retry.RetryPolicy(max_tries=retry.max_retries + 1,
+                                             base_s=retry.backoff_s, cap_s=retry.max_backoff_s)
+        self.attempt = 0
+
+    def answer(self, response: httpx.Response) -> httpx.Response:
+        if self.retry.should_retry(response):
+            raise _RetryAnswer(response)
+        return response
+
+    def on_retry(self, attempt: int, exc: BaseException) -> None:
+        self.attempt = attempt
+
+    def delay_s(self, exc: BaseException) -> float:
+        return self.retry.delay_s(self.attempt,
+                                  exc.response if isinstance(exc, _RetryAnswer) else None)
 
 
 @dataclass(frozen=True)
@@ -269,19 +307,15 @@ class EphemeraClient:
 
     def send(self, call: Call[Any]) -> httpx.Response:
         """The last answer to ``call`` after the retry policy ran out (not raised on)."""
-        for attempt in range(self.retry.max_retries + 1):
-            last = attempt == self.retry.max_retries
-            try:
-                response = self.http.request(call.method, call.path, **call.httpx_kwargs())
-            except httpx.TransportError:
-                if last:
-                    raise
-                time.sleep(self.retry.delay_s(attempt, None))
-                continue
-            if last or not self.retry.should_retry(response):
-                return response
-            time.sleep(self.retry.delay_s(attempt, response))
-        raise AssertionError("unreachable")
+        pacing = _Pacing(self.retry)
+        try:
+            return core_retry.retry_call(
+                lambda: pacing.answer(self.http.request(call.method, call.path,
+                                                        **call.httpx_kwargs())),
+                policy=pacing.policy, retryable=_transient, hint_s=pacing.delay_s,
+                on_retry=pacing.on_retry)
+        except _RetryAnswer as last:
+            return last.response
 
     def run(self, call: Call[T]) -> T:
         return call.parse(self.send(call))
@@ -396,19 +430,18 @@ class AsyncEphemeraClient:
             await self.http.aclose()
 
     async def send(self, call: Call[Any]) -> httpx.Response:
-        for attempt in range(self.retry.max_retries + 1):
-            last = attempt == self.retry.max_retries
-            try:
-                response = await self.http.request(call.method, call.path, **call.httpx_kwargs())
-            except httpx.TransportError:
-                if last:
-                    raise
-                await asyncio.sleep(self.retry.delay_s(attempt, None))
-                continue
-            if last or not self.retry.should_retry(response):
-                return response
-            await asyncio.sleep(self.retry.delay_s(attempt, response))
-        raise AssertionError("unreachable")
+        pacing = _Pacing(self.retry)
+
+        async def attempt() -> httpx.Response:
+            return pacing.answer(await self.http.request(call.method, call.path,
+                                                         **call.httpx_kwargs()))
+
+        try:
+            return await core_retry.retry_call_async(
+                attempt, policy=pacing.policy, retryable=_transient, hint_s=pacing.delay_s,
+                on_retry=pacing.on_retry)
+        except _RetryAnswer as last:
+            return last.response
 
     async def run(self, call: Call[T]) -> T:
         return call.parse(await self.send(call))

@@ -23,10 +23,16 @@ T = TypeVar("T")
 MAX_CONFLICT_RETRIES = 50
 
 
+def backoff_ceiling_s(attempt: int, *, base_s: float = 0.05, cap_s: float = 2.0) -> float:
+    """The longest pause before retry ``attempt`` (0-based): ``base_s`` doubled each try,
+    never over ``cap_s``. The one doubling formula of the project."""
+    return min(cap_s, base_s * (2**attempt))
+
+
 def backoff_s(attempt: int, *, base_s: float = 0.05, cap_s: float = 2.0) -> float:
     """Exponential backoff with full jitter before retry ``attempt`` (0-based): a uniform
     draw from [0, min(cap_s, base_s * 2**attempt)]."""
-    return random.uniform(0.0, min(cap_s, base_s * (2**attempt)))
+    return random.uniform(0.0, backoff_ceiling_s(attempt, base_s=base_s, cap_s=cap_s))
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,15 +70,16 @@ def retry_call(fn: Callable[[], T], *, policy: RetryPolicy, retryable: Retryable
                on_retry: Callable[[int, BaseException], None] | None = None) -> T:
     """Call ``fn`` until it returns, at most ``policy.max_tries`` times.
 
-    An exception for which ``retryable`` is false is raised at once; after the last try the
-    last exception is raised. Between tries it sleeps ``policy.pause_s(attempt)``, or what
+    An exception for which ``retryable`` is false is raised at once, as is anything that is
+    not an ``Exception`` (cancellation, KeyboardInterrupt); after the last try the last
+    exception is raised. Between tries it sleeps ``policy.pause_s(attempt)``, or what
     ``hint_s(exc)`` asks (a server's Retry-After), capped at ``policy.cap_s``.
     ``on_retry(attempt, exc)`` is told of each retry (for a log line or a metric).
     """
     for attempt in range(policy.max_tries):
         try:
             return fn()
-        except BaseException as exc:
+        except Exception as exc:  # never CancelledError, KeyboardInterrupt, SystemExit
             if not retryable(exc) or attempt == policy.max_tries - 1:
                 raise
             if on_retry is not None:
@@ -90,7 +97,7 @@ async def retry_call_async(fn: Callable[[], Awaitable[T]], *, policy: RetryPolic
     for attempt in range(policy.max_tries):
         try:
             return await fn()
-        except BaseException as exc:
+        except Exception as exc:  # never CancelledError, KeyboardInterrupt, SystemExit
             if not retryable(exc) or attempt == policy.max_tries - 1:
                 raise
             if on_retry is not None:

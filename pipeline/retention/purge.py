@@ -8,6 +8,7 @@ so a crash at any point leaves the record for the next sweep.
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from pipeline.core.records import (
     RetentionRecord,
     WorkItem,
 )
-from pipeline.core.retry import backoff_s
+from pipeline.core.retry import RetryPolicy, retry_call
 from pipeline.security import crypto
 from pipeline.security.pseudonyms import keyed_id
 from pipeline.state import keys
@@ -127,6 +128,7 @@ def purge_records(
     """
     receipts = []
     chain = ledger.receipts()
+    policy = RetryPolicy(max_tries=cfg.purge_max_attempts)  # tries per object, then the sweep
     for rec in records:
         if not ledger.try_claim(rec.uri, owner, cfg.lease_s):
             continue
@@ -140,27 +142,23 @@ def purge_records(
             ledger.release(rec.uri)
             ledger.defer(rec.uri, time.time() + FOREIGN_RETRY_S)
             continue
-        for attempt in range(cfg.purge_max_attempts):
-            try:
-                delete_verified(store, key)
-            except StorageError:
-                if attempt + 1 == cfg.purge_max_attempts:
-                    ledger.note_purge_failure()
-                    # Retry after the lease; meanwhile other due records get their turn.
-                    ledger.defer(rec.uri, time.time() + cfg.lease_s)
-                    break
-                sleep(backoff_s(attempt))
-                continue
-            receipt = DeletionReceipt(uri=rec.uri, object_class=rec.object_class,
-                                      job_id=rec.job_id, deleted_at_s=time.time(),
-                                      verified_gone=True)
-            # Receipt first, then drop the record: a crash in between re-verifies the
-            # (already missing) object and writes a second receipt; nothing is lost.
-            chain.append(receipt_id or purge_receipt_id(rec.job_id), receipt, account_id=rec.account_id,
-                         requested_s=claimed_s)
-            ledger.complete(rec)
-            receipts.append(receipt)
-            break
+        try:
+            retry_call(functools.partial(delete_verified, store, key), policy=policy,
+                       retryable=lambda exc: isinstance(exc, StorageError), sleep=sleep)
+        except StorageError:
+            ledger.note_purge_failure()
+            # Retry after the lease; meanwhile other due records get their turn.
+            ledger.defer(rec.uri, time.time() + cfg.lease_s)
+            continue
+        receipt = DeletionReceipt(uri=rec.uri, object_class=rec.object_class,
+                                  job_id=rec.job_id, deleted_at_s=time.time(),
+                                  verified_gone=True)
+        # Receipt first, then drop the record: a crash in between re-verifies the
+        # (already missing) object and writes a second receipt; nothing is lost.
+        chain.append(receipt_id or purge_receipt_id(rec.job_id), receipt, account_id=rec.account_id,
+                     requested_s=claimed_s)
+        ledger.complete(rec)
+        receipts.append(receipt)
     return receipts
 
 

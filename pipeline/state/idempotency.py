@@ -22,6 +22,7 @@ import re
 import redis
 
 from pipeline.core.errors import InvalidUpload
+from pipeline.core.retry import retry_on_conflict
 from pipeline.security.pseudonyms import account_ref
 from pipeline.state import keys
 
@@ -88,7 +89,8 @@ class Idempotency:
         busy = InvalidUpload("a request with this Idempotency-Key is still being handled; "
                              "retry shortly", problem="conflict")
         busy.retry_after_s = 1  # the API sends Retry-After: clients retry this 409
-        for _ in range(MAX_CLAIM_TRIES):
+
+        def attempt() -> str | None:
             outcome, value = (v.decode() for v in self._claim(
                 keys=[name, keys.INGRESSES],
                 args=[claim, max(1, int(self.window_s)), digest, repr(now_s)]))
@@ -104,30 +106,30 @@ class Idempotency:
                 # after a crash is not refused again.
                 busy.retry_after_s = max(1, math.ceil(float(value) - now_s))
                 raise busy
-            taken = self._take_over(name, value, claim)
-            if taken is not None:
-                return taken or None
-        raise busy
+            return self._take_over(name, value, claim) or None
 
-    def _take_over(self, name: str, seen: str, claim: str) -> str | None:
+        try:
+            return retry_on_conflict(attempt, max_tries=MAX_CLAIM_TRIES)
+        except redis.WatchError:  # the lapsed claim kept changing: another retry is at work
+            raise busy from None
+
+    def _take_over(self, name: str, seen: str, claim: str) -> str:
         """The claim ``seen`` of a dead ingress. If a runner took the job it was making,
         complete the claim with that job and return its id; else claim the key for this
-        request and return "". None if the claim changed meanwhile (look again)."""
+        request and return "". Raises WatchError if the claim changed meanwhile (look
+        again)."""
         first = json.loads(seen)
         pending = str(first.get("pending") or "")
         with self.redis.pipeline(transaction=True) as p:
             p.watch(name, *([keys.job(pending)] if pending else []))
             if (p.get(name) or b"").decode() != seen:
-                return None
+                raise redis.WatchError(f"{name} changed since it was read")
             handed_over = bool(pending and p.hget(keys.job(pending), "runner_id"))
             p.multi()
             p.set(name, json.dumps({"digest": first["digest"], "job_id": pending,
                                     "pending": "", "ingress": ""}) if handed_over else claim,
                   ex=max(1, int(self.window_s)))
-            try:
-                p.execute()
-            except redis.WatchError:
-                return None
+            p.execute()
         return pending if handed_over else ""
 
     def complete(self, account_id: str, key: str, digest: str, job_id: str) -> None:

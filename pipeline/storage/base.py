@@ -11,6 +11,7 @@ picks one), the output store, and ``locate(uri)`` to find the store of any objec
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import time
@@ -20,6 +21,7 @@ from typing import Protocol
 
 from pipeline.core.config import StorageConfig, resolve_path
 from pipeline.core.errors import StorageError
+from pipeline.core.retry import RetryPolicy, retry_call
 
 INPUT_PREFIX = "inputs/"
 FACE_PREFIX = "face/"
@@ -95,6 +97,14 @@ def delete_verified(store: ObjectStore, key: str) -> bool:
     return True
 
 
+FOLDER_RACE = RetryPolicy(max_tries=3, base_s=0.001, cap_s=0.01)  # local: a moment is plenty
+
+
+def _move_into_place(tmp: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, path)
+
+
 class LocalObjectStore:
     """The embedded default: files under a root directory (``file://`` URLs).
 
@@ -128,14 +138,9 @@ class LocalObjectStore:
                     handle.write(data)
                     handle.flush()
                     os.fsync(handle.fileno())
-                for attempt in range(3):  # a concurrent delete may remove the empty folder
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    try:
-                        os.replace(tmp, path)
-                        break
-                    except FileNotFoundError:
-                        if attempt == 2:
-                            raise
+                # A concurrent delete may remove the (empty) folder between the two steps.
+                retry_call(functools.partial(_move_into_place, tmp, path), policy=FOLDER_RACE,
+                           retryable=lambda exc: isinstance(exc, FileNotFoundError))
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise

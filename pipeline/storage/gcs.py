@@ -18,7 +18,7 @@ from google.cloud import storage
 
 from pipeline.core.config import GcsConfig
 from pipeline.core.errors import StorageError, WrongKey
-from pipeline.core.retry import backoff_s
+from pipeline.core.retry import RetryPolicy, retry_call
 from pipeline.security.crypto import provider_key
 
 T = TypeVar("T")
@@ -55,14 +55,13 @@ class GcsObjectStore:
         self._sleep = sleep
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        for attempt in range(self.cfg.max_attempts):
-            try:
-                return fn()
-            except _RETRYABLE as exc:
-                failure = f"GCS {what} failed ({type(exc).__name__})"
-            if attempt + 1 < self.cfg.max_attempts:
-                self._sleep(backoff_s(attempt))
-        raise StorageError(f"{failure} after {self.cfg.max_attempts} attempts")
+        try:
+            return retry_call(fn, policy=RetryPolicy(max_tries=self.cfg.max_attempts),
+                              retryable=lambda exc: isinstance(exc, _RETRYABLE),
+                              sleep=self._sleep)
+        except _RETRYABLE as exc:
+            raise StorageError(f"GCS {what} failed ({type(exc).__name__}) after "
+                               f"{self.cfg.max_attempts} attempts") from None
 
     def _blob(self, key: str, customer_key: bytes | None = None) -> storage.Blob:
         # The provider gets its own subkey, never the one of the ciphertext inside.

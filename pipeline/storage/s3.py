@@ -19,7 +19,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.core.config import S3Config
 from pipeline.core.errors import StorageError, WrongKey
-from pipeline.core.retry import backoff_s
+from pipeline.core.retry import RetryPolicy, retry_call
 from pipeline.security.crypto import provider_key
 
 T = TypeVar("T")
@@ -33,6 +33,19 @@ def _status(exc: ClientError) -> int:
 
 def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _transient(exc: BaseException) -> bool:
+    """Worth another try: 5xx, throttling, timeouts and connection errors."""
+    if isinstance(exc, ClientError):
+        return _status(exc) >= 500 or _code(exc) in _RETRYABLE_CODES
+    return isinstance(exc, BotoCoreError)
+
+
+def _failure(exc: ClientError | BotoCoreError) -> str:
+    if isinstance(exc, ClientError):
+        return _code(exc) or str(_status(exc))
+    return type(exc).__name__
 
 
 class S3ObjectStore:
@@ -52,18 +65,14 @@ class S3ObjectStore:
         )
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        for attempt in range(self.cfg.max_attempts):
-            try:
-                return fn()
-            except ClientError as exc:
-                if _status(exc) < 500 and _code(exc) not in _RETRYABLE_CODES:
-                    raise
-                failure = f"S3 {what} failed ({_code(exc) or _status(exc)})"
-            except BotoCoreError as exc:  # timeouts, connection errors
-                failure = f"S3 {what} failed ({type(exc).__name__})"
-            if attempt + 1 < self.cfg.max_attempts:
-                self._sleep(backoff_s(attempt))
-        raise StorageError(f"{failure} after {self.cfg.max_attempts} attempts")
+        try:
+            return retry_call(fn, policy=RetryPolicy(max_tries=self.cfg.max_attempts),
+                              retryable=_transient, sleep=self._sleep)
+        except (ClientError, BotoCoreError) as exc:
+            if not _transient(exc):
+                raise  # a refusal: the caller says what it means
+            raise StorageError(f"S3 {what} failed ({_failure(exc)}) after "
+                               f"{self.cfg.max_attempts} attempts") from None
 
     def _sse_c(self, customer_key: bytes | None) -> dict:
         if customer_key is None or not self.cfg.sse_c_inputs:

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import random
-
-import pytest
-
 from pipeline.core.config import RetentionConfig
 from pipeline.core.records import ObjectClass
-from pipeline.retention.purge import backoff_s, deadline_for
+from pipeline.retention.purge import deadline_for
 
 
 def test_deadlines_follow_the_ceilings():
@@ -23,14 +19,3 @@ def test_default_ceilings_keep_the_four_day_promise():
     cfg = RetentionConfig()
     for object_class in ("input", "face_data"):
         assert deadline_for(object_class, 0.0, cfg) <= 96 * 3600
-
-
-@pytest.mark.parametrize("attempt", [0, 1, 3, 10, 19])
-def test_backoff_stays_within_its_exponential_cap(attempt):
-    random.seed(attempt)
-    cap = min(2.0, 0.05 * 2**attempt)
-
-    samples = [backoff_s(attempt, base_s=0.05, cap_s=2.0) for _ in range(200)]
-
-    assert all(0.0 <= s <= cap for s in samples)
-    assert max(samples) > cap / 2  # full jitter spreads over the range
