@@ -143,9 +143,16 @@ MUTATIONS = [
              (f"{T_PRIVACY}::test_media_keys_embeddings_gps_and_account_ids_are_nowhere_they_should_not_be",)),
     Mutation("failed-purge-drops-record", "an object whose deletion fails is retried until gone",
              "pipeline/retention/purge.py",
-             "                    ledger.defer(rec.uri, time.time() + cfg.lease_s)",
-             "                    ledger.complete(rec)",
+             "            ledger.defer(rec.uri, time.time() + cfg.lease_s)",
+             "            ledger.complete(rec)",
              ("tests/unit/test_purge.py",)),
+    Mutation("queued-job-may-succeed", "a job ends succeeded only after a runner ran it",
+             "pipeline/core/records.py",
+             "    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED}),",
+             "    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, "
+             "JobStatus.SUCCEEDED}),",
+             ("tests/integration/test_job_store.py::"
+              "test_every_status_write_follows_the_declared_transitions",)),
     Mutation("dead-ingress-ignored", "inputs of a job cut by an ingress crash go in seconds",
              "pipeline/jobs/orchestration.py",
              "    if job.ingress_id and job.ingress_id not in live_ingresses:",
