@@ -38,8 +38,8 @@ from pipeline.core.errors import (
 from pipeline.core.records import JOB_KINDS, JobRecord, JobStatus, Stage, Worker
 from pipeline.jobs.intake import (
     ACCOUNT_ID_PATTERN,
-    accept_job,
-    check_job_request,
+    Upload,
+    check_request_shape,
     new_job_id,
     withdraw_job,
 )
@@ -307,8 +307,9 @@ def job_view(job: JobRecord, account_id: str) -> dict:
 @serve.deployment
 @serve.ingress(app)
 class ApiDeployment:
-    def __init__(self, settings: Settings, runner, retention) -> None:
+    def __init__(self, settings: Settings, media, runner, retention) -> None:
         self.settings = settings
+        self.media = media
         self.runner = runner
         self._handed_off: set[asyncio.Task] = set()
         self.retention = retention
@@ -400,17 +401,17 @@ class ApiDeployment:
         except (TypeError, ValueError):
             raise InvalidUpload("resolution_px must be an integer", problem="invalid") from None
         idem_key = check_key(request.headers.get("idempotency-key"))
-        job_request = await asyncio.to_thread(
-            check_job_request, account_id=_text(form.get("account_id")),
-            kind=_text(form.get("kind")), style=_text(form.get("style")),
-            resolution_px=resolution_px, files=files, settings=self.settings,
-            country=_text(form.get("country")), declared=declared)
-        account = job_request.account_id
-        digest = body_digest(account_id=account, kind=_text(form.get("kind")),
-                             style=_text(form.get("style")), resolution_px=resolution_px,
-                             country=_text(form.get("country")), files=files)
-        del files, uploads
+        fields = {"account_id": _text(form.get("account_id")), "kind": _text(form.get("kind")),
+                  "style": _text(form.get("style")), "resolution_px": resolution_px,
+                  "country": _text(form.get("country"))}
+        # Cheap checks only (fields, sizes, magic bytes): no decoder runs in the ingress.
+        account = check_request_shape(**fields, files=files, settings=self.settings,
+                                      declared=declared).account_id
+        digest = body_digest(**fields, files=files)
         job_id = new_job_id()  # named in the claim: a retry after a crash looks it up
+        upload = Upload(**fields, files=files, declared=declared, device_key=device_key,
+                        job_id=job_id, ingress_id=self.ingress_id)
+        del files, uploads
         if idem_key is not None:
             first = await asyncio.to_thread(self.idempotency.claim, account, idem_key, digest,
                                             job_id=job_id, ingress_id=self.ingress_id,
@@ -420,7 +421,7 @@ class ApiDeployment:
         # Shielded: a client that disconnects now must not leave a job registered but
         # never queued; the accept-and-submit step always runs to its end.
         try:
-            await asyncio.shield(self._accept_and_submit(job_request, device_key, job_id))
+            await asyncio.shield(self._accept_and_submit(upload))
         except BaseException as exc:
             if idem_key is not None:
                 await asyncio.to_thread(self.idempotency.release, account, idem_key)
@@ -432,12 +433,26 @@ class ApiDeployment:
             await asyncio.to_thread(self.idempotency.complete, account, idem_key, digest, job_id)
         return _accepted(account, job_id, replayed=False)
 
-    async def _accept_and_submit(self, job_request, device_key: bytes, job_id: str) -> None:
-        """Store the job, then hand it to a job runner. When every runner and this caller's
-        queue for them are full (Serve back-pressure), withdraw it: 503, nothing kept."""
-        job, item = await asyncio.to_thread(accept_job, job_request, device_key, self.stores,
-                                            self.jobs, self.settings, job_id=job_id,
-                                            ingress_id=self.ingress_id)
+    async def _accept_and_submit(self, upload: Upload) -> None:
+        """Have the media pool check, decode, strip, encrypt and store the upload and register
+        the job, then hand it to a job runner. A media replica lost mid-request, or every
+        runner and this caller's queue for them full (Serve back-pressure): the job is
+        withdrawn, 503, nothing kept."""
+        job_id = upload.job_id
+        try:
+            outcome = await self.media.ingest.remote(upload)
+        except BackPressureError:
+            raise ServiceFull("the service is at capacity; nothing was kept, try again "
+                              "shortly") from None
+        except (Exception, asyncio.CancelledError) as exc:
+            log.warning("the media pool failed on an upload: %s", type(exc).__name__)
+            await asyncio.to_thread(withdraw_job, job_id, self.stores, self.jobs)
+            raise Unavailable("the media service was interrupted; nothing was kept, try "
+                              "again shortly") from None
+        del upload  # the files and the key
+        if outcome.error is not None:
+            raise outcome.error
+        item = outcome.item
         response = self.runner.run_job.remote(item)
         del item  # the runner holds the device key from here on
         try:
@@ -445,7 +460,7 @@ class ApiDeployment:
         except TimeoutError:
             pass  # queued at this caller, within max_queued_requests: a runner takes it soon
         except BackPressureError:
-            await asyncio.to_thread(withdraw_job, job.job_id, self.stores, self.jobs)
+            await asyncio.to_thread(withdraw_job, job_id, self.stores, self.jobs)
             raise ServiceFull("the service is at capacity; nothing was kept, try again "
                               "shortly") from None
         except (Exception, asyncio.CancelledError) as exc:
@@ -453,7 +468,7 @@ class ApiDeployment:
             # must not stay stored with no runner to drive it.
             log.warning("handing a job to a runner failed: %s", type(exc).__name__)
             response.cancel()
-            await asyncio.to_thread(withdraw_job, job.job_id, self.stores, self.jobs)
+            await asyncio.to_thread(withdraw_job, job_id, self.stores, self.jobs)
             raise Unavailable("the job runners are unavailable; nothing was kept, try again "
                               "shortly") from None
         task = asyncio.get_running_loop().create_task(_settled(response))

@@ -19,6 +19,7 @@ from ray.serve.config import BackpressureConfig
 
 from actors.diffusion import DiffusionDeployment
 from actors.face import FaceDeployment
+from actors.media import MediaDeployment
 from actors.retention import RetentionDeployment
 from pipeline.core.config import (
     PoolConfig,
@@ -33,9 +34,9 @@ from serve.runner import JobRunnerDeployment
 
 APP_NAME = "ephemera"
 IMPORT_PATH = "serve.app:build_from_args"
-API, RUNNER, FACE, DIFFUSION, RETENTION = (
-    "ApiDeployment", "JobRunnerDeployment", "FaceDeployment", "DiffusionDeployment",
-    "RetentionDeployment")
+API, MEDIA, RUNNER, FACE, DIFFUSION, RETENTION = (
+    "ApiDeployment", "MediaDeployment", "JobRunnerDeployment", "FaceDeployment",
+    "DiffusionDeployment", "RetentionDeployment")
 
 
 def _gpu_pool(pool: PoolConfig, batching: StageBatchConfig) -> PoolConfig:
@@ -51,6 +52,7 @@ def deployment_options(settings: Settings) -> dict[str, dict[str, Any]]:
     retry = BackpressureConfig(status_code=503, retry_after_s=service.retry_after_s)
     return {
         API: {**d.api.replica_options(), "backpressure_config": retry},
+        MEDIA: d.media.replica_options(),
         RUNNER: {**d.runner.replica_options(), "user_config": b.runner_user_config(),
                  # a runner scaled down finishes the jobs it holds before it goes
                  "graceful_shutdown_timeout_s": service.job_timeout_s},
@@ -71,7 +73,8 @@ def build_app(settings: Settings) -> Application:
     retention = RetentionDeployment.options(**options[RETENTION]).bind(settings)
     runner = JobRunnerDeployment.options(**options[RUNNER]).bind(settings, face, diffusion,
                                                                  retention)
-    return ApiDeployment.options(**options[API]).bind(settings, runner, retention)
+    media = MediaDeployment.options(**options[MEDIA]).bind(settings)
+    return ApiDeployment.options(**options[API]).bind(settings, media, runner, retention)
 
 
 def build_from_args(args: dict[str, Any]) -> Application:

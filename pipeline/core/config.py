@@ -46,8 +46,9 @@ class ServiceConfig(_Strict):
         40_000_000, gt=0, description="Largest width*height decoded (decompression-bomb guard)."
     )
     max_pixels_per_byte: float = Field(
-        2000.0, gt=0, description="A photo declaring more pixels per byte of file than this is "
-        "refused before decoding (a 40 MP header on an 800-byte file is a bomb, not a photo)."
+        2000.0, gt=0, description="A photo declaring more pixels per byte of image data than "
+        "this is refused before decoding (a 40 MP header on 800 bytes is a bomb, not a photo); "
+        "metadata and padding chunks do not count as image data."
     )
     max_request_pixels: int = Field(
         80_000_000, gt=0, description="Decoded-pixel budget of one request, all files together."
@@ -70,6 +71,27 @@ class ServiceConfig(_Strict):
     max_video_pixels: int = Field(
         1920 * 1080, gt=0, le=8192 * 8192, description="Most pixels per video frame."
     )
+    max_video_total_pixels: int = Field(
+        1920 * 1080 * 450, gt=0, description="Most pixels decoded from one video, all frames "
+        "together (each frame is also checked against max_video_pixels as it is decoded).")
+    video_codecs: list[Literal["h264", "hevc", "vp8", "vp9", "av1"]] = Field(
+        ["h264", "hevc", "vp8", "vp9", "av1"], min_length=1,
+        description="Video codecs accepted (what phones and browsers record); any other "
+        "codec inside an allowed container is refused before a frame is decoded.")
+    max_jpeg_scans: int = Field(
+        64, gt=0, le=10_000, description="Most scans in a JPEG (counted before decoding; a "
+        "progressive phone photo has about 10, each scan is a full pass over the image).")
+    decode_memory_bytes: int = Field(
+        512 * 1024 * 1024, ge=64 * 1024 * 1024, description="Address space one file's "
+        "decoding may add to its sandbox process (RLIMIT_AS); past it the file is refused.")
+    decode_cpu_s: float = Field(
+        10.0, gt=0, le=600, description="CPU one file's decoding may take (RLIMIT_CPU).")
+    decode_wall_s: float = Field(
+        30.0, gt=0, le=1200, description="Wall time one file's decoding may take.")
+    request_decode_cpu_s: float = Field(
+        20.0, gt=0, le=1200, description="CPU all files of one request may take together.")
+    request_decode_wall_s: float = Field(
+        60.0, gt=0, le=2400, description="Wall time all files of one request may take together.")
     ray_address: str | None = Field(
         None, description="null starts a local Ray instance; 'auto' joins the running cluster."
     )
@@ -326,8 +348,11 @@ class PoolConfig(_Strict):
 class DeploymentsConfig(_Strict):
     """configs/deployments.yaml: every pool scales horizontally by config."""
 
-    api: PoolConfig = Field(default_factory=PoolConfig, description="HTTP ingress: validate, "
-                            "strip, encrypt, store (CPU).")
+    api: PoolConfig = Field(default_factory=PoolConfig, description="HTTP ingress: reads "
+                            "requests, checks their shape, hands uploads to the media pool.")
+    media: PoolConfig = Field(default_factory=PoolConfig, description="Media: decode, strip, "
+                              "re-encode (in sandboxed child processes, one per CPU), "
+                              "encrypt and store every upload (CPU).")
     runner: PoolConfig = Field(default_factory=PoolConfig, description="Job runners: each "
                                "drives the jobs handed to it, holding their keys in memory.")
     face: PoolConfig = Field(default_factory=PoolConfig, description="Face detection + embedding.")

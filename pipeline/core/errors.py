@@ -1,12 +1,24 @@
 """Domain exceptions. ``serve/`` maps them to HTTP status codes; nothing else does."""
 
+from __future__ import annotations
+
 from typing import Literal
+
+
+def _rebuild(cls: type[EphemeraError], args: tuple, state: dict) -> EphemeraError:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, *args)
+    exc.__dict__.update(state)
+    return exc
 
 
 class EphemeraError(Exception):
     """Base class: the message is safe to show a client (no secrets, no media)."""
 
     retry_after_s: int | None = None  # set where a retry is expected (429, 503)
+
+    def __reduce__(self):  # crosses processes (a pool's answer) with its fields intact
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
 
 Problem = Literal["malformed", "too_large", "unsupported_media", "invalid", "conflict",

@@ -14,10 +14,10 @@ import re
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from pipeline.core.config import Settings
-from pipeline.core.errors import InvalidUpload, StorageError
+from pipeline.core.config import ServiceConfig, Settings
+from pipeline.core.errors import EphemeraError, InvalidUpload, StorageError
 from pipeline.core.reasons import Reason
 from pipeline.core.records import (
     JOB_KINDS,
@@ -30,7 +30,8 @@ from pipeline.core.records import (
     WorkItem,
 )
 from pipeline.jobs.orchestration import job_cost_units
-from pipeline.media.ingest import check_media, declared_pixels
+from pipeline.media.ingest import check_file_shape, check_media, declared_pixels
+from pipeline.media.sandbox import Decoder, DecodeReport
 from pipeline.media.video import CleanVideo
 from pipeline.retention.purge import deadline_for
 from pipeline.security import crypto
@@ -86,11 +87,25 @@ def check_account_id(account_id: str | None) -> str:
     return account_id
 
 
-def check_job_request(*, account_id: str | None, kind: str | None, style: str | None,
-                      resolution_px: int | None, files: list[bytes],
-                      settings: Settings, country: str | None = None,
-                      declared: list[str | None] | None = None) -> JobRequest:
-    """Validate every field and every file; raises InvalidUpload naming the first problem."""
+@dataclass(frozen=True, slots=True)
+class RequestShape:
+    """What a job request is, known from its fields, sizes and magic bytes alone."""
+
+    account_id: str
+    kind: JobKind
+    style: str
+    resolution_px: int
+    country: str | None
+    is_video: list[bool]  # per file
+
+
+def check_request_shape(*, account_id: str | None, kind: str | None, style: str | None,
+                        resolution_px: int | None, files: list[bytes], settings: Settings,
+                        country: str | None = None,
+                        declared: list[str | None] | None = None) -> RequestShape:
+    """The cheap checks, before any decoder sees a byte (the ingress runs them): fields,
+    file count, each file's size and what its magic bytes say it is (photo or video)
+    against what its part header claims, photos vs one video, the kind vs the media."""
     account = check_account_id(account_id)
     user_country = check_country(country)
     if kind not in JOB_KINDS:
@@ -111,27 +126,124 @@ def check_job_request(*, account_id: str | None, kind: str | None, style: str | 
         raise InvalidUpload(
             f"{len(files)} files were sent; at most {service.max_files_per_job} per job",
             problem="too_large")
+    claims = declared or [None] * len(files)
+    is_video = [check_file_shape(data, index=i, limits=service, declared=claim)
+                for i, (data, claim) in enumerate(zip(files, claims, strict=True), 1)]
+    if any(is_video) and len(files) > 1:
+        raise InvalidUpload("a job takes photos or one video, not several files with a video",
+                            problem="invalid")
+    if any(is_video) and kind != JobKind.ART_STYLE:
+        raise InvalidUpload(f"kind {kind} takes photos; send a video with kind art_style",
+                            problem="invalid")
+    if kind == JobKind.ANIMATE and len(files) != 1:
+        raise InvalidUpload("kind animate takes exactly one photo", problem="invalid")
+    return RequestShape(account_id=account, kind=JobKind(kind), style=style,
+                        resolution_px=resolution, country=user_country, is_video=is_video)
+
+
+def check_job_request(*, account_id: str | None, kind: str | None, style: str | None,
+                      resolution_px: int | None, files: list[bytes],
+                      settings: Settings, country: str | None = None,
+                      declared: list[str | None] | None = None,
+                      decode: Decoder | None = None) -> JobRequest:
+    """Validate every field and every file; raises InvalidUpload naming the first problem.
+
+    Cheapest first: the request's shape (``check_request_shape``), then what the photos'
+    headers declare (a pixel budget for the request), then each file decoded, stripped
+    and re-encoded by ``decode`` (the media pool passes its sandbox; default: in this
+    process), within a CPU budget for the whole request."""
+    shape = check_request_shape(account_id=account_id, kind=kind, style=style,
+                                resolution_px=resolution_px, files=files, settings=settings,
+                                country=country, declared=declared)
+    service = settings.service
     budget = sum(declared_pixels(data) for data in files)
     if budget > service.max_request_pixels:
         raise InvalidUpload(f"the files declare {budget} pixels together, over the "
                             f"per-request limit of {service.max_request_pixels}; send fewer "
                             "or smaller photos", problem="too_large")
+    decode = decode or decode_in_process(service)
     claims = declared or [None] * len(files)
-    media = [check_media(data, index=i, limits=service, declared=claim)
-             for i, (data, claim) in enumerate(zip(files, claims, strict=True), 1)]
+    media: list[CleanImage | CleanVideo] = []
+    cpu_left_s = service.request_decode_cpu_s
+    wall_end = time.monotonic() + service.request_decode_wall_s
+    for i, (data, claim) in enumerate(zip(files, claims, strict=True), 1):
+        wall_left_s = wall_end - time.monotonic()
+        if cpu_left_s <= 0 or wall_left_s <= 0:
+            raise InvalidUpload(
+                f"the files need more than {service.request_decode_cpu_s:g} s of CPU or "
+                f"{service.request_decode_wall_s:g} s in all to decode (request_decode_cpu_s, "
+                "request_decode_wall_s); send fewer or smaller files", problem="too_large")
+        report = decode(data, index=i, declared=claim, cpu_s=cpu_left_s, wall_s=wall_left_s)
+        cpu_left_s -= report.cpu_s
+        if report.error is not None:
+            raise report.error
+        assert report.media is not None
+        media.append(report.media)
     videos = [m for m in media if isinstance(m, CleanVideo)]
     images = [m for m in media if isinstance(m, CleanImage)]
-    if videos and len(media) > 1:
-        raise InvalidUpload("a job takes photos or one video, not several files with a video",
-                            problem="invalid")
-    if videos and kind != JobKind.ART_STYLE:
-        raise InvalidUpload(f"kind {kind} takes photos; send a video with kind art_style",
-                            problem="invalid")
-    if kind == JobKind.ANIMATE and len(images) != 1:
-        raise InvalidUpload("kind animate takes exactly one photo", problem="invalid")
-    return JobRequest(account_id=account, kind=JobKind(kind), style=style, resolution_px=resolution,
-                      images=images, country=user_country,
+    if len(videos) != sum(shape.is_video):  # the decoder and the magic bytes disagree
+        raise InvalidUpload("a file is not what its first bytes say it is",
+                            problem="unsupported_media")
+    return JobRequest(account_id=shape.account_id, kind=shape.kind, style=shape.style,
+                      resolution_px=shape.resolution_px, images=images, country=shape.country,
                       video=videos[0] if videos else None)
+
+
+def decode_in_process(limits: ServiceConfig) -> Decoder:
+    """A decoder that runs ``check_media`` in this process (unit tests, tools): no sandbox,
+    so no memory or CPU limit beyond the checks themselves."""
+    def decode(data: bytes, *, index: int, declared: str | None, cpu_s: float | None = None,
+               wall_s: float | None = None) -> DecodeReport:
+        started = time.process_time()
+        try:
+            media = check_media(data, index=index, limits=limits, declared=declared)
+        except InvalidUpload as exc:
+            return DecodeReport(None, exc, time.process_time() - started, 0)
+        return DecodeReport(media, None, time.process_time() - started, 0)
+    return decode
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """A job request as the ingress hands it to the media pool: the form's fields, the
+    files' bytes (in memory), the device key, and the id and ingress the job will carry."""
+
+    account_id: str | None
+    kind: str | None
+    style: str | None
+    resolution_px: int | None
+    country: str | None
+    files: list[bytes] = field(repr=False)
+    declared: list[str | None]
+    device_key: bytes = field(repr=False)
+    job_id: str
+    ingress_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class IngestOutcome:
+    """The media pool's answer: the accepted job's work item, or why it was refused (an
+    EphemeraError for the ingress to raise: 4xx, 429, 503)."""
+
+    item: WorkItem | None = field(default=None, repr=False)
+    error: EphemeraError | None = None
+
+
+def ingest_upload(upload: Upload, decode: Decoder, stores: StoreSet, jobs: JobStore,
+                  settings: Settings) -> IngestOutcome:
+    """The media pool's work on one request: every check and decode (``check_job_request``
+    with the pool's sandbox), then the job registered and its ciphertext stored
+    (``accept_job``). Never raises for what the request holds."""
+    try:
+        request = check_job_request(
+            account_id=upload.account_id, kind=upload.kind, style=upload.style,
+            resolution_px=upload.resolution_px, files=upload.files, settings=settings,
+            country=upload.country, declared=upload.declared, decode=decode)
+        _, item = accept_job(request, upload.device_key, stores, jobs, settings,
+                             job_id=upload.job_id, ingress_id=upload.ingress_id)
+    except EphemeraError as exc:
+        return IngestOutcome(error=exc)
+    return IngestOutcome(item=item)
 
 
 def new_job_id() -> str:

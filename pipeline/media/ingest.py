@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 from pipeline.core.config import ServiceConfig
 from pipeline.core.errors import InvalidUpload
 from pipeline.core.records import CleanImage
+from pipeline.media.sniff import jpeg_data_bytes, jpeg_scan_count, png_data_bytes
 from pipeline.media.video import CleanVideo, check_video, looks_like_video
 
 pillow_heif.register_heif_opener()  # HEIC/HEIF; Pillow itself reads AVIF
@@ -61,10 +62,11 @@ def declared_pixels(data: bytes) -> int:
         return 0
 
 
-def check_media(data: bytes, *, index: int, limits: ServiceConfig,
-                declared: str | None = None) -> CleanImage | CleanVideo:
-    """A photo or a video, told apart by its bytes; a file declared as the other (a video
-    renamed .jpg, an image sent as video/mp4) is refused: a client bug worth surfacing."""
+def check_file_shape(data: bytes, *, index: int, limits: ServiceConfig,
+                     declared: str | None = None) -> bool:
+    """Whether a file is a video, from its magic bytes alone, after the checks that need no
+    decoder: not empty, within its size limit, and not declared as the other kind (a video
+    renamed .jpg, an image sent as video/mp4: a client bug worth surfacing)."""
     where = f"file {index}"
     if not data:
         raise InvalidUpload(f"{where} is empty; select a photo or a video", problem="malformed")
@@ -75,7 +77,19 @@ def check_media(data: bytes, *, index: int, limits: ServiceConfig,
     if not is_video and declared == "video":
         raise InvalidUpload(f"{where} is named or typed as a video but is not a video",
                             problem="unsupported_media")
-    if is_video:
+    limit = limits.max_video_bytes if is_video else limits.max_file_bytes
+    if len(data) > limit:
+        what = "the video limit" if is_video else "the limit"
+        raise InvalidUpload(f"{where} is {len(data)} bytes, over {what} of {limit} bytes",
+                            problem="too_large")
+    return is_video
+
+
+def check_media(data: bytes, *, index: int, limits: ServiceConfig,
+                declared: str | None = None) -> CleanImage | CleanVideo:
+    """A photo or a video, told apart by its bytes (``check_file_shape``), decoded,
+    stripped and re-encoded."""
+    if check_file_shape(data, index=index, limits=limits, declared=declared):
         return check_video(data, index=index, limits=limits)
     return check_upload(data, index=index, limits=limits)
 
@@ -104,6 +118,8 @@ def check_upload(data: bytes, *, index: int, limits: ServiceConfig) -> CleanImag
             width, height = image.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InvalidUpload(f"{where} declares too many pixels to decode", problem="too_large") from None
+    except MemoryError:  # over the sandbox's memory budget: said as such
+        raise
     except Exception:
         raise InvalidUpload(
             f"{where} is not a readable image; send {PHOTO_FORMATS_TEXT}", problem="unsupported_media"
@@ -114,11 +130,21 @@ def check_upload(data: bytes, *, index: int, limits: ServiceConfig) -> CleanImag
             problem="unsupported_media",
         )
     # Check the declared size before decoding a single pixel: a 20000x20000 PNG is tiny on
-    # the wire and 1.2 GB in memory.
-    if width * height > limits.max_pixels_per_byte * len(data):
+    # the wire and 1.2 GB in memory. Only image data counts: padding a bomb with a junk
+    # chunk or a fat comment must not buy it pixels.
+    data_bytes = image_data_bytes(data, image_format)
+    if width * height > limits.max_pixels_per_byte * data_bytes:
         raise InvalidUpload(
-            f"{where} declares {width}x{height} pixels in {len(data)} bytes, far more than "
-            "its bytes can hold; it is refused before decoding", problem="too_large")
+            f"{where} declares {width}x{height} pixels in {data_bytes} bytes of image data, "
+            "far more than its bytes can hold; it is refused before decoding",
+            problem="too_large")
+    if image_format in ("JPEG", "MPO"):
+        scans = jpeg_scan_count(data, stop_after=limits.max_jpeg_scans)
+        if scans > limits.max_jpeg_scans:
+            raise InvalidUpload(
+                f"{where} is a JPEG of more than {limits.max_jpeg_scans} scans (max_jpeg_scans; "
+                "a phone's progressive photo has about 10); it is refused before decoding",
+                problem="too_large")
     if width * height > limits.max_image_pixels:
         raise InvalidUpload(
             f"{where} is {width}x{height} pixels, over the limit of "
@@ -139,7 +165,12 @@ def check_upload(data: bytes, *, index: int, limits: ServiceConfig) -> CleanImag
         image.load()  # raises on truncated or corrupt data (LOAD_TRUNCATED_IMAGES is off)
         broken = image_format in ("JPEG", "MPO") and padded_truncation(image)
         upright = ImageOps.exif_transpose(image)  # keep what the user saw, drop the tag
-        pixels = to_rgb8(upright)
+        pixels = rgb_image(upright)  # one decoded copy at a time: the budget is memory
+        pixels.info = {}  # what the decoder read (EXIF, ICC, XMP, text) is never written
+        del upright
+        image.close()
+    except MemoryError:  # over the sandbox's memory budget: said as such
+        raise
     except Exception:
         broken = True
     if broken:
@@ -148,8 +179,8 @@ def check_upload(data: bytes, *, index: int, limits: ServiceConfig) -> CleanImag
         ) from None
     return CleanImage(
         png_bytes=encode_png(pixels),
-        width_px=pixels.shape[1],
-        height_px=pixels.shape[0],
+        width_px=pixels.width,
+        height_px=pixels.height,
         source_format="JPEG" if image_format == "MPO" else image_format,
     )
 
@@ -167,21 +198,58 @@ def padded_truncation(image: Image.Image) -> bool:
     return bool((bottom == 128).all())
 
 
-def to_rgb8(image: Image.Image) -> np.ndarray:
-    """(H, W, 3) uint8, keeping the contrast of high-bit-depth images: Pillow's own
-    conversion clips 16-bit greyscale to white, so it is rescaled here first."""
+def image_data_bytes(data: bytes, image_format: str) -> int:
+    """The bytes of a photo that hold pixels: a PNG's image data chunks, a JPEG less its
+    APPn and comment segments, any other format whole."""
+    if image_format == "PNG":
+        return png_data_bytes(data)
+    if image_format in ("JPEG", "MPO"):
+        return jpeg_data_bytes(data)
+    return len(data)
+
+
+def rgb_image(image: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB (itself when it already is), keeping the contrast of
+    high-bit-depth images: Pillow's own conversion clips 16-bit greyscale to white, so it
+    is rescaled here first, in integers and in place (no float copy of a full image)."""
+    if image.mode == "RGB":
+        return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        values = np.asarray(image, dtype=np.uint32 if image.mode == "I" else np.uint16)
-        top = 65535 if image.mode != "I" or values.max() > 255 else 255
-        grey = (values.astype(np.float64) * (255.0 / top)).round().clip(0, 255).astype(np.uint8)
+        return Image.fromarray(to_rgb8(image), mode="RGB")
+    return image.convert("RGB")
+
+
+def to_rgb8(image: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 pixels of ``image`` (see ``rgb_image``)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        values = np.array(image, dtype=np.uint16)
+        np.right_shift(values, 8, out=values)  # the high byte: 65535 -> 255, in place
+        grey = values.astype(np.uint8)
+        del values
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode == "I":
+        values = np.array(image, dtype=np.int64)
+        top = 65535 if values.max() > 255 else 255
+        np.clip(values, 0, top, out=values)
+        values *= 255
+        values += top // 2  # round to nearest
+        values //= top
+        grey = values.astype(np.uint8)
+        del values
         return np.repeat(grey[:, :, None], 3, axis=2)
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def encode_png(pixels: np.ndarray) -> bytes:
-    """Encode (H, W, 3) uint8 pixels as a PNG with no ancillary metadata chunks."""
+def encode_png(pixels: np.ndarray | Image.Image) -> bytes:
+    """Encode (H, W, 3) uint8 pixels (or an RGB image) as a PNG with no ancillary metadata
+    chunks: only the pixels are passed on, never the image's info."""
+    if isinstance(pixels, Image.Image) and (pixels.info or pixels.mode != "RGB"):
+        raise ValueError("encode_png takes RGB pixels only, with no info to carry along")
     buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG", optimize=False)
+    # Fast deflate: the PNG is encrypted and stored for minutes, so its size matters less
+    # than the CPU a 12 MP photo costs at the default level (about 3x).
+    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels, mode="RGB")
+    image.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 

@@ -62,6 +62,7 @@ def test_settings(tmp_path_factory, redis_server, face_weights_path):
         # losing one must not touch the other's jobs.
         "deployments": base.deployments.model_copy(update={
             "api": base.deployments.api.model_copy(update={"autoscaling": None}),
+            "media": base.deployments.media.model_copy(update={"autoscaling": None}),
             "runner": base.deployments.runner.model_copy(update={"autoscaling": None,
                                                                  "num_replicas": 2}),
         }),

@@ -269,9 +269,11 @@ def test_ingress_killed_after_accepting_loses_no_job(client, service, store_root
 
 
 def _block_after_storing_an_input(signal_path: str):
-    """Fault injection, run inside the ingress replica (a slow store, not a mock: the real
+    """Fault injection, run inside the media replica (a slow store, not a mock: the real
     local store writes the object): the next input object is written, then its write call
-    reports its key in ``signal_path`` and blocks, before the job is handed to a runner."""
+    reports its key in ``signal_path`` and blocks until ``signal_path + '.release'``
+    exists, before the job goes back to the ingress. It strikes once: later writes (the
+    client's retry) are the real store's."""
     def install(_actor) -> bool:
         import time
         from pathlib import Path
@@ -283,8 +285,12 @@ def _block_after_storing_an_input(signal_path: str):
         def put(self, key, data, **kwargs):
             real_put(self, key, data, **kwargs)
             if key.startswith(storage.INPUT_PREFIX):
+                storage.LocalObjectStore.put = real_put
                 Path(signal_path).write_text(key)
-                time.sleep(600)
+                release = Path(signal_path + ".release")
+                deadline = time.monotonic() + 600
+                while not release.exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
 
         storage.LocalObjectStore.put = put
         return True
@@ -336,17 +342,18 @@ def wait_for_fault(signal_file: Path, submission: Future) -> str:
 
 
 def test_ingress_killed_mid_write_loses_nothing(service, store_root, redis_client, tmp_path):
-    """The kill provably hits a write in flight: the ingress is stopped inside the store
-    call that wrote a job's encrypted input, before any runner could take the job; then
-    SIGKILL. The client's retry, with the same Idempotency-Key, makes a new job (the dead
-    ingress's claim is taken over once its lease lapses), which succeeds. The job the dead
+    """The kill provably hits a write in flight: the ingress waits on the media pool, which
+    is held inside the store call that wrote the job's encrypted input, before any runner
+    could take the job; then the ingress gets SIGKILL. The client's retry, with the same
+    Idempotency-Key, makes a new job (the dead ingress's claim is taken over once its lease
+    lapses), which succeeds. The job the dead
     ingress was storing fails with a reason and its stored input is purged within seconds
     (its ingress's lease), not at the job timeout."""
     from pipeline.core.reasons import Reason
 
     signal_file = tmp_path / "storing"
     victim = replica_pid("ApiDeployment")
-    assert run_in_replica("ApiDeployment", _block_after_storing_an_input(str(signal_file)))
+    assert run_in_replica("MediaDeployment", _block_after_storing_an_input(str(signal_file)))
     client = RecordingApi(service)
     account = f"acct-cut-{os.urandom(4).hex()}"
     try:
@@ -364,8 +371,9 @@ def test_ingress_killed_mid_write_loses_nothing(service, store_root, redis_clien
         done = client.api.wait_job(account, accepted.job_id, timeout_s=180)
         cut = client.api.wait_job(account, cut_job, timeout_s=60)
     finally:
-        with contextlib.suppress(ProcessLookupError):  # never leave the fault installed
+        with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
+        (tmp_path / "storing.release").touch()  # never leave the media call held
         client.close()
     assert done.status == "succeeded", done
     assert (cut.status, cut.reason) == ("failed", Reason.NOT_STARTED)
@@ -424,3 +432,44 @@ def test_ingress_killed_between_hand_off_and_answer_makes_no_second_job(service,
     assert done.status == "succeeded", done
     assert replica_pid("ApiDeployment") != victim
     assert_clean(service, store_root, [done.model_dump(mode="json")])
+
+
+def test_media_replica_killed_mid_request_answers_503_and_keeps_nothing(
+        service, store_root, redis_client, client, tmp_path):
+    """The kill provably hits a request in flight: the media replica is held inside the
+    store call that wrote the job's encrypted input (the job registered), then SIGKILL.
+    The ingress answers 503 with Retry-After and withdraws the job: its input is verified
+    gone and its record removed; Serve brings the pool back."""
+    from tests.integration.helpers import submit
+
+    signal_file = tmp_path / "storing"
+    victim = replica_pid("MediaDeployment")
+    ingress = replica_pid("ApiDeployment")
+    assert run_in_replica("MediaDeployment", _block_after_storing_an_input(str(signal_file)))
+    account = f"acct-media-{os.urandom(4).hex()}"
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(submit, client, [PHOTO], key=crypto.new_device_key(),
+                             kind="art_style", style="watercolor", account_id=account,
+                             names=["photo.png"])
+        try:
+            stored_key = wait_for_fault(signal_file, answer)
+            job_id = stored_key.split("/")[1]
+            assert (store_root / stored_key).is_file() and redis_client.exists(keys.job(job_id))
+        finally:
+            os.kill(victim, signal.SIGKILL)
+        response = answer.result(timeout=120)
+    assert response.status_code == 503, response.text
+    assert int(response.headers["retry-after"]) > 0
+    assert not (store_root / stored_key).exists()
+    assert not redis_client.exists(keys.job(job_id))
+    assert client.get(f"/v1/accounts/{account}/jobs").json()["jobs"] == []
+    assert replica_pid("ApiDeployment") == ingress
+    deadline = time.monotonic() + 120
+    while True:  # Serve replaces the replica
+        try:
+            if replica_pid("MediaDeployment") != victim:
+                break
+        except Exception:  # no replica registered at this instant
+            pass
+        assert time.monotonic() < deadline, "the media pool did not come back"
+        time.sleep(0.5)
