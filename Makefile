@@ -36,6 +36,7 @@ bench: install
 	$(BIN)/python scripts/bench_models.py --quick
 	$(BIN)/python scripts/bench_video.py --quick
 	$(BIN)/python scripts/bench_scale.py --quick
+	$(BIN)/python scripts/bench_hostile.py
 	$(BIN)/python scripts/load.py --quick
 	$(BIN)/python scripts/bench_retention.py
 

@@ -35,12 +35,10 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.core.config import load_settings
 from pipeline.core.errors import InvalidUpload
-from pipeline.jobs.intake import check_job_request
-from pipeline.media.ingest import declared_media
 from pipeline.media.sandbox import DecodeBudget, SandboxPool
 from pipeline.security import crypto
 from serve.client import NO_RETRIES, EphemeraClient, job_call
-from tests.security.corpus import HOSTILE, LEGIT, Case, build
+from tests.security.corpus import HOSTILE, LEGIT, Case, build, run_request
 
 OUT_DIR = REPO / "bench-out"
 CPU_TARGET_S = 5.0
@@ -48,24 +46,36 @@ CPU_TARGET_S = 5.0
 
 def cost_of(case: Case, pool: SandboxPool, settings) -> tuple[str, float, int]:
     """(verdict, CPU s, peak extra bytes) of one request through the media pool's code."""
-    reports = []
+    verdict, reports = run_request(case, pool.decode, settings)
+    refused = isinstance(verdict, InvalidUpload)
+    return (f"refused ({verdict.problem})" if refused else "accepted",
+            sum(r.cpu_s for r in reports),
+            max((r.peak_extra_bytes for r in reports), default=0))
 
-    def decode(data, **kwargs):
-        report = pool.decode(data, **kwargs)
-        reports.append(report)
-        return report
 
-    try:
-        check_job_request(account_id="acct-bench", kind=case.kind, style="watercolor",
-                          resolution_px=None, files=[d for _, d in case.files],
-                          settings=settings, decode=decode,
-                          declared=[declared_media(None, n) for n, _ in case.files])
-        verdict = "accepted"
-    except InvalidUpload as exc:
-        verdict = f"refused ({exc.problem})"
-    cpu_s = sum(r.cpu_s for r in reports)
-    peak = max((r.peak_extra_bytes for r in reports), default=0)
-    return verdict, cpu_s, peak
+def sandbox_overhead_ms(pool: SandboxPool, settings, repeats: int = 11) -> tuple[float, float]:
+    """Median wall ms to decode a 1 MP phone-style JPEG in this process and in a sandbox
+    child (interleaved, A B A B ...)."""
+    import io
+    import statistics
+
+    from PIL import Image
+    from skimage import data as skdata
+
+    from pipeline.jobs.intake import decode_in_process
+
+    buffer = io.BytesIO()
+    Image.fromarray(skdata.astronaut()).resize((1152, 864)).save(buffer, format="JPEG",
+                                                                  quality=90)
+    photo = buffer.getvalue()
+    local = decode_in_process(settings.service)
+    times: dict[str, list[float]] = {"in process": [], "sandboxed": []}
+    for _ in range(repeats):
+        for name, decode in (("in process", local), ("sandboxed", pool.decode)):
+            started = time.perf_counter()
+            assert decode(photo, index=1, declared="image").error is None
+            times[name].append(1000 * (time.perf_counter() - started))
+    return statistics.median(times["in process"]), statistics.median(times["sandboxed"])
 
 
 def replica_pids(name: str) -> set[int]:
@@ -120,6 +130,7 @@ def main() -> int:
     pool.start()
     costs = {c.name: cost_of(c, pool, base) for c in cases}
     child_restarts = pool.restarts
+    local_ms, sandboxed_ms = sandbox_overhead_ms(pool, base)
     pool.close()
 
     with tempfile.TemporaryDirectory(prefix="ephemera-hostile-") as tmp:
@@ -168,6 +179,9 @@ def main() -> int:
     print(f"\nsent {len(cases) * args.rounds} requests, {args.concurrency} at a time, in "
           f"{took_s:.0f} s; sandbox children replaced while costing: {child_restarts}; "
           f"client errors: {dict(errors) or 0}; unexpected verdicts: {wrong or 'none'}")
+    print(f"sandbox overhead per photo (1 MP JPEG, median of 11, interleaved): "
+          f"{sandboxed_ms - local_ms:.1f} ms ({local_ms:.1f} ms in process, "
+          f"{sandboxed_ms:.1f} ms sandboxed)")
     print(f"plot: {OUT_DIR / 'bench_hostile.png'}")
     print(f"hostile: inputs {len(cases)}, over budget {over}, ingress restarts {restarts}, "
           f"5xx {five_xx}, max extra MiB {max(r[3] for r in rows) / 2**20:.0f}, "

@@ -146,6 +146,12 @@ MUTATIONS = [
              "            ledger.defer(rec.uri, time.time() + cfg.lease_s)",
              "            ledger.complete(rec)",
              ("tests/unit/test_purge.py",)),
+    Mutation("sandbox-may-write-files", "an upload's decoder cannot write it to a file",
+             "pipeline/media/sandbox.py",
+             "    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))  # no file is ever written",
+             "    pass",
+             ("tests/security/test_hostile_media.py::"
+              "test_the_child_writes_no_file_and_answers_in_checked_frames",)),
     Mutation("queued-job-may-succeed", "a job ends succeeded only after a runner ran it",
              "pipeline/core/records.py",
              "    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED}),",

@@ -65,9 +65,7 @@ def check_video(data: bytes, *, index: int, limits: ServiceConfig) -> CleanVideo
                             f"{limits.max_video_bytes} bytes", problem="too_large")
     try:
         container = av.open(io.BytesIO(data), mode="r")
-    except MemoryError:  # over the sandbox's memory budget: said as such
-        raise
-    except Exception:
+    except Exception:  # av.error.MemoryError too: FFmpeg says ENOMEM for absurd headers
         raise InvalidUpload(f"{where} is a corrupt or truncated video container; upload the "
                             "complete MP4, MOV or WebM file", problem="malformed") from None
     with container:
@@ -158,9 +156,9 @@ def _restream(container, stream, where: str, limits: ServiceConfig,
             # Scaled down to what the largest output needs, in the same pass as the colour
             # conversion: storing full-HD frames would cost CPU and buy nothing.
             scale = min(1.0, max_side_px / max(frame.width, frame.height))
-            pixels = upright(frame.to_ndarray(
+            pixels = even_size(upright(frame.to_ndarray(
                 width=max(2, round(frame.width * scale)), height=max(2, round(frame.height * scale)),
-                format="rgb24"), frame.rotation)
+                format="rgb24"), frame.rotation))  # even sides, as H.264 stores them
             del frame
             if size is None:
                 size = (pixels.shape[0], pixels.shape[1])
@@ -172,8 +170,6 @@ def _restream(container, stream, where: str, limits: ServiceConfig,
             raise InvalidUpload(f"{where} holds no decodable frames", problem="invalid")
         return writer.finish(), size, count
     except InvalidUpload:
-        raise
-    except MemoryError:  # over the sandbox's memory budget: said as such
         raise
     except Exception:
         raise InvalidUpload(f"{where} is truncated or corrupt; upload the complete video",

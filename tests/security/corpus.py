@@ -285,3 +285,27 @@ def _jpeg_plus_zip() -> bytes:
     with zipfile.ZipFile(archive, "w") as z:
         z.writestr("payload.sh", "echo owned\n" * 100)
     return buffer.getvalue() + archive.getvalue()
+
+
+def run_request(case: Case, decode, settings):
+    """One case through the media pool's code path (``check_job_request``) with ``decode``
+    (a SandboxPool's, normally): (the JobRequest or the InvalidUpload, the decode reports)."""
+    from pipeline.core.errors import InvalidUpload
+    from pipeline.jobs.intake import check_job_request
+    from pipeline.media.ingest import declared_media
+
+    reports = []
+
+    def recording(data, **kwargs):
+        report = decode(data, **kwargs)
+        reports.append(report)
+        return report
+
+    try:
+        verdict = check_job_request(
+            account_id="acct-hostile", kind=case.kind, style="watercolor", resolution_px=None,
+            files=[data for _, data in case.files], settings=settings,
+            declared=[declared_media(None, name) for name, _ in case.files], decode=recording)
+    except InvalidUpload as exc:
+        verdict = exc
+    return verdict, reports

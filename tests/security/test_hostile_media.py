@@ -17,11 +17,16 @@ from PIL import Image
 
 from pipeline.core.config import load_settings
 from pipeline.core.errors import InvalidUpload
-from pipeline.jobs.intake import check_job_request
-from pipeline.media.ingest import declared_media
 from pipeline.media.sandbox import DecodeBudget, SandboxedDecoder, SandboxPool
 from serve.errors import http_status
-from tests.security.corpus import HOSTILE, LEGIT, Case, build, phone_jpeg_12mp
+from tests.security.corpus import (
+    HOSTILE,
+    LEGIT,
+    Case,
+    build,
+    phone_jpeg_12mp,
+    run_request,
+)
 
 pytestmark = pytest.mark.security
 SETTINGS = load_settings()
@@ -40,22 +45,7 @@ def pool():
 
 
 def run_case(case: Case, pool: SandboxPool):
-    """(the request's verdict: a JobRequest or the InvalidUpload, the decode reports)."""
-    reports = []
-
-    def decode(data, **kwargs):
-        report = pool.decode(data, **kwargs)
-        reports.append(report)
-        return report
-
-    try:
-        verdict = check_job_request(
-            account_id="acct-hostile", kind=case.kind, style="watercolor", resolution_px=None,
-            files=[data for _, data in case.files], settings=SETTINGS,
-            declared=[declared_media(None, name) for name, _ in case.files], decode=decode)
-    except InvalidUpload as exc:
-        verdict = exc
-    return verdict, reports
+    return run_request(case, pool.decode, SETTINGS)
 
 
 @pytest.mark.parametrize("name", [s.name for s in SPECS])

@@ -62,7 +62,9 @@ def test_a_tagged_video_with_audio_is_stripped_to_its_frames(container):
     clean = check_media(upload, index=1, limits=LIMITS, declared="video")
 
     assert isinstance(clean, CleanVideo)
-    assert (clean.width_px, clean.height_px, clean.num_frames, clean.fps) == (96, 64, 12, 24)
+    # Stored no larger than the largest output (64 px here), even-sided, every frame kept.
+    assert max(LIMITS.allowed_resolutions_px) == 64
+    assert (clean.width_px, clean.height_px, clean.num_frames, clean.fps) == (64, 42, 12, 24)
     assert not any(tag in clean.mp4_bytes for tag in TAGS)
     with av.open(io.BytesIO(clean.mp4_bytes)) as stripped:
         assert [s.type for s in stripped.streams] == ["video"]  # audio dropped
@@ -162,3 +164,15 @@ def test_a_clip_encodes_as_configured_with_a_poster(fmt, media_type):
             assert animated.n_frames == 6 and animated.size == (64, 40)
             assert animated.info["loop"] == 0
     assert Image.open(io.BytesIO(poster)).size == (64, 40)
+
+
+@pytest.mark.video
+def test_frames_are_counted_as_they_are_decoded_not_as_the_header_says():
+    upload = make_video(frames=12, width=96, height=64, tagged=False, audio=False)
+    tight = LIMITS.model_copy(update={"max_video_total_pixels": 96 * 64 * 5})
+    with pytest.raises(InvalidUpload, match="max_video_total_pixels"):
+        check_media(upload, index=1, limits=tight, declared="video")
+    only_vp9 = LIMITS.model_copy(update={"video_codecs": ["vp9"]})
+    with pytest.raises(InvalidUpload, match="h264 video") as info:
+        check_media(upload, index=1, limits=only_vp9, declared="video")
+    assert info.value.problem == "unsupported_media"
