@@ -323,6 +323,9 @@ class PoolConfig(_Strict):
     )
     num_cpus: float = Field(1.0, ge=0, le=256, description="CPUs reserved per replica.")
     num_gpus: float = Field(0.0, ge=0, le=16, description="GPUs reserved per replica.")
+    memory_bytes: int | None = Field(
+        None, gt=0, description="Memory reserved per replica (Ray's memory resource), so a "
+        "node is not handed more replicas than it can hold; null: none reserved.")
     max_ongoing_requests: int | None = Field(
         None, gt=0, le=100_000, description="Requests one replica works on at once; null: "
         "derived (GPU pools: from batching.yaml)."
@@ -336,6 +339,8 @@ class PoolConfig(_Strict):
         options: dict = {"ray_actor_options": {"num_cpus": self.num_cpus,
                                                "num_gpus": self.num_gpus},
                          "max_queued_requests": self.max_queued_requests}
+        if self.memory_bytes is not None:
+            options["ray_actor_options"]["memory"] = self.memory_bytes
         if self.autoscaling is not None:
             options["autoscaling_config"] = self.autoscaling.serve_options()
         else:
