@@ -12,7 +12,7 @@ from ray import serve
 
 from actors.common import open_backends
 from pipeline.core.config import Settings
-from pipeline.jobs.intake import IngestOutcome, Upload, ingest_upload
+from pipeline.jobs.intake import IngestOutcome, Upload, ingest_upload, withdraw_job
 from pipeline.media.sandbox import DecodeBudget, SandboxPool
 from pipeline.state.job_store import JobStore
 
@@ -31,9 +31,20 @@ class MediaDeployment:
         self.sandbox.start()
 
     async def ingest(self, upload: Upload) -> IngestOutcome:
-        """Check, decode, strip, re-encode, register and store one request's files."""
-        return await asyncio.to_thread(ingest_upload, upload, self.sandbox.decode, self.stores,
-                                       self.jobs, self.settings)
+        """Check, decode, strip, re-encode, register and store one request's files.
+
+        If the ingress gives up on the call (cancelled), the work in its thread still runs
+        to its end; a job it registered meanwhile is withdrawn here, so nothing is kept
+        for an answer nobody will read."""
+        work = asyncio.ensure_future(asyncio.to_thread(
+            ingest_upload, upload, self.sandbox.decode, self.stores, self.jobs, self.settings))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            outcome = await work
+            if outcome.item is not None:
+                await asyncio.to_thread(withdraw_job, upload.job_id, self.stores, self.jobs)
+            raise
 
     def restarts(self) -> int:
         """Sandbox children replaced after dying or overrunning a budget (tests, metrics)."""

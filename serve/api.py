@@ -420,8 +420,16 @@ class ApiDeployment:
                 return _accepted(account, first, replayed=True)
         # Shielded: a client that disconnects now must not leave a job registered but
         # never queued; the accept-and-submit step always runs to its end.
+        work = asyncio.ensure_future(self._accept_and_submit(upload))
         try:
-            await asyncio.shield(self._accept_and_submit(upload))
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # The client went away; the shielded work still ends (a job, or nothing kept).
+            # Its key is settled by that end, so a retry finds the job, not a free key.
+            if idem_key is not None:
+                work.add_done_callback(lambda done: self._spawn(self._settle_claim(
+                    done, account, idem_key, digest, job_id)))
+            raise
         except BaseException as exc:
             if idem_key is not None:
                 await asyncio.to_thread(self.idempotency.release, account, idem_key)
@@ -555,10 +563,24 @@ class ApiDeployment:
         privacy_request = await asyncio.to_thread(requests.open, kind, account_id)
         receipt_id = await asyncio.to_thread(request_account_deletion, account_id, self.jobs)
         await asyncio.to_thread(requests.attach_receipt, privacy_request.request_id, receipt_id)
-        task = asyncio.get_running_loop().create_task(self._delete_account(account_id, receipt_id))
+        self._spawn(self._delete_account(account_id, receipt_id))
+        return receipt_id
+
+    def _spawn(self, coro) -> None:
+        """Run ``coro`` in the background, keeping a reference until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        return receipt_id
+
+    async def _settle_claim(self, work: asyncio.Future, account: str, key: str, digest: str,
+                            job_id: str) -> None:
+        """An Idempotency-Key claim whose client went away: completed with the job if the
+        shielded accept made one, released if it kept nothing."""
+        made = not work.cancelled() and work.exception() is None
+        if made:
+            await asyncio.to_thread(self.idempotency.complete, account, key, digest, job_id)
+        else:
+            await asyncio.to_thread(self.idempotency.release, account, key)
 
     @app.get("/v1/accounts/{account_id}/privacy/export", response_model=PrivacyExport)
     def export_account(self, account_id: AccountId) -> dict:

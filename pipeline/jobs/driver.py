@@ -121,6 +121,8 @@ class JobDriver:
         """Claim the job, drive it through its stages, record its end and have its inputs
         purged. Returns whether it succeeded. If the driver cannot finish it (Redis away
         for a minute, the call cancelled), it settles the job failed in the background."""
+        if item.job_id in self.held:  # a second hand-off of a job this runner drives
+            return False
         self.held[item.job_id] = item
         started_s = self.clock()
         try:
@@ -140,17 +142,21 @@ class JobDriver:
             self.spawn(self.settle(item.job_id, Reason.INTERRUPTED))
             raise
         finally:
-            del self.held[item.job_id]  # the device key goes with it
+            self.held.pop(item.job_id, None)  # the device key goes with it
         self.spawn(self.purge(item.job_id))
         return plan.ok
 
     async def run_stage(self, stage: Stage, item: WorkItem) -> Next:
         """One stage call and what follows from it. A full pool is waited out without
         spending an attempt, but never past the job's deadline."""
+        async def call() -> StageResult:
+            if self.clock() >= item.deadline_s:  # the last wait outlived the deadline
+                raise PoolFull(stage.value)
+            return await self.stages.call(stage, item, self._timeout_s(item))
+
         try:
             result = await retry_call_async(
-                lambda: self.stages.call(stage, item, self._timeout_s(item)),
-                policy=POOL_FULL_POLICY, sleep=self.sleep,
+                call, policy=POOL_FULL_POLICY, sleep=self.sleep,
                 retryable=lambda exc: isinstance(exc, PoolFull) and self.clock() < item.deadline_s)
         except PoolFull:  # still full at the deadline (or after very many waits)
             return check_deadline(Next(item, stage=stage), self.clock())

@@ -35,10 +35,10 @@ import threading
 import time
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Protocol
+from typing import Protocol, cast
 
 from pipeline.core.config import ServiceConfig
-from pipeline.core.errors import InvalidUpload, Problem
+from pipeline.core.errors import InvalidUpload, Problem, Unavailable
 from pipeline.core.records import CleanImage
 from pipeline.media.video import CleanVideo
 
@@ -80,31 +80,41 @@ class Decoder(Protocol):
 
 
 def _send(stream, header: dict, payload: bytes = b"") -> None:
-    raw = json.dumps(header).encode()
-    stream.write(_LEN.pack(len(raw), len(payload)) + raw + payload)
+    raw = json.dumps(header, allow_nan=False).encode()
+    stream.write(_LEN.pack(len(raw), len(payload)) + raw)
+    stream.write(payload)
     stream.flush()
 
 
-def _read_exact(fd: int, size: int, deadline: float | None) -> bytes:
-    chunks, left = [], size
-    while left:
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number this protocol carries")
+
+
+def _read_exact(fd: int, size: int, deadline: float | None) -> bytearray:
+    """``size`` bytes from ``fd`` into one buffer (no second copy), by ``deadline``."""
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    poller = select.poll()  # not select(): any fd number
+    poller.register(fd, select.POLLIN)
+    done = 0
+    while done < size:
         if deadline is not None:
-            wait = deadline - time.monotonic()
-            if wait <= 0 or not select.select([fd], [], [], wait)[0]:
+            wait_ms = (deadline - time.monotonic()) * 1000
+            if wait_ms <= 0 or not poller.poll(wait_ms):
                 raise TimeoutError
-        chunk = os.read(fd, min(left, 1 << 20))
-        if not chunk:
+        got = os.readv(fd, [view[done:done + (1 << 20)]])
+        if not got:
             raise EOFError
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+        done += got
+    return buffer
 
 
-def _receive(fd: int, *, max_payload: int, deadline: float | None) -> tuple[dict, bytes]:
+def _receive(fd: int, *, max_payload: int, deadline: float | None
+             ) -> tuple[dict, bytearray]:
     header_len, payload_len = _LEN.unpack(_read_exact(fd, _LEN.size, deadline))
     if header_len > MAX_HEADER_BYTES or payload_len > max_payload:
         raise ValueError("frame too large")
-    header = json.loads(_read_exact(fd, header_len, deadline))
+    header = json.loads(_read_exact(fd, header_len, deadline), parse_constant=_no_constant)
     if not isinstance(header, dict):
         raise ValueError("bad header")
     return header, _read_exact(fd, payload_len, deadline)
@@ -131,16 +141,22 @@ class SandboxedDecoder:
         env.update(_CHILD_ENV)
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        child = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.media.sandbox", str(self.budget.memory_bytes)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env=env, close_fds=True, start_new_session=True)
-        assert child.stdout is not None
-        header, _ = _receive(child.stdout.fileno(), max_payload=0,
-                             deadline=time.monotonic() + 120)
-        if header.get("ready") is not True:
-            child.kill()
-            raise RuntimeError("the media sandbox did not start")
+        try:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.media.sandbox", str(self.budget.memory_bytes)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                env=env, close_fds=True, start_new_session=True)
+        except OSError:
+            raise Unavailable("the media decoder could not start; try again shortly") from None
+        try:
+            assert child.stdout is not None
+            header, _ = _receive(child.stdout.fileno(), max_payload=0,
+                                 deadline=time.monotonic() + 120)
+            if header.get("ready") is not True:
+                raise ValueError("not ready")
+        except (Exception, TimeoutError):
+            _kill(child)
+            raise Unavailable("the media decoder could not start; try again shortly") from None
         return child
 
     def start(self) -> None:
@@ -155,18 +171,15 @@ class SandboxedDecoder:
 
     def _stop(self) -> None:
         if self._child is not None:
-            try:
-                self._child.kill()
-                self._child.wait(timeout=5)
-            except Exception:  # already gone
-                pass
+            _kill(self._child)
             self._child = None
 
     def decode(self, data: bytes, *, index: int, declared: str | None,
                cpu_s: float | None = None, wall_s: float | None = None) -> DecodeReport:
         """Decode, strip and re-encode one file in the child, within the budget (or the
         tighter ``cpu_s`` and ``wall_s`` its request has left). Never raises for what the
-        file does: a refusal, a dead child or an overrun comes back as ``error``."""
+        file does: a refusal, a dead child or an overrun comes back as ``error``. Raises
+        Unavailable only when no child can be started (the service's fault, a 503)."""
         budget_cpu_s = self.budget.cpu_s if cpu_s is None else min(cpu_s, self.budget.cpu_s)
         budget_wall_s = self.budget.wall_s if wall_s is None else min(wall_s, self.budget.wall_s)
         where = f"file {index}"
@@ -175,6 +188,10 @@ class SandboxedDecoder:
                 self._child = self._start()
             child = self._child
             assert child.stdin is not None and child.stdout is not None
+            # The wall budget holds for the write too: a child that stops reading (taken
+            # over by an earlier file) is killed at the deadline, which unblocks the write.
+            timer = threading.Timer(budget_wall_s, child.kill)
+            timer.start()
             started = time.monotonic()
             try:
                 _send(child.stdin, {"index": index, "declared": declared,
@@ -185,27 +202,48 @@ class SandboxedDecoder:
                     max_payload=max(self.limits.max_file_bytes, self.limits.max_video_bytes) * 4
                     + (64 << 20), deadline=started + budget_wall_s)
                 report = _report(header, payload, where)
-                if report.error is None and report.cpu_s > budget_cpu_s:
-                    # RLIMIT_CPU counts whole seconds; the child's own count is exact.
-                    return _overrun(where, f"needs more than the decoding CPU budget of "
-                                    f"{budget_cpu_s:g} s")
-                return report
-            except TimeoutError:
+            except Exception:  # died, overran, or answered out of protocol: replaced
+                overran = time.monotonic() - started >= budget_wall_s
+                code = _kill(child)
                 self._replace()
-                return _overrun(where, f"took longer than the decoding time budget of "
-                                f"{budget_wall_s:g} s")
-            except (EOFError, BrokenPipeError, ValueError, OSError):
-                code = child.wait(timeout=5) if child.poll() is None else child.returncode
-                self._replace()
+                if overran:
+                    return _overrun(where, f"took longer than the decoding time budget of "
+                                    f"{budget_wall_s:g} s")
                 if code == -signal.SIGXCPU:
                     return _overrun(where, f"needs more than the decoding CPU budget of "
                                     f"{budget_cpu_s:g} s")
                 return _overrun(where, "could not be decoded within the memory budget of "
-                                f"{self.budget.memory_bytes >> 20} MiB")
+                                f"{self.budget.memory_bytes >> 20} MiB (or its decoder failed)")
+            finally:
+                timer.cancel()
+            if report.error is None and report.cpu_s > budget_cpu_s:
+                # RLIMIT_CPU counts whole seconds; the child's own count is exact.
+                return _overrun(where, f"needs more than the decoding CPU budget of "
+                                f"{budget_cpu_s:g} s")
+            return report
 
     def _replace(self) -> None:
         self._stop()
         self.restarts += 1
+
+
+def _kill(child: subprocess.Popen) -> int | None:
+    """Kill and reap a child (no zombie, no open pipes); its exit code."""
+    try:
+        child.kill()
+    except OSError:  # already gone
+        pass
+    try:
+        code = child.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # unkillable (stuck in the kernel): leave it
+        code = None
+    for stream in (child.stdin, child.stdout):
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
+    return code
 
 
 def _overrun(where: str, what: str) -> DecodeReport:
@@ -213,18 +251,20 @@ def _overrun(where: str, what: str) -> DecodeReport:
                                             "file", problem="too_large"), 0.0, 0)
 
 
-def _report(header: dict, payload: bytes, where: str) -> DecodeReport:
+def _report(header: dict, payload: bytes | bytearray, where: str) -> DecodeReport:
     """The child's answer, checked field by field; ValueError for anything else (the
     parent then treats the child as broken and replaces it)."""
     try:
-        return _parse_report(header, payload, where)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return _parse_report(header, bytes(payload), where)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError):
         raise ValueError(f"{where}: the decoder's answer is malformed") from None
 
 
 def _parse_report(header: dict, payload: bytes, where: str) -> DecodeReport:
     cpu_s = float(header.get("cpu_s", 0.0))
     peak = int(header.get("peak_extra_bytes", 0))
+    if not (0 <= cpu_s < 1e6 and 0 <= peak < 1 << 50):
+        raise ValueError("cost out of range")
     if header.get("ok") is not True:
         problem = header.get("problem")
         message = header.get("message")
@@ -257,14 +297,21 @@ class SandboxPool:
 
     def decode(self, data: bytes, *, index: int, declared: str | None,
                cpu_s: float | None = None, wall_s: float | None = None) -> DecodeReport:
-        started = time.monotonic()
+        deadline = time.monotonic() + (wall_s if wall_s is not None else 1e9)
         with self._cond:
             while not self._free:
-                self._cond.wait()
+                left_s = deadline - time.monotonic()
+                if left_s <= 0:  # the request's time ran out in the queue: no child killed
+                    return _overrun(f"file {index}", "waited past the request's decoding "
+                                    "time budget for a free decoder")
+                self._cond.wait(timeout=left_s)
             decoder = self._free.pop()
         try:
             if wall_s is not None:  # the wait for a free child counts against the request
-                wall_s = max(0.001, wall_s - (time.monotonic() - started))
+                wall_s = deadline - time.monotonic()
+                if wall_s <= 0:
+                    return _overrun(f"file {index}", "waited past the request's decoding "
+                                    "time budget for a free decoder")
             return decoder.decode(data, index=index, declared=declared, cpu_s=cpu_s,
                                   wall_s=wall_s)
         finally:
@@ -335,8 +382,10 @@ def _child(memory_bytes: int) -> None:
         resource.setrlimit(resource.RLIMIT_CPU,
                            (math.ceil(cpu0 + float(request["cpu_s"])), hard))
         try:
-            media = check_media(data, index=int(request["index"]), limits=limits,
-                                declared=request.get("declared"))
+            # The upload's one copy in this process (bytes-like): no second copy of it
+            # inside the memory budget.
+            media = check_media(cast(bytes, data), index=int(request["index"]),
+                                limits=limits, declared=request.get("declared"))
             answer: dict = {"ok": True}
             if isinstance(media, CleanImage):
                 payload = media.png_bytes
@@ -358,6 +407,7 @@ def _child(memory_bytes: int) -> None:
                                  f"memory budget of {memory_bytes >> 20} MiB; send a smaller "
                                  "or simpler file"}
         del data
+        resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))  # replying costs no file's budget
         answer["cpu_s"] = _cpu_s() - cpu0
         answer["peak_extra_bytes"] = max(0, _status_kib("VmHWM") - rest_kib) * 1024
         _send(out, answer, payload)

@@ -463,8 +463,13 @@ class JobStore:
         """The hand-off: the job is running, held by ``runner_id``. False if it is not
         waiting for a runner (ended: withdrawn, reaped, account deleted; or gone), and then
         nobody should drive it."""
-        return self.transition(job_id, JobStatus.RUNNING, account_id=self.account_of(job_id),
-                               runner="", fields={"runner_id": runner_id})
+        if self.transition(job_id, JobStatus.RUNNING, account_id=self.account_of(job_id),
+                           runner="", fields={"runner_id": runner_id}):
+            return True
+        # A retried claim whose first try ran but whose answer was lost (a Redis timeout)
+        # finds the job already running under this runner: that is its claim.
+        status, holder = self.redis.hmget(keys.job(job_id), "status", "runner_id")
+        return status == JobStatus.RUNNING.value.encode() and holder == runner_id.encode()
 
     def heartbeat(self, worker: Worker, worker_id: str, *, lease_s: float, now_s: float) -> None:
         """Renew a worker's lease: it is live until ``now_s + lease_s``."""

@@ -192,6 +192,7 @@ def test_every_status_write_follows_the_declared_transitions(jobs):
     view = jobs.get_job(job.job_id)
     assert (view.status, view.face_batch_size) == (JobStatus.QUEUED, 1)
     assert jobs.claim_job(job.job_id, "runner-a")
+    assert jobs.claim_job(job.job_id, "runner-a")  # a retried claim (answer lost) holds
     assert not jobs.claim_job(job.job_id, "runner-b")  # held already: no second claim
     assert jobs.get_job(job.job_id).runner_id == "runner-a"
     with pytest.raises(ValueError, match="transition"):

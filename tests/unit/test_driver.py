@@ -211,11 +211,29 @@ def test_a_full_pool_is_waited_out_without_spending_an_attempt():
 
 
 def test_a_pool_full_until_the_deadline_ends_the_job_timed_out():
-    driver, jobs, stages, *_ = make_driver({Stage.FACE: [PoolFull("face")] * 1000})
+    driver, jobs, stages, _, clock, _ = make_driver({Stage.FACE: [PoolFull("face")] * 1000})
+    called_at = []
+    real_call = stages.call
+
+    async def call(stage, item, timeout_s):
+        called_at.append(clock.now_s)
+        return await real_call(stage, item, timeout_s)
+
+    stages.call = call
     jobs.add("job1")
     assert not run(driver, make_item(deadline_s=NOW + 5))
     assert jobs.records["job1"]["reason"] == Reason.TIMEOUT
     assert len(stages.calls) < 1000  # it stopped at the deadline, not at the script's end
+    assert called_at and max(called_at) < NOW + 5  # no call was sent past the deadline
+
+
+def test_a_second_hand_off_of_a_held_job_is_ignored():
+    driver, jobs, stages, *_ = make_driver({})
+    jobs.add("job1")
+    item = make_item(deadline_s=NOW + 600)
+    driver.held["job1"] = item  # this runner already drives it
+    assert not run(driver, item)
+    assert stages.calls == [] and driver.held == {"job1": item}
 
 
 def test_redis_briefly_away_is_retried_and_long_away_settles_the_job_later():
