@@ -37,6 +37,7 @@ from pipeline.core.config import load_settings
 from pipeline.core.errors import InvalidUpload
 from pipeline.media.sandbox import DecodeBudget, SandboxPool
 from pipeline.security import crypto
+from scripts.bench_scale import replica_pids
 from serve.client import NO_RETRIES, EphemeraClient, job_call
 from tests.security.corpus import HOSTILE, LEGIT, Case, build, run_request
 
@@ -76,18 +77,6 @@ def sandbox_overhead_ms(pool: SandboxPool, settings, repeats: int = 11) -> tuple
             assert decode(photo, index=1, declared="image").error is None
             times[name].append(1000 * (time.perf_counter() - started))
     return statistics.median(times["in process"]), statistics.median(times["sandboxed"])
-
-
-def replica_pids(name: str) -> set[int]:
-    import ray
-
-    pids = set()
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["namespace"] == "serve" and entry["name"].startswith(
-                f"SERVE_REPLICA::ephemera#{name}#"):
-            actor = ray.get_actor(entry["name"], namespace="serve")
-            pids.add(ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=30))
-    return pids
 
 
 def plot(rows: list[tuple[str, str, float, int, int]], path: Path) -> None:
@@ -139,7 +128,7 @@ def main() -> int:
             "storage": base.storage.model_copy(update={"local_root": str(Path(tmp) / "store")}),
         })
         with start_service(settings, workdir=Path(tmp) / "work") as service:
-            ingress, media = replica_pids("ApiDeployment"), replica_pids("MediaDeployment")
+            ingress, media = (set(replica_pids(n)) for n in ("ApiDeployment", "MediaDeployment"))
             statuses: dict[str, Counter] = {c.name: Counter() for c in cases}
             errors = Counter()
             http = httpx.Client(base_url=service.base_url, timeout=300.0)
@@ -158,8 +147,8 @@ def main() -> int:
             with ThreadPoolExecutor(args.concurrency) as threads:
                 list(threads.map(send, cases * args.rounds))
             took_s = time.time() - sent_s
-            restarts = (len(ingress - replica_pids("ApiDeployment"))
-                        + len(media - replica_pids("MediaDeployment")))
+            restarts = (len(ingress - set(replica_pids("ApiDeployment")))
+                        + len(media - set(replica_pids("MediaDeployment"))))
             http.close()
 
     rows = []

@@ -10,6 +10,7 @@ invariant 12).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -115,7 +116,5 @@ def retry_on_conflict(attempt: Callable[[], T], *, max_tries: int = MAX_CONFLICT
     Backs off a little between tries (contention means others are writing the same
     keys) and gives up with the last WatchError after ``max_tries``.
     """
-    policy = CONFLICT_POLICY if max_tries == MAX_CONFLICT_RETRIES else RetryPolicy(
-        max_tries=max_tries, base_s=CONFLICT_POLICY.base_s, cap_s=CONFLICT_POLICY.cap_s)
-    return retry_call(attempt, policy=policy,
+    return retry_call(attempt, policy=dataclasses.replace(CONFLICT_POLICY, max_tries=max_tries),
                       retryable=lambda exc: isinstance(exc, redis.WatchError))

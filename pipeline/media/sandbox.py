@@ -129,11 +129,12 @@ class SandboxedDecoder:
     use several for parallel decodes (``SandboxPool``)."""
 
     def __init__(self, limits: ServiceConfig, budget: DecodeBudget) -> None:
-        self.limits = limits
         self.budget = budget
         self._child: subprocess.Popen | None = None
         self._lock = threading.Lock()
         self.restarts = 0  # children replaced after dying or overrunning (for metrics)
+        self._limits_json = limits.model_dump(mode="json")  # sent with every file
+        self._max_answer_bytes = max(limits.max_file_bytes, limits.max_video_bytes) * 4 + (64 << 20)
 
     def _start(self) -> subprocess.Popen:
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH", "HOME",
@@ -162,8 +163,12 @@ class SandboxedDecoder:
     def start(self) -> None:
         """Start the child now (else at the first decode)."""
         with self._lock:
-            if self._child is None or self._child.poll() is not None:
-                self._child = self._start()
+            self._live_child()
+
+    def _live_child(self) -> subprocess.Popen:
+        if self._child is None or self._child.poll() is not None:
+            self._child = self._start()
+        return self._child
 
     def close(self) -> None:
         with self._lock:
@@ -183,10 +188,10 @@ class SandboxedDecoder:
         budget_cpu_s = self.budget.cpu_s if cpu_s is None else min(cpu_s, self.budget.cpu_s)
         budget_wall_s = self.budget.wall_s if wall_s is None else min(wall_s, self.budget.wall_s)
         where = f"file {index}"
+        cpu_overrun = _overrun(where, f"needs more than the decoding CPU budget of "
+                               f"{budget_cpu_s:g} s")
         with self._lock:
-            if self._child is None or self._child.poll() is not None:
-                self._child = self._start()
-            child = self._child
+            child = self._live_child()
             assert child.stdin is not None and child.stdout is not None
             # The wall budget holds for the write too: a child that stops reading (taken
             # over by an earlier file) is killed at the deadline, which unblocks the write.
@@ -195,12 +200,10 @@ class SandboxedDecoder:
             started = time.monotonic()
             try:
                 _send(child.stdin, {"index": index, "declared": declared,
-                                    "cpu_s": budget_cpu_s,
-                                    "limits": self.limits.model_dump(mode="json")}, data)
-                header, payload = _receive(
-                    child.stdout.fileno(),
-                    max_payload=max(self.limits.max_file_bytes, self.limits.max_video_bytes) * 4
-                    + (64 << 20), deadline=started + budget_wall_s)
+                                    "cpu_s": budget_cpu_s, "limits": self._limits_json}, data)
+                header, payload = _receive(child.stdout.fileno(),
+                                           max_payload=self._max_answer_bytes,
+                                           deadline=started + budget_wall_s)
                 report = _report(header, payload, where)
             except Exception:  # died, overran, or answered out of protocol: replaced
                 overran = time.monotonic() - started >= budget_wall_s
@@ -210,16 +213,13 @@ class SandboxedDecoder:
                     return _overrun(where, f"took longer than the decoding time budget of "
                                     f"{budget_wall_s:g} s")
                 if code == -signal.SIGXCPU:
-                    return _overrun(where, f"needs more than the decoding CPU budget of "
-                                    f"{budget_cpu_s:g} s")
+                    return cpu_overrun
                 return _overrun(where, "could not be decoded within the memory budget of "
                                 f"{self.budget.memory_bytes >> 20} MiB (or its decoder failed)")
             finally:
                 timer.cancel()
             if report.error is None and report.cpu_s > budget_cpu_s:
-                # RLIMIT_CPU counts whole seconds; the child's own count is exact.
-                return _overrun(where, f"needs more than the decoding CPU budget of "
-                                f"{budget_cpu_s:g} s")
+                return cpu_overrun  # RLIMIT_CPU counts whole seconds; the child's count is exact
             return report
 
     def _replace(self) -> None:
@@ -298,22 +298,16 @@ class SandboxPool:
     def decode(self, data: bytes, *, index: int, declared: str | None,
                cpu_s: float | None = None, wall_s: float | None = None) -> DecodeReport:
         deadline = time.monotonic() + (wall_s if wall_s is not None else 1e9)
-        with self._cond:
-            while not self._free:
-                left_s = deadline - time.monotonic()
-                if left_s <= 0:  # the request's time ran out in the queue: no child killed
-                    return _overrun(f"file {index}", "waited past the request's decoding "
-                                    "time budget for a free decoder")
-                self._cond.wait(timeout=left_s)
+        with self._cond:  # the wait for a free child counts against the request's time
+            while not self._free and self._cond.wait(timeout=deadline - time.monotonic()):
+                pass
+            if not self._free or deadline <= time.monotonic():  # no child is killed for it
+                return _overrun(f"file {index}", "waited past the request's decoding time "
+                                "budget for a free decoder")
             decoder = self._free.pop()
         try:
-            if wall_s is not None:  # the wait for a free child counts against the request
-                wall_s = deadline - time.monotonic()
-                if wall_s <= 0:
-                    return _overrun(f"file {index}", "waited past the request's decoding "
-                                    "time budget for a free decoder")
             return decoder.decode(data, index=index, declared=declared, cpu_s=cpu_s,
-                                  wall_s=wall_s)
+                                  wall_s=None if wall_s is None else deadline - time.monotonic())
         finally:
             with self._cond:
                 self._free.append(decoder)

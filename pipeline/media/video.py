@@ -90,7 +90,7 @@ def check_codec(stream, where: str, limits: ServiceConfig) -> str:
     decoder = ctx.name if ctx is not None else ""
     codec = DECODER_CODECS.get(decoder or "")
     if codec is None or codec not in limits.video_codecs:
-        allowed = ", ".join(c.upper().replace("HEVC", "HEVC") for c in limits.video_codecs)
+        allowed = ", ".join(c.upper() for c in limits.video_codecs)
         raise InvalidUpload(f"{where} holds {decoder or 'an unknown'} video; send {allowed} "
                             "(video_codecs)", problem="unsupported_media")
     return codec

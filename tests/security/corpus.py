@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image
 from skimage import data as skdata
 
+from tests.unit.factories import png_chunk
+
 
 @dataclass(frozen=True)
 class Case:
@@ -29,11 +31,6 @@ class Case:
     why: str  # what it tries, or what it proves
 
 
-def _png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return (struct.pack(">I", len(payload)) + kind + payload
-            + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
-
-
 def _png_1bit(width: int, height: int, *, junk_bytes: int = 0) -> bytes:
     """A 1-bit greyscale PNG of zeros (a few KB on the wire, width x height pixels), with a
     private junk chunk of ``junk_bytes`` appended to pad it out."""
@@ -41,9 +38,9 @@ def _png_1bit(width: int, height: int, *, junk_bytes: int = 0) -> bytes:
     compressor = zlib.compressobj(9)
     idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    junk = _png_chunk(b"juNk", b"\x00" * junk_bytes) if junk_bytes else b""
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat)
-            + junk + _png_chunk(b"IEND", b""))
+    junk = png_chunk(b"juNk", b"\x00" * junk_bytes) if junk_bytes else b""
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", idat)
+            + junk + png_chunk(b"IEND", b""))
 
 
 def _png_16bit(width: int, height: int) -> bytes:
