@@ -16,6 +16,10 @@ reads or writes for you (``--out``, SRC, DEST) are relative to the current direc
                 [--max-attempts N] [--stage-timeout-s S] [--address ADDR]
                                                        change batching live (no restart)
   ephemera status [--address ADDR]                     replicas, queue depth, batch fill, purge lag
+                                                       (status and tune use Ray token auth when
+                                                       they find a token: RAY_AUTH_TOKEN,
+                                                       RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token;
+                                                       RAY_AUTH_MODE, if set, wins)
   ephemera retention sweep [--redis-url URL]           purge every object past its deadline
   ephemera retention reconcile [--redis-url URL]       delete orphans of crashes from the store
   ephemera retention verify-ledger [--redis-url URL]   detect tampering with deletion receipts
@@ -179,14 +183,29 @@ def _storage_check(args: argparse.Namespace) -> int:
 
 
 def _connect(args: argparse.Namespace) -> None:
-    """Join the running cluster (a local `ephemera serve` included)."""
+    """Join the running cluster (a local `ephemera serve` included), with token auth when
+    the environment holds the cluster's token (``client_auth_mode``)."""
     import os
 
     import ray
+    from ray._raylet import Config  # type: ignore[attr-defined]
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the local launcher's setting
-    ray.init(address=args.address, log_to_driver=False, logging_level="ERROR",
-             ignore_reinit_error=True)
+    from serve.launcher import RAY_TOKEN_SOURCES, client_auth_mode
+
+    if ray.is_initialized():  # already joined (in-process use): keep that connection
+        return
+    mode = client_auth_mode(os.environ, Path.home())
+    os.environ["RAY_AUTH_MODE"] = mode
+    # Ray reads RAY_AUTH_MODE into its cached config when first imported; refresh it, as
+    # Ray's own token-auth setup does, so the mode decided here is the one it connects with.
+    Config.initialize("")
+    try:
+        ray.init(address=args.address, log_to_driver=False, logging_level="ERROR")
+    except ConnectionError as exc:
+        hint = ("; check that the token is this cluster's" if mode == "token" else
+                f"; if it runs token authentication, give its token as {RAY_TOKEN_SOURCES}")
+        raise ValueError(f"could not join the Ray cluster at {args.address} with "
+                         f"RAY_AUTH_MODE={mode} ({exc}){hint}") from None
 
 
 def _tune(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,6 +159,42 @@ def require_ray_token_auth() -> None:
     if os.environ.get("RAY_AUTH_MODE") != "token":
         raise ValueError("service.yaml ray_address joins a cluster: set RAY_AUTH_MODE=token "
                          "(and the cluster's token, RAY_AUTH_TOKEN) in this environment")
+
+
+RAY_TOKEN_SOURCES = "RAY_AUTH_TOKEN, a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token"
+
+
+def has_ray_token(environ: Mapping[str, str], home: Path) -> bool:
+    """Whether Ray 2.60's client would find a cluster token: the ``RAY_AUTH_TOKEN``
+    variable, the file ``RAY_AUTH_TOKEN_PATH`` names, or ``~/.ray/auth_token``, in that
+    order (Ray's own AuthenticationTokenLoader)."""
+    if environ.get("RAY_AUTH_TOKEN", "").strip():
+        return True
+    path = Path(environ["RAY_AUTH_TOKEN_PATH"]) if environ.get("RAY_AUTH_TOKEN_PATH") \
+        else home / ".ray" / "auth_token"
+    try:
+        return bool(path.read_text().strip())
+    except OSError:
+        return False
+
+
+def client_auth_mode(environ: Mapping[str, str], home: Path) -> str:
+    """The ``RAY_AUTH_MODE`` an operator command (``ephemera status``, ``tune``) joins a
+    running cluster with.
+
+    An explicit ``RAY_AUTH_MODE`` is kept (``token`` without a token is refused here, not
+    after Ray's 20 s connection timeout). Unset, a token in the environment means token
+    mode: a token client joins a token cluster and, as well, a local ``ephemera serve``
+    (which runs with auth disabled), so giving the token never hurts. Unset and no token:
+    ``disabled``, the local launcher's mode (a token cluster then refuses the connection).
+    """
+    mode = environ.get("RAY_AUTH_MODE")
+    if mode:
+        if mode == "token" and not has_ray_token(environ, home):
+            raise ValueError(f"RAY_AUTH_MODE=token but no cluster token was found; give it "
+                             f"as {RAY_TOKEN_SOURCES}")
+        return mode
+    return "token" if has_ray_token(environ, home) else "disabled"
 
 
 def memory_spill_dir(root: str) -> Path:

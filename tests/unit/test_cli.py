@@ -232,3 +232,38 @@ def test_a_relative_config_dir_resolves_alike_in_the_cli_and_the_app(tmp_path, m
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     assert main(["config", "check", "--config-dir", "configs/production"]) == 0
+
+
+TOKEN = "a-ray-cluster-token-0123456789"
+
+
+@pytest.mark.parametrize(("environ", "token_file", "mode"), [
+    ({}, None, "disabled"),  # the local launcher's mode
+    ({"RAY_AUTH_TOKEN": TOKEN}, None, "token"),  # the head node: the token, no mode
+    ({"RAY_AUTH_TOKEN_PATH": "{path}"}, TOKEN, "token"),
+    ({}, TOKEN, "token"),  # ~/.ray/auth_token, where Ray looks last
+    ({"RAY_AUTH_TOKEN_PATH": "{path}"}, "  \n", "disabled"),  # an empty file is no token
+    ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}, None, "token"),
+    ({"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": TOKEN}, None, "disabled"),  # said: kept
+])
+def test_status_and_tune_join_with_token_auth_when_they_find_a_token(
+        tmp_path, environ, token_file, mode):
+    from serve.launcher import client_auth_mode
+
+    home = tmp_path / "home"
+    path = home / ".ray" / "auth_token"
+    if token_file is not None:
+        path.parent.mkdir(parents=True)
+        path.write_text(token_file)
+    environ = {k: v.format(path=path) for k, v in environ.items()}
+    assert client_auth_mode(environ, home) == mode
+
+
+def test_token_mode_without_a_token_is_refused_naming_where_to_put_it(tmp_path):
+    from serve.launcher import client_auth_mode
+
+    with pytest.raises(ValueError, match="RAY_AUTH_TOKEN, a file named by RAY_AUTH_TOKEN_PATH"):
+        client_auth_mode({"RAY_AUTH_MODE": "token"}, tmp_path)
+    with pytest.raises(ValueError, match="no cluster token"):
+        client_auth_mode({"RAY_AUTH_MODE": "token",
+                          "RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")}, tmp_path)
