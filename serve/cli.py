@@ -6,7 +6,8 @@ word, between two (``ephemera retention --redis-url URL sweep``) or after the la
 does not take is an error wherever it stands. Paths: a relative ``--config-dir`` (and
 ``--workdir``) is relative to the app root (the folder holding pipeline/ and configs/), as
 the Serve config's ``args.config_dir`` is, never to the current directory; files a command
-reads or writes for you (``--out``, SRC, DEST) are relative to the current directory.
+reads or writes for you (``--out``, ``--write``, SRC, DEST) are relative to the current
+directory.
 
   ephemera serve [--config-dir DIR] [--workdir DIR]   run the service until Ctrl-C
   ephemera deploy-config [--config-dir DIR] [--out F] [--redis-url URL]
@@ -14,7 +15,11 @@ reads or writes for you (``--out``, SRC, DEST) are relative to the current direc
                                                        config_dir is written relative to the app root
   ephemera tune POOL [--max-batch-cost N] [--max-wait-ms MS] [--max-concurrent-batches N]
                 [--max-attempts N] [--stage-timeout-s S] [--address ADDR]
-                                                       change batching live (no restart)
+                [--write FILE [--dry-run | --file-only]]
+                                                       change batching live (no restart);
+                                                       --write also edits the Serve config or
+                                                       RayService manifest FILE and its
+                                                       batching.yaml, so the tune sticks
   ephemera status [--address ADDR]                     replicas, queue depth, batch fill, purge lag
                                                        (status and tune use Ray token auth when
                                                        they find a token: RAY_AUTH_TOKEN,
@@ -209,7 +214,7 @@ def _connect(args: argparse.Namespace) -> None:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from serve.tuning import retune
+    from serve.tuning import retune, tune_file
 
     changes = {name: value for name, value in (
         ("max_batch_cost", args.max_batch_cost), ("max_wait_ms", args.max_wait_ms),
@@ -220,10 +225,49 @@ def _tune(args: argparse.Namespace) -> int:
         raise ValueError("nothing to change: give at least one of --max-batch-cost, "
                          "--max-wait-ms, --max-concurrent-batches, --max-attempts, "
                          "--stage-timeout-s")
-    _connect(args)
-    applied = retune(args.pool, changes)
-    print(f"{args.pool}: now {applied} (applied to running replicas, no restart)")
+    if (args.dry_run or args.file_only) and not args.write:
+        raise ValueError("--dry-run and --file-only act on the file the cluster is deployed "
+                         "from: give it with --write FILE")
+    if args.dry_run and args.file_only:
+        raise ValueError("--dry-run changes nothing and --file-only writes the files: give one")
+    files = tune_file(Path(args.write), args.pool, changes, shown=args.write) \
+        if args.write else None
+    edits = files.edits if files else []
+    for note in files.notes if files else []:
+        print(f"ephemera: note: {note}", file=sys.stderr)
+    if args.dry_run:
+        print("".join(edit.diff() for edit in edits), end="")
+        if not edits:
+            print(f"no change: {args.write} already has these values")
+        return 0
+    if not args.file_only:
+        _connect(args)
+        applied = retune(args.pool, changes)
+        print(f"{args.pool}: now {applied} (applied to running replicas, no restart)")
+        if files and files.user_config != applied:
+            print(f"ephemera: warning: {args.write} will hold {files.user_config} for "
+                  f"{args.pool}, the running service {applied}: it was tuned without --write, "
+                  "or deployed from another file", file=sys.stderr)
+    for edit in edits:
+        _write_atomically(edit.path, edit.after)
+        print(f"wrote {edit.shown}")
     return 0
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace ``path``'s text in one step (a failed write leaves the old file whole)."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, path.stat().st_mode & 0o7777)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -331,7 +375,8 @@ CONFIG_DIR_HELP = ("folder of YAML configs (default: configs); a relative path i
                    f"the app root ({APP_ROOT}), not to the current directory, here and in the "
                    "Serve config's args.config_dir alike")
 
-# Every option takes one value; add_argument keywords and the shared help of each.
+# Every option takes one value, but for the flags (store_true); add_argument keywords and
+# the shared help of each.
 OPTIONS: dict[str, dict[str, Any]] = {
     "--config-dir": {"metavar": "DIR", "help": CONFIG_DIR_HELP},
     "--workdir": {"metavar": "DIR", "help": "embedded Redis data folder (default: data); "
@@ -346,14 +391,22 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "--max-attempts": {"type": int, "metavar": "N"},
     "--stage-timeout-s": {"type": float, "metavar": "S"},
     "--sha256": {"metavar": "H", "help": "the manifest hash to insist on"},
+    "--write": {"metavar": "FILE", "help": "also make the change in FILE, the Serve config "
+                "or RayService manifest the cluster is deployed from, and in the batching.yaml "
+                "of the config set it names (only the changed lines; comments stay)"},
+    "--dry-run": {"action": "store_true", "help": "print the diff --write would make; change "
+                  "nothing, neither the files nor the cluster (no Ray connection)"},
+    "--file-only": {"action": "store_true", "help": "write the files, leave the running "
+                    "cluster alone (a RayService: kubectl apply the manifest)"},
 }
-DEFAULTS: dict[str, Any] = {"config_dir": "configs", "workdir": "data", "address": "auto"}
+DEFAULTS: dict[str, Any] = {"config_dir": "configs", "workdir": "data", "address": "auto",
+                            "dry_run": False, "file_only": False}
 
 _BACKENDS: dict[str, str | None] = {"--config-dir": None, "--redis-url": None,
                                     "--store-url": None}
 _TUNE: dict[str, str | None] = dict.fromkeys((
     "--config-dir", "--address", "--max-batch-cost", "--max-wait-ms", "--max-concurrent-batches",
-    "--max-attempts", "--stage-timeout-s"))
+    "--max-attempts", "--stage-timeout-s", "--write", "--dry-run", "--file-only"))
 
 # name -> a Command, or (help, {name -> Command}) for a command with subcommands.
 COMMANDS: dict[str, Command | tuple[str, dict[str, Command]]] = {

@@ -4,19 +4,35 @@
 ``user_config``, plus the ``max_ongoing_requests`` derived from it) and deploys it again:
 Serve sees only lightweight changes and calls ``reconfigure()`` on the running replicas,
 so no replica restarts and no job is lost. ``serve deploy`` of an edited config file does
-the same thing.
+the same thing. ``tune_file`` makes the same change in the file the cluster is deployed
+from (a Serve config or a RayService manifest) and in its batching.yaml, so the next
+deploy keeps the tune instead of reverting it.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import ValidationError
 
 from pipeline.core.config import BatchingConfig, Settings, StageBatchConfig, load_settings, resolve_path
 from pipeline.core.records import Pool
 from serve.app import APP_NAME, DIFFUSION, FACE, RUNNER
+from serve.config_file import (
+    FileEdit,
+    changed_values,
+    check_parses_to,
+    edit_deployment,
+    edit_mapping,
+    read_deployed,
+    replace_app,
+    with_serve_config,
+)
 
 POOL_DEPLOYMENTS = {Pool.FACE: FACE, Pool.DIFFUSION: DIFFUSION, Pool.RUNNER: RUNNER}
 
@@ -43,6 +59,73 @@ def tuned_config(deployed: dict[str, Any], pool: str, changes: dict[str, Any]) -
         entry["user_config"] = batching.model_dump()
         entry["max_ongoing_requests"] = batching.max_ongoing_requests
     return config
+
+
+@dataclass(frozen=True, slots=True)
+class TunedFiles:
+    """What ``tune_file`` would write: the files that change, notes for the operator, and
+    the pool's user_config as the file will have it."""
+
+    edits: list[FileEdit]
+    notes: list[str]
+    user_config: dict[str, Any]
+
+
+def tune_file(path: Path, pool: str, changes: dict[str, Any], *, shown: str | None = None,
+              app_name: str = APP_NAME) -> TunedFiles:
+    """The edits that carry ``changes`` into the file a cluster is deployed from.
+
+    ``path`` is a Serve config (``serve deploy``) or a KubeRay RayService manifest (its
+    ``spec.serveConfigV2``); its app gets exactly the change ``tuned_config`` makes (the
+    pool's user_config and derived max_ongoing_requests). The ``batching.yaml`` of the
+    config set the app deploys (``args.config_dir``) gets the changed values too, so
+    ``ephemera deploy-config`` regenerates the same file instead of reverting the tune.
+    Only the changed values' lines change (comments and layout stay: serve/config_file.py);
+    returns only the files that change. Raises ValueError naming a bad value or a file it
+    cannot edit; nothing is written here.
+    """
+    where = shown or str(path)
+    text = path.read_text()
+    doc, serve_config, ray_service = read_deployed(text, where)
+    app = next((a for a in serve_config["applications"] if a.get("name") == app_name), None)
+    if app is None:
+        raise ValueError(f"{where} has no application named {app_name!r}")
+    tuned = tuned_config(app, pool, changes)
+    name = POOL_DEPLOYMENTS[pool]
+    values = changed_values(_entry(app, name), _entry(tuned, name))
+    after = edit_deployment(text, app_name, name, values, where, ray_service=ray_service)
+    check_parses_to(after, with_serve_config(doc, replace_app(serve_config, tuned), ray_service),
+                    where, ray_service=ray_service)
+    edits = [FileEdit(path, where, text, after)]
+    notes = []
+    config_dir = (app.get("args") or {}).get("config_dir")
+    batching = resolve_path(str(config_dir)) / "batching.yaml" if config_dir else None
+    if batching is not None and batching.is_file():
+        edits.append(_batching_edit(batching, pool, changes))
+    else:
+        notes.append(f"{where} names no config set here ({config_dir!r}), so no batching.yaml "
+                     "was changed: change it by hand, or `ephemera deploy-config` will make "
+                     "the old values again")
+    return TunedFiles([e for e in edits if e.changed], notes, _entry(tuned, name)["user_config"])
+
+
+def _batching_edit(path: Path, pool: str, changes: dict[str, Any]) -> FileEdit:
+    """batching.yaml with ``changes`` in the pool's section (the runner's are top-level)."""
+    shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else str(path)
+    text = path.read_text()
+    current = yaml.safe_load(text) or {}
+    values: dict[str, Any] = changes if pool == Pool.RUNNER else {pool: changes}
+    values = changed_values(current, values)
+    after = edit_mapping(text, values, shown)
+    expected = copy.deepcopy(current)
+    for key, value in values.items():
+        expected[key] = {**expected.get(key, {}), **value} if isinstance(value, dict) else value
+    check_parses_to(after, expected, shown)
+    return FileEdit(path, shown, text, after)
+
+
+def _entry(config: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(d for d in config["deployments"] if d.get("name") == name)
 
 
 def _check_with_the_rest(args: dict[str, Any], pool: str, batching: StageBatchConfig) -> None:

@@ -51,14 +51,18 @@ def expand(example: str) -> list[list[str]]:
     return [[PLACEHOLDERS.get(t, t) for t in choice] for choice in itertools.product(*groups)]
 
 
+FLAGS = {option for option, keywords in OPTIONS.items() if keywords.get("action") == "store_true"}
+
+
 def split(argv: list[str]) -> tuple[list[str], list[str], list[list[str]]]:
-    """Command words, positionals, and options (each [--opt, VALUE] or [--opt=VALUE])."""
+    """Command words, positionals, and options (each [--opt, VALUE], [--opt=VALUE] or a
+    [--flag])."""
     words, positionals, options = [], [], []
     rest = iter(argv)
     tree: dict | None = COMMANDS
     for token in rest:
         if token.startswith("--"):
-            options.append([token] if "=" in token else [token, next(rest)])
+            options.append([token] if "=" in token or token in FLAGS else [token, next(rest)])
         elif tree is not None and token in tree:
             words.append(token)
             node = tree[token]
@@ -81,8 +85,8 @@ def placements(argv: list[str]) -> list[list[str]]:
     return out
 
 
-def expected_value(option: str, value: str):
-    return OPTIONS[option].get("type", str)(value)
+def expected_value(option: str, value: str | None):
+    return True if option in FLAGS else OPTIONS[option].get("type", str)(value)
 
 
 EXAMPLES = [(example, argv) for example in readme_examples() if example not in MENTIONS
@@ -100,8 +104,8 @@ def test_readme_example_parses_with_options_on_either_side(example, argv):
     expected = vars(parse_args(argv))
     for moved in placements(argv):
         assert vars(parse_args(moved)) == expected, moved
-    for option, value in (o[0].split("=", 1) if len(o) == 1 else o for o in split(argv)[2]):
-        assert expected[option.lstrip("-").replace("-", "_")] == expected_value(option, value)
+    for option, *value in (o[0].split("=", 1) if len(o) == 1 else o for o in split(argv)[2]):
+        assert expected[option.lstrip("-").replace("-", "_")] == expected_value(option, *value)
 
 
 def leaves():
@@ -121,13 +125,19 @@ def test_every_option_of_every_command_works_on_either_side(words, command):
     positionals = ["face" if p == "pool" else f"{p}-value" for p in command.positionals]
     argv = words + positionals
     for option in command.options:
-        argv += [option, values.get(option, f"value-of{option}")]
+        argv += [option] if option in FLAGS else [option, values.get(option, f"value-of{option}")]
     expected = vars(parse_args(argv))
     for moved in placements(argv):
         assert vars(parse_args(moved)) == expected, moved
     for option in command.options:
         assert expected[option.lstrip("-").replace("-", "_")] == expected_value(
             option, values.get(option, f"value-of{option}"))
+
+
+def test_a_flag_is_false_unless_given_anywhere_on_the_line():
+    assert parse_args(["tune", "face", "--max-wait-ms", "5"]).dry_run is False
+    assert parse_args(["--dry-run", "tune", "face", "--write", "f.yaml"]).dry_run is True
+    assert parse_args(["tune", "face", "--write", "f.yaml", "--file-only"]).file_only is True
 
 
 def test_address_before_or_after_status_is_the_same():
