@@ -88,6 +88,8 @@ def start_service(settings: Settings, *, workdir: Path, startup_timeout_s: float
         else:
             spill_dir = memory_spill_dir(service.ray_spill_root)
             ray.init(
+                # "local": a new instance even where `ray start` ran (Ray would join that)
+                address="local",
                 num_cpus=service.ray_num_cpus, include_dashboard=False, log_to_driver=False,
                 object_store_memory=(service.ray_object_store_mb * 1024 * 1024
                                      if service.ray_object_store_mb else None),
