@@ -14,6 +14,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Annotated
 
 import redis
@@ -209,23 +210,40 @@ async def _invalid_field(request: Request, exc: RequestValidationError) -> JSONR
 
 
 _OPEN_PATHS = frozenset({"/healthz"})  # a load balancer's probe: says only "ok"
+METRICS_PATH = "/metrics"
+
+
+def token_allows(path: str, method: str, sent: str, api_sha256: bytes | None,
+                 metrics_sha256: bytes | None) -> bool:
+    """Whether a request with bearer token ``sent`` may go on. /healthz is open; with no
+    API token configured (``None``: the loopback demo) everything is. Otherwise the API
+    token opens every route, and the metrics token (service.yaml metrics_token_env) opens
+    GET /metrics only, never /v1. Tokens are compared by their sha256 digest in constant
+    time; an empty expected digest (settings never read) opens nothing."""
+    if path in _OPEN_PATHS or api_sha256 is None:
+        return True
+    if not sent:
+        return False
+    digest = hashlib.sha256(sent.encode()).digest()
+    allowed = bool(api_sha256) & hmac.compare_digest(digest, api_sha256)
+    if metrics_sha256 and path == METRICS_PATH and method == "GET":
+        allowed |= hmac.compare_digest(digest, metrics_sha256)
+    return allowed
 
 
 @app.middleware("http")
 async def _require_token(request: Request, call_next):
     """The app backend authenticates users; it authenticates itself with a bearer token.
     Checked before anything else reads the request (body, path or query), on every route
-    but /healthz, /docs and /openapi.json included. Fails closed: a replica whose settings
-    were never read refuses everything."""
-    if request.url.path not in _OPEN_PATHS:
-        expected = getattr(app.state, "api_token_sha256", b"")
-        if expected is not None:
-            header = request.headers.get("authorization", "")
-            sent = header[len("Bearer "):] if header.startswith("Bearer ") else ""
-            digest = hashlib.sha256(sent.encode()).digest()
-            if not sent or not expected or not hmac.compare_digest(digest, expected):
-                return JSONResponse({"error": "Unauthorized", "detail": "missing or wrong API "
-                                     "token; send Authorization: Bearer <token>"}, status_code=401)
+    but /healthz, /docs and /openapi.json included (``token_allows``). Fails closed: a
+    replica whose settings were never read refuses everything."""
+    header = request.headers.get("authorization", "")
+    sent = header[len("Bearer "):] if header.startswith("Bearer ") else ""
+    if not token_allows(request.url.path, request.method, sent,
+                        getattr(app.state, "api_token_sha256", b""),
+                        getattr(app.state, "metrics_token_sha256", None)):
+        return JSONResponse({"error": "Unauthorized", "detail": "missing or wrong API "
+                             "token; send Authorization: Bearer <token>"}, status_code=401)
     return await call_next(request)
 
 
@@ -245,15 +263,28 @@ async def _settled(response) -> None:
 
 
 
-def _expected_token_digest(settings: Settings) -> bytes | None:
-    name = settings.service.api_token_env
-    if name is None:
-        return None
-    token = os.environ.get(name, "")
-    if len(token) < 16:
-        raise ValueError(f"service.yaml api_token_env names {name}, which holds no token of "
-                         "at least 16 characters; set it or set api_token_env: null")
-    return hashlib.sha256(token.encode()).digest()
+def expected_token_digests(settings: Settings,
+                           environ: Mapping[str, str] = os.environ) -> tuple[bytes | None,
+                                                                            bytes | None]:
+    """The sha256 digests of the API token and the metrics token, read from the variables
+    service.yaml names (``None`` where none is named). Raises ValueError for a token under
+    16 characters, or a metrics token equal to the API token."""
+    digests: list[bytes | None] = []
+    for setting in ("api_token_env", "metrics_token_env"):
+        name = getattr(settings.service, setting)
+        if name is None:
+            digests.append(None)
+            continue
+        token = environ.get(name, "")
+        if len(token) < 16:
+            raise ValueError(f"service.yaml {setting} names {name}, which holds no token of "
+                             f"at least 16 characters; set it or set {setting}: null")
+        digests.append(hashlib.sha256(token.encode()).digest())
+    api, metrics = digests
+    if metrics is not None and metrics == api:
+        raise ValueError("the metrics token (service.yaml metrics_token_env) is the API token; "
+                         "give Prometheus a token of its own")
+    return api, metrics
 
 
 def _accepted(account_id: str, job_id: str, *, replayed: bool) -> JSONResponse:
@@ -332,7 +363,8 @@ class ApiDeployment:
         # globals it names, so a bare `app` here would be a copy the middleware never sees.
         import serve.api as module
 
-        module.app.state.api_token_sha256 = _expected_token_digest(settings)
+        (module.app.state.api_token_sha256,
+         module.app.state.metrics_token_sha256) = expected_token_digests(settings)
         module.app.state.retry_after_s = settings.service.retry_after_s
         if settings.production_markers:  # real users: pseudonyms need a real secret
             check_secret()
@@ -362,9 +394,12 @@ class ApiDeployment:
         self.redis.ping()
         return {"status": "ok"}
 
-    @app.get("/metrics", response_class=Response, responses={200: {
-        "description": "Prometheus text exposition of the service's gauges",
-        "content": {"text/plain": {"schema": {"type": "string"}}}}})
+    @app.get(METRICS_PATH, response_class=Response, description="The cluster-wide gauges "
+             "(from Redis; scrape them through one target, see pipeline/state/metrics.py). "
+             "Takes the API token or the metrics token (service.yaml metrics_token_env), "
+             "which opens nothing else.", responses={200: {
+                 "description": "Prometheus text exposition of the service's gauges",
+                 "content": {"text/plain": {"schema": {"type": "string"}}}}})
     def metrics(self) -> Response:
         return Response(render_prometheus(service_metrics(self.jobs)),
                         media_type="text/plain; version=0.0.4")

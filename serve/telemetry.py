@@ -1,7 +1,9 @@
 """Per-process metrics through Ray's metrics agent (``ray.serve.metrics``): each node
 exports them for Prometheus on its metrics port, beside Serve's own (queue lengths, batch
-wait and size, replica counts). Cluster-wide gauges read from Redis live in
-pipeline/state/metrics.py and are served at /metrics.
+wait and size, replica counts); each process counts only its own events, so summing over
+nodes is right. Cluster-wide gauges read from Redis live in pipeline/state/metrics.py and
+are served at /metrics, scraped through one target; none of them may be declared here
+(a test keeps the names apart), or every node would export them again.
 """
 
 from __future__ import annotations

@@ -35,6 +35,12 @@ class ServiceConfig(_Strict):
         None, description="Name of an environment variable holding the bearer token the app "
         "backend must send (Authorization: Bearer ...); null: no token (loopback demo only)."
     )
+    metrics_token_env: str | None = Field(
+        None, description="Name of an environment variable holding a second bearer token, "
+        "for Prometheus: accepted on GET /metrics only, never on /v1, so the scraper does not "
+        "hold the users' API token (which also still works on /metrics). null: /metrics takes "
+        "the API token only. Needs api_token_env."
+    )
     redis_url: str | None = Field(
         None, description="redis://host:port/db; null starts an embedded server on a free port."
     )
@@ -130,6 +136,18 @@ class ServiceConfig(_Strict):
         "long is gone: the jobs it held fail (their device keys died with it) and are purged, "
         "and a request it was handling can be retried with the same Idempotency-Key."
     )
+
+    @model_validator(mode="after")
+    def _metrics_token_is_its_own(self) -> ServiceConfig:
+        if self.metrics_token_env is not None and self.api_token_env is None:
+            raise ValueError("service.yaml metrics_token_env needs api_token_env: without an "
+                             "API token /metrics is open to anyone on loopback; set both or "
+                             "neither")
+        if self.metrics_token_env is not None and self.metrics_token_env == self.api_token_env:
+            raise ValueError(f"service.yaml metrics_token_env names {self.metrics_token_env}, "
+                             "the API token's variable; name another, so Prometheus never "
+                             "holds the token that reaches users' data")
+        return self
 
     @model_validator(mode="after")
     def _default_is_allowed(self) -> ServiceConfig:

@@ -1,9 +1,18 @@
 """Service metrics read from Redis, rendered in the Prometheus text format, and the
 operator's status table. Shared by every replica, so any ingress answers for all.
 
+Cluster-wide, exported once: every ingress replica serves the same values at GET /metrics
+(read from Redis when asked), so Prometheus must scrape them through ONE target, the load
+balancer or the Kubernetes Service in front of the proxies, never each replica or node
+(N targets would make every ``sum()`` N times too large). None of these families is also
+exported through Ray's metrics agent, which runs on every node; a test keeps the two sets
+of names apart. Prometheus may use the metrics token (service.yaml metrics_token_env),
+which opens /metrics only, instead of the users' API token.
+
 Names follow Prometheus conventions: base units in the name (``_seconds``), counters end
 in ``_total``, every metric has HELP and TYPE. Per-process metrics (stage latency, batch
-sizes, rejections) go through Ray's metrics agent instead: see serve/telemetry.py.
+sizes, rejections) go through Ray's metrics agent instead, scraped per node and summed:
+see serve/telemetry.py.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ from pipeline.state.redis_server import RedisServer, free_port
 
 API_TOKEN_ENV = "EPHEMERA_TEST_API_TOKEN"
 API_TOKEN = "test-token-" + "0123456789abcdef"
+METRICS_TOKEN_ENV = "EPHEMERA_TEST_METRICS_TOKEN"
+METRICS_TOKEN = "test-metrics-token-" + "0123456789abcdef"  # Prometheus's: GET /metrics only
 # Services started by these tests look like production (a token, cloud stores), so they
 # need the account-pseudonym secret; Ray workers and `serve run` inherit it.
 os.environ.setdefault("EPHEMERA_ACCOUNT_SECRET", "integration-tests-" + "s" * 32)
@@ -54,6 +56,7 @@ def test_settings(tmp_path_factory, redis_server, face_weights_path):
             "max_file_bytes": 3 * 1024 * 1024,
             "ray_object_store_mb": 150,  # small, so a test can fill it
             "api_token_env": API_TOKEN_ENV,
+            "metrics_token_env": METRICS_TOKEN_ENV,
             "heartbeat_lease_s": 4.0,  # a killed runner's or ingress's jobs reaped in seconds
             "usage_flush_s": 1.0,  # usage events reach the store within a second
             "ray_metrics_export_port": free_port(),
@@ -88,6 +91,7 @@ def service(test_settings, tmp_path_factory):
     from serve.launcher import start_service
 
     os.environ[API_TOKEN_ENV] = API_TOKEN  # inherited by the Ray workers started below
+    os.environ[METRICS_TOKEN_ENV] = METRICS_TOKEN
     svc = start_service(test_settings, workdir=tmp_path_factory.mktemp("work"))
     yield svc
     svc.stop()

@@ -379,6 +379,31 @@ def test_calls_without_the_api_token_are_refused_and_change_nothing(service, sto
     assert added == [[], [], []], added  # no job, record, input or key left behind
 
 
+def test_the_metrics_token_reads_metrics_and_nothing_else(service, store_root, redis_client):
+    """Prometheus's token (service.yaml metrics_token_env) opens GET /metrics only: never
+    /v1, the API document or a job submission, and it changes nothing."""
+    import httpx
+
+    from tests.integration.conftest import METRICS_TOKEN
+
+    _wait_quiet(redis_client)
+    before = _snapshot(store_root, redis_client)
+    metrics = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+    with httpx.Client(base_url=service.base_url, timeout=60, headers=metrics) as scraper:
+        scraped = scraper.get("/metrics")
+        assert scraped.status_code == 200 and "# TYPE ephemera_jobs_unfinished gauge" in scraped.text
+        for path in ("/v1/accounts/acct-1/outputs", "/v1/accounts/acct-1/jobs/x",
+                     "/openapi.json", "/docs"):
+            assert scraper.get(path).status_code == 401, path
+        refused = submit(scraper, [_GOOD], key=_KEY)
+        assert refused.status_code == 401 and "token" in refused.json()["detail"]
+        assert scraper.delete("/v1/accounts/acct-1").status_code == 401
+    assert httpx.get(f"{service.base_url}/metrics", timeout=60).status_code == 401
+    after = _snapshot(store_root, redis_client)
+    added = [sorted(now - then) for now, then in zip(after, before, strict=True)]
+    assert added == [[], [], []], added
+
+
 def test_chunked_upload_without_length_is_refused(client, redis_client, store_root):
     _wait_quiet(redis_client)
     before = _snapshot(store_root, redis_client)
