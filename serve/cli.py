@@ -80,7 +80,7 @@ def _backends(args: argparse.Namespace):
     from pipeline.state.job_store import JobStore
     from pipeline.storage.base import StoreSet, open_store, open_stores
 
-    settings = load_settings(args.config_dir)
+    settings = load_settings(args.config_dir, require_pins=False)
     redis_url = args.redis_url or settings.service.redis_url
     if redis_url is None:
         raise ValueError("no Redis to talk to: give --redis-url, or set redis_url in "
@@ -166,7 +166,7 @@ def _usage_aggregate(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config_dir)
+    settings = load_settings(args.config_dir)  # as the service starts: model pins included
     print(f"configs OK: {len(settings.styles.styles)} styles, inputs on "
           f"{settings.storage.inputs}, outputs on {settings.storage.outputs}")
     return 0
@@ -176,7 +176,7 @@ def _storage_check(args: argparse.Namespace) -> int:
     from pipeline.storage.base import open_stores
     from pipeline.storage.posture import check_storage
 
-    settings = load_settings(args.config_dir)
+    settings = load_settings(args.config_dir, require_pins=False)
     stores = open_stores(settings.storage)
     problems = check_storage(settings.storage, stores)
     for problem in problems:
@@ -279,7 +279,8 @@ def _status(args: argparse.Namespace) -> int:
 
     _connect(args)
     deployments = service_status()
-    redis_url = args.redis_url or load_settings(args.config_dir).service.redis_url
+    redis_url = args.redis_url or load_settings(
+        args.config_dir, require_pins=False).service.redis_url
     metrics = service_metrics(JobStore(redis.Redis.from_url(redis_url))) if redis_url else None
     print(render_status(deployments, metrics))
     return 0
@@ -290,7 +291,9 @@ def _deploy_config(args: argparse.Namespace) -> int:
 
     from serve.app import serve_config
 
-    settings = load_settings(args.config_dir)
+    # The Serve config holds nothing of models.yaml, and production's is generated before
+    # its models are staged; the app it deploys checks the pins when it starts.
+    settings = load_settings(args.config_dir, require_pins=False)
     config_dir = portable_path(args.config_dir)  # what build_from_args resolves back
     if Path(config_dir).is_absolute():
         print(f"ephemera: warning: {config_dir} is outside the app root {APP_ROOT}, so the "
@@ -311,7 +314,7 @@ def _deploy_config(args: argparse.Namespace) -> int:
 def _models_stage(args: argparse.Namespace) -> int:
     from pipeline.models.model_store import stage_model
 
-    settings = load_settings(args.config_dir)
+    settings = load_settings(args.config_dir, require_pins=False)
     manifest = stage_model(Path(args.src), args.dest, settings.storage)
     size = sum(f.size_bytes for f in manifest.files)
     print(f"staged {len(manifest.files)} files ({size} bytes) at {args.dest}")
@@ -322,7 +325,7 @@ def _models_stage(args: argparse.Namespace) -> int:
 def _models_fetch(args: argparse.Namespace) -> int:
     from pipeline.models.model_store import ModelStoreError, fetch_model
 
-    settings = load_settings(args.config_dir)
+    settings = load_settings(args.config_dir, require_pins=False)
     try:
         path = fetch_model(args.location, resolve_path(settings.models.model_cache_dir),
                            settings.storage, expected_sha256=args.sha256)

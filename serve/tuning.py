@@ -20,7 +20,14 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from pipeline.core.config import BatchingConfig, Settings, StageBatchConfig, load_settings, resolve_path
+from pipeline.core.config import (
+    UNPINNED_OK,
+    BatchingConfig,
+    Settings,
+    StageBatchConfig,
+    load_settings,
+    resolve_path,
+)
 from pipeline.core.records import Pool
 from serve.app import APP_NAME, DIFFUSION, FACE, RUNNER
 from serve.config_file import (
@@ -132,15 +139,17 @@ def _check_with_the_rest(args: dict[str, Any], pool: str, batching: StageBatchCo
     """The tuned pool against the settings the app runs with: a max_batch_cost below the
     largest job or one video chunk would leave those jobs unrunnable, so it is refused
     here as `ephemera` refuses it at start. Raises ValueError with the settings' reason."""
+    # Batching against the rest; the model pins are checked where the service starts.
     if "settings" in args:
-        settings = Settings.model_validate(args["settings"])
+        settings = Settings.model_validate(args["settings"], context=UNPINNED_OK)
     elif "config_dir" in args:
-        settings = load_settings(resolve_path(str(args["config_dir"])))
+        settings = load_settings(resolve_path(str(args["config_dir"])), require_pins=False)
     else:
         return  # an app deployed without our args: only the pool's own bounds are known
     tuned = settings.batching.model_copy(update={pool: batching})
     try:
-        Settings.model_validate({**settings.model_dump(), "batching": tuned.model_dump()})
+        Settings.model_validate({**settings.model_dump(), "batching": tuned.model_dump()},
+                                context=UNPINNED_OK)
     except ValidationError as exc:
         reasons = "; ".join(str(e.get("msg", "")) for e in exc.errors())
         raise ValueError(f"refused, the service could no longer run every job: {reasons}") from None

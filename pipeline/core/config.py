@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from pipeline.core.records import Stage
 
@@ -20,6 +27,14 @@ CONFIG_DIR = APP_ROOT / "configs"
 
 
 MAX_CONCURRENT_BATCHES = 8  # Serve's per-replica cap; the live limit is batching.yaml's
+
+# Each model location in models.yaml and the key pinning its manifest's sha256.
+MODEL_PINS = {"diffusion_model_dir": "diffusion_model_sha256",
+              "ip_adapter_weights": "ip_adapter_sha256",
+              "motion_adapter_dir": "motion_adapter_sha256",
+              "face_embedder_weights": "face_embedder_sha256"}
+# Validation context of a load that does not start the service (``load_settings``).
+UNPINNED_OK = {"require_pins": False}
 
 
 class _Strict(BaseModel):
@@ -344,6 +359,10 @@ class PoolConfig(_Strict):
     memory_bytes: int | None = Field(
         None, gt=0, description="Memory reserved per replica (Ray's memory resource), so a "
         "node is not handed more replicas than it can hold; null: none reserved.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each replica needs, to steer "
+        "it onto a node type (production: cpu_node on CPU workers, so no CPU replica lands "
+        "on a GPU machine); {}: any node with room.")
     max_ongoing_requests: int | None = Field(
         None, gt=0, le=100_000, description="Requests one replica works on at once; null: "
         "derived (GPU pools: from batching.yaml)."
@@ -359,6 +378,8 @@ class PoolConfig(_Strict):
                          "max_queued_requests": self.max_queued_requests}
         if self.memory_bytes is not None:
             options["ray_actor_options"]["memory"] = self.memory_bytes
+        if self.resources:
+            options["ray_actor_options"]["resources"] = dict(self.resources)
         if self.autoscaling is not None:
             options["autoscaling_config"] = self.autoscaling.serve_options()
         else:
@@ -630,6 +651,27 @@ class Settings(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _models_pinned(self, info: ValidationInfo) -> Settings:
+        """A production-shaped config serves only models pinned by sha256: a node then
+        refuses weights someone changed in the bucket or on its disk. Skipped only where
+        the caller loads settings without serving (``load_settings(require_pins=False)``)."""
+        if not (info.context or {}).get("require_pins", True):
+            return self
+        production, models = self.production_markers, self.models
+        if not production or models.diffusion_backend != "diffusers":
+            return self
+        missing = [f"{pin} (for {location} {getattr(models, location)})"
+                   for location, pin in MODEL_PINS.items() if getattr(models, pin) is None]
+        if missing:
+            raise ValueError(
+                f"models.yaml leaves {len(missing)} model(s) unpinned in a production config "
+                f"({', '.join(production)} set): {'; '.join(missing)}. Stage each model with "
+                "`ephemera models stage SRC DEST` (DEST: the location above; it prints the "
+                "manifest sha256) and put that hash in the key named; the service refuses to "
+                "start until every model is pinned")
+        return self
+
+    @model_validator(mode="after")
     def _every_style_denoises(self) -> Settings:
         steps = self.models.num_inference_steps
         for name, style in self.styles.styles.items():
@@ -656,10 +698,16 @@ def load_yaml(path: Path, model: type[M]) -> M:
         raise ValueError(f"{path}: {exc}") from None
 
 
-def load_settings(config_dir: Path | str = CONFIG_DIR) -> Settings:
-    """Load the seven config files from ``config_dir`` (relative: to ``APP_ROOT``)."""
+def load_settings(config_dir: Path | str = CONFIG_DIR, *, require_pins: bool = True) -> Settings:
+    """Load the seven config files from ``config_dir`` (relative: to ``APP_ROOT``).
+
+    ``require_pins=False`` skips only the model-pin check of a production config, for
+    callers that serve no model and must work before the models are staged and pinned
+    (writing the Serve config, staging models, retention and status commands, checking a
+    tune); whatever starts the service loads with the check.
+    """
     root = resolve_path(config_dir)
-    return Settings(
+    return Settings.model_validate(dict(
         service=load_yaml(root / "service.yaml", ServiceConfig),
         batching=load_yaml(root / "batching.yaml", BatchingConfig),
         models=load_yaml(root / "models.yaml", ModelsConfig),
@@ -667,7 +715,7 @@ def load_settings(config_dir: Path | str = CONFIG_DIR) -> Settings:
         retention=load_yaml(root / "retention.yaml", RetentionConfig),
         storage=load_yaml(root / "storage.yaml", StorageConfig),
         deployments=load_yaml(root / "deployments.yaml", DeploymentsConfig),
-    )
+    ), context=None if require_pins else UNPINNED_OK)
 
 
 def resolve_path(path: Path | str) -> Path:

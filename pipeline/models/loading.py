@@ -13,7 +13,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.core.config import ModelsConfig, Settings
+from pipeline.core.config import MODEL_PINS, ModelsConfig, Settings
 from pipeline.core.errors import ModelError
 from pipeline.models.faces import FaceQuality
 from pipeline.models.model_store import resolve_model
@@ -33,15 +33,10 @@ class Model(StrEnum):
     FACE_EMBEDDER = "face_embedder_weights"
 
 
-_PINS = {Model.DIFFUSION: "diffusion_model_sha256", Model.IP_ADAPTER: "ip_adapter_sha256",
-         Model.MOTION_ADAPTER: "motion_adapter_sha256",
-         Model.FACE_EMBEDDER: "face_embedder_sha256"}
-
-
 def model_path(settings: Settings, model: Model) -> Path:
     """The local, verified path of one model (downloads what the node's cache lacks)."""
     models = settings.models
-    return resolve_model(getattr(models, model.value), sha256=getattr(models, _PINS[model]),
+    return resolve_model(getattr(models, model.value), sha256=getattr(models, MODEL_PINS[model]),
                          cache_dir=models.model_cache_dir, storage=settings.storage,
                          setting=model.value)
 

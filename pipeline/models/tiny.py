@@ -8,7 +8,9 @@ default config (``build_tiny_if_missing: true``), the tests and the demo; never 
   layout (``diffusion.ip_adapter_layout``) for that UNet;
 * ``build_tiny_motion_adapter``: an AnimateDiff ``MotionAdapter`` folder matching that UNet;
 * ``build_tiny_arcface``: an ONNX graph with ArcFace's contract ((N, 3, 112, 112) in,
-  (N, 512) out), as InsightFace's trained graphs ship in no package.
+  (N, 512) out), as InsightFace's trained graphs ship in no package;
+* ``stage_tiny_models``: all four staged into a model store and pinned, for a
+  production-shaped test or rehearsal config (which refuses unpinned models).
 
 All weights are random and seeded (``seed``), so every build is the same; their pictures
 are noise. Production code never imports this module, except ``pipeline.models.loading``,
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.core.config import MODEL_PINS, StorageConfig
 from pipeline.models.faces import ALIGNED_SIZE_PX, EMBEDDING_DIM
 
 
@@ -189,3 +192,36 @@ def build_tiny_arcface(path: Path, *, seed: int = 0) -> None:
     tmp = path.with_suffix(".tmp")
     onnx.save(model, str(tmp))
     tmp.replace(path)
+
+
+def stage_tiny_models(root: Path, storage: StorageConfig, *, dest: str | None = None,
+                      face_embedder: Path | None = None, seed: int = 0) -> dict[str, str]:
+    """Build the four tiny models under ``root`` (once) and stage each into the model store
+    at ``dest`` (a folder, s3://bucket/prefix or gs://bucket/prefix; default: a folder
+    under ``root``), one prefix per models.yaml key. ``face_embedder``: an ONNX file to
+    stage instead of a new tiny ArcFace. Returns the models.yaml values that serve them
+    pinned: each location and its manifest sha256 (what `ephemera models stage` prints)."""
+    from pipeline.models.model_store import stage_model
+
+    build = root / "build"
+    build.mkdir(parents=True, exist_ok=True)
+    sources = {"diffusion_model_dir": build / "tiny-sd",
+               "ip_adapter_weights": build / "tiny-ip-adapter-faceid.safetensors",
+               "motion_adapter_dir": build / "tiny-motion-adapter",
+               "face_embedder_weights": face_embedder or build / "tiny-arcface.onnx"}
+    if not (sources["diffusion_model_dir"] / "model_index.json").is_file():
+        build_tiny_models(sources["diffusion_model_dir"], seed=seed)
+    if not sources["ip_adapter_weights"].is_file():
+        build_tiny_ip_adapter(sources["diffusion_model_dir"], sources["ip_adapter_weights"],
+                              seed=seed)
+    if not (sources["motion_adapter_dir"] / "config.json").is_file():
+        build_tiny_motion_adapter(sources["motion_adapter_dir"], seed=seed)
+    if not sources["face_embedder_weights"].is_file():
+        build_tiny_arcface(sources["face_embedder_weights"], seed=seed)
+    base = (dest or str(root / "store")).rstrip("/")
+    values = {}
+    for key, source in sources.items():
+        location = f"{base}/{key}"
+        values[key] = location
+        values[MODEL_PINS[key]] = stage_model(source, location, storage).sha256
+    return values

@@ -46,7 +46,20 @@ def face_weights_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def test_settings(tmp_path_factory, redis_server, face_weights_path):
+def pinned_models(tmp_path_factory, face_weights_path) -> dict[str, str]:
+    """The tiny models staged into a local model store (each with its manifest) and their
+    pins: models.yaml values. A production-shaped config (an API token is enough) refuses
+    unpinned models, so the services these tests start load them as production does,
+    fetched into a cache and verified against the pins."""
+    from pipeline.core.config import StorageConfig
+    from pipeline.models.tiny import stage_tiny_models
+
+    return stage_tiny_models(tmp_path_factory.mktemp("models"), StorageConfig(),
+                             face_embedder=face_weights_path)
+
+
+@pytest.fixture(scope="session")
+def test_settings(tmp_path_factory, redis_server, pinned_models):
     root = tmp_path_factory.mktemp("service")
     base = load_settings()
     return base.model_copy(update={
@@ -70,10 +83,8 @@ def test_settings(tmp_path_factory, redis_server, face_weights_path):
                                                                  "num_replicas": 2}),
         }),
         "models": base.models.model_copy(update={
-            "diffusion_model_dir": str(root / "models" / "tiny-sd"),
-            "ip_adapter_weights": str(root / "models" / "tiny-ip-adapter-faceid.safetensors"),
-            "motion_adapter_dir": str(root / "models" / "tiny-motion-adapter"),
-            "face_embedder_weights": str(face_weights_path),
+            **pinned_models,
+            "model_cache_dir": str(root / "model-cache"),
             "num_inference_steps": 4,
         }),
         "batching": base.batching.model_copy(update={

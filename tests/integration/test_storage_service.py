@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import skimage.data
+import yaml
 
 from pipeline.core.config import CONFIG_DIR
 from pipeline.security import crypto
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.storage
 
 
 @pytest.fixture()
-def cloud_service(tmp_path, seaweed, gcs_emulator, redis_server):
+def cloud_service(tmp_path, seaweed, gcs_emulator, redis_server, pinned_models):
     inputs_bucket, outputs_bucket = f"in-{uuid.uuid4().hex[:8]}", f"out-{uuid.uuid4().hex[:8]}"
     # The emulator reports every bucket's location as "US", so this service routes every
     # country to one region named "us"; per-country routing is tested in-process.
@@ -47,11 +48,10 @@ def cloud_service(tmp_path, seaweed, gcs_emulator, redis_server):
     # Cloud stores: the service refuses to run without its API token (fail closed).
     service_yaml = service_yaml.replace("api_token_env: null", f"api_token_env: {API_TOKEN_ENV}")
     (configs / "service.yaml").write_text(service_yaml)
-    models_yaml = (configs / "models.yaml").read_text()
-    models_yaml = models_yaml.replace("diffusion_model_dir: models/tiny-sd",
-                                      f"diffusion_model_dir: {tmp_path / 'models'}")
-    (configs / "models.yaml").write_text(models_yaml.replace("num_inference_steps: 10",
-                                                             "num_inference_steps: 2"))
+    # Production-shaped (cloud stores, a token): only pinned models are served.
+    models = {**yaml.safe_load((configs / "models.yaml").read_text()), **pinned_models,
+              "model_cache_dir": str(tmp_path / "model-cache"), "num_inference_steps": 2}
+    (configs / "models.yaml").write_text(yaml.safe_dump(models))
     (configs / "storage.yaml").write_text(f"""
 inputs: gcs
 outputs: s3

@@ -5,15 +5,26 @@ Plain functions, no fixtures: a test says what it needs in one call.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import shutil
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from skimage import data
 
-from pipeline.core.config import ModelsConfig, ServiceConfig, Settings, StyleConfig, StylesConfig
+from pipeline.core.config import (
+    CONFIG_DIR,
+    MODEL_PINS,
+    ModelsConfig,
+    ServiceConfig,
+    Settings,
+    StyleConfig,
+    StylesConfig,
+)
 from pipeline.core.records import JobRecord, JobStatus, RetentionRecord, StageResult, WorkItem
 from pipeline.models.runtime import Runtime, select_runtime
 from pipeline.storage.base import ObjectStore
@@ -99,6 +110,27 @@ def make_settings(**service: object) -> Settings:
         }),
     )
 
+
+
+def fake_pins() -> dict[str, str]:
+    """A well-formed sha256 pin for each model (models.yaml keys): for a production-shaped
+    config in a test that loads no model. A test that loads one stages it and pins its
+    manifest (pipeline.models.tiny.stage_tiny_models)."""
+    return {pin: hashlib.sha256(pin.encode()).hexdigest() for pin in MODEL_PINS.values()}
+
+
+def pinned_production_configs(tmp_path: Path) -> Path:
+    """A copy of configs/production as it is once its models are staged: the four null
+    pins filled in (with ``fake_pins``), every other line as shipped."""
+    target = tmp_path / "production"
+    shutil.copytree(CONFIG_DIR / "production", target)
+    models = target / "models.yaml"
+    text = models.read_text()
+    for pin, value in fake_pins().items():
+        assert f"{pin}: null" in text, pin
+        text = text.replace(f"{pin}: null", f"{pin}: {value}")
+    models.write_text(text)
+    return target
 
 
 class MemoryJobStore:

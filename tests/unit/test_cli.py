@@ -85,7 +85,7 @@ def placements(argv: list[str]) -> list[list[str]]:
     return out
 
 
-def expected_value(option: str, value: str | None):
+def expected_value(option: str, value: str | None = None):
     return True if option in FLAGS else OPTIONS[option].get("type", str)(value)
 
 
@@ -190,7 +190,8 @@ def no_absolute_path(value) -> bool:
 @pytest.mark.parametrize("config_dir", ["configs", "configs/production",
                                         str(CONFIG_DIR / "production"), CONFIG_DIR])
 def test_serve_config_names_no_absolute_path(config_dir):
-    config = serve_config(load_settings(config_dir), args={"config_dir": config_dir})
+    config = serve_config(load_settings(config_dir, require_pins=False),
+                          args={"config_dir": config_dir})
     assert no_absolute_path(config)
     assert config["applications"][0]["args"]["config_dir"] in ("configs", "configs/production")
 
@@ -224,7 +225,8 @@ def test_deploy_config_outside_the_app_root_warns(tmp_path, capsys):
     assert "not portable" in captured.err
 
 
-def test_a_relative_config_dir_resolves_alike_in_the_cli_and_the_app(tmp_path, monkeypatch):
+def test_a_relative_config_dir_resolves_alike_in_the_cli_and_the_app(tmp_path, monkeypatch,
+                                                                    capsys):
     """Against the app root, not the current folder, in `ephemera` and in build_from_args."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs" / "production").mkdir(parents=True)  # a decoy in the cwd
@@ -241,7 +243,10 @@ def test_a_relative_config_dir_resolves_alike_in_the_cli_and_the_app(tmp_path, m
     assert read == [CONFIG_DIR / "production"] * 2
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
-    assert main(["config", "check", "--config-dir", "configs/production"]) == 0
+    # The shipped production set, not the empty decoy: refused for its unpinned models.
+    assert main(["config", "check", "--config-dir", "configs/production"]) == 2
+    err = capsys.readouterr().err
+    assert "unpinned" in err and "s3://ephemera-models-us/" in err and "missing" not in err
 
 
 TOKEN = "a-ray-cluster-token-0123456789"

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 from pipeline.core import config
 from pipeline.core.config import (
     CONFIG_DIR,
+    MODEL_PINS,
     ModelsConfig,
     RetentionConfig,
     ServiceConfig,
@@ -19,6 +20,8 @@ from pipeline.core.config import (
     load_settings,
     resolve_path,
 )
+from serve.cli import main
+from tests.unit.factories import fake_pins, pinned_production_configs
 
 CONFIG_MODELS = [
     config.ServiceConfig, config.StageBatchConfig, config.BatchingConfig,
@@ -152,7 +155,7 @@ def test_the_simulated_gpu_is_refused_in_a_production_config():
     """The GPU stand-in is a benchmark tool: the production config set refuses it."""
     root = CONFIG_DIR / "production"
     models = yaml.safe_load((root / "models.yaml").read_text())
-    settings = load_settings(root)
+    settings = load_settings(root, require_pins=False)
     with pytest.raises(ValueError, match="simulated is a benchmark tool"):
         Settings(**{**settings.model_dump(), "models": {**models, "diffusion_backend": "simulated"}})
     # The embedded default (loopback, local stores, no token) may use it for benchmarks.
@@ -190,7 +193,56 @@ def test_the_service_never_runs_open_beyond_loopback(service):
     styles = StylesConfig(styles={"p": StyleConfig(prompt="p")})
     with pytest.raises(ValueError, match="api_token_env must name"):
         Settings(service=ServiceConfig(**service), styles=styles)
-    Settings(service=ServiceConfig(**service, api_token_env="EPHEMERA_API_TOKEN"), styles=styles)
+    Settings(service=ServiceConfig(**service, api_token_env="EPHEMERA_API_TOKEN"), styles=styles,
+             models=ModelsConfig(**fake_pins()))  # production-shaped: pinned models only
+
+
+def test_production_refuses_to_start_with_any_model_unpinned(capsys):
+    """configs/production ships its pins null (a hash exists only once the real weights
+    are staged): loading it as the service does names all four and how to get them."""
+    with pytest.raises(ValueError) as refused:
+        load_settings(CONFIG_DIR / "production")
+    message = str(refused.value)
+    for location, pin in MODEL_PINS.items():
+        assert f"{pin} (for {location} s3://ephemera-models-us/" in message
+    assert "ephemera models stage SRC DEST" in message and "manifest sha256" in message
+    assert main(["config", "check", "--config-dir", "configs/production"]) == 2
+    assert "unpinned" in capsys.readouterr().err
+
+
+def test_production_with_its_pins_loads(tmp_path, capsys):
+    root = pinned_production_configs(tmp_path)
+    settings = load_settings(root)
+    assert {getattr(settings.models, pin) for pin in MODEL_PINS.values()} == \
+        set(fake_pins().values())
+    assert main(["config", "check", "--config-dir", str(root)]) == 0
+    assert "configs OK" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("pin", list(MODEL_PINS.values()))
+def test_one_missing_pin_is_named_alone(tmp_path, pin):
+    root = pinned_production_configs(tmp_path)
+    models = root / "models.yaml"
+    models.write_text(models.read_text().replace(f"{pin}: {fake_pins()[pin]}", f"{pin}: null"))
+    with pytest.raises(ValueError, match="leaves 1 model") as refused:
+        load_settings(root)
+    assert pin in str(refused.value)
+    assert all(other not in str(refused.value) for other in MODEL_PINS.values() if other != pin)
+
+
+def test_pins_are_required_only_where_real_models_serve_a_production_config():
+    load_settings()  # the loopback demo: tiny models built on first use, no pins
+    production = load_settings(CONFIG_DIR / "production", require_pins=False)
+    assert production.models.diffusion_model_sha256 is None  # deploy-config, status, staging
+    with pytest.raises(ValueError, match="unpinned"):  # re-validated as the app does
+        Settings.model_validate(production.model_dump())
+
+
+def test_every_model_the_loaders_open_has_its_pin():
+    from pipeline.models.loading import Model
+
+    assert {m.value for m in Model} == set(MODEL_PINS)
+    assert set(MODEL_PINS.values()) <= set(ModelsConfig.model_fields)
 
 
 def test_joining_a_cluster_needs_ray_token_auth(monkeypatch):
