@@ -63,6 +63,9 @@ class SeaweedS3:
                 f"-s3.port={self.port}", f"-master.port={_weed_port()}",
                 f"-volume.port={_weed_port()}", f"-filer.port={_weed_port()}",
                 "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                # its Iceberg and Lance listeners take fixed ports (8181, 9101): a second
+                # SeaweedFS on the machine (a benchmark beside the tests) would fail to start
+                "-s3.port.iceberg=0", "-s3.port.lance=0",
                 # every bucket is a collection with its own volumes: allow many, small ones
                 "-volume.max=300", "-master.volumeSizeLimitMB=64"]
         log = (self.data_dir / "weed.log").open("wb")
