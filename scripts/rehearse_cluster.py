@@ -301,8 +301,8 @@ def _autoscaling_cluster_class():
                    f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1",
                    "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                    f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}",
-                   f"--num-cpus={resources.pop('CPU', 0)}",
-                   f"--num-gpus={resources.pop('GPU', 0)}", "--disable-usage-stats"]
+                   f"--num-cpus={int(resources.pop('CPU', 0))}",
+                   f"--num-gpus={int(resources.pop('GPU', 0))}", "--disable-usage-stats"]
             if resources:
                 cmd.append(f"--resources={json.dumps(resources)}")
             env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1",
@@ -318,8 +318,11 @@ def _autoscaling_cluster_class():
             return f"http://127.0.0.1:{self.dashboard_port}"
 
         def shutdown(self):
+            import shutil
+
             _kill_matching([self.temp_dir, f"127.0.0.1:{self.gcs_port}",
                             f"--gcs_server_port={self.gcs_port}"])
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     return RehearsalCluster
 
@@ -509,6 +512,47 @@ def inputs_left(stand_ins: StandIns) -> list[str]:
     return left
 
 
+class NodeWatcher:
+    """Samples the cluster's alive nodes twice a second, in a thread, and keeps a timeline
+    of nodes added and removed (with their types) and of the diffusion pool's replicas."""
+
+    def __init__(self, type_of) -> None:
+        import threading
+
+        self.type_of = type_of
+        self.started = time.monotonic()
+        self.known: dict[str, str] = {}
+        self.timeline: list[tuple[float, str, str]] = []
+        self._stop = threading.Event()
+        self._sample()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        nodes = alive_nodes()
+        at = round(time.monotonic() - self.started, 1)
+        for node_id in nodes.keys() - self.known.keys():
+            self.known[node_id] = self.type_of(nodes[node_id], node_id)
+            self.timeline.append((at, "added", self.known[node_id]))
+        for node_id in self.known.keys() - nodes.keys():
+            self.timeline.append((at, "removed", self.known.pop(node_id)))
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            with contextlib.suppress(Exception):
+                self._sample()
+
+    def note(self, what: str, detail: str = "") -> None:
+        self.timeline.append((round(time.monotonic() - self.started, 1), what, detail))
+
+    def count(self, what: str) -> int:
+        return sum(1 for _, event, _ in self.timeline if event == what)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=5)
+
+
 @dataclass
 class Report:
     mode: str
@@ -532,6 +576,7 @@ class Report:
     inputs_left: list[str] = field(default_factory=list)
     status_ok: bool = False
     tune_ok: bool = False
+    timeline: list = field(default_factory=list)  # [seconds, event, node type or detail]
     seconds: float = 0.0
 
     def last_line(self) -> str:
@@ -547,7 +592,8 @@ def classify(resources: dict[str, float], head: NodeType, workers: list[NodeType
     if node_id == head_id:
         return head.name
     for worker in workers:
-        if all(abs(resources.get(k, 0) - v) < 1e-6 for k, v in worker.resources.items()):
+        declared = {k: v for k, v in worker.resources.items() if k != "memory"}
+        if all(abs(resources.get(k, 0) - v) < 1e-6 for k, v in declared.items()):
             return worker.name
     return "unknown"
 
@@ -581,9 +627,10 @@ def rehearse(args: argparse.Namespace) -> Report:
                    else start_autoscaling(head, workers))
         ray.init(address=running.address, log_to_driver=False, logging_level="ERROR")
         head_id = ray.get_runtime_context().get_node_id()
-        seen_nodes = set(alive_nodes())
+        watcher = NodeWatcher(lambda resources, node_id: classify(
+            resources, head, workers, head_id, node_id))
         log(f"deploying as the head does: ephemera deploy-config, serve deploy "
-            f"({len(seen_nodes)} nodes up)")
+            f"({len(watcher.known)} nodes up)")
         deploy(configs, stand_ins, running.dashboard, work)
         wait_app_running(args.timeout_s)
         base_url = f"http://127.0.0.1:{http_port}"
@@ -593,17 +640,13 @@ def rehearse(args: argparse.Namespace) -> Report:
             return {d: sorted(classify(nodes.get(n, {}), head, workers, head_id, n)
                               for n, _ in reps) for d, reps in placed.items()}
 
-        def count_nodes() -> None:
-            now = set(alive_nodes())
-            report.nodes_added += len(now - seen_nodes)
-            seen_nodes.update(now)
-
-        count_nodes()
+        watcher.note("app running")
         report.placement = types_of(replicas_by_node())
         log(f"placement: {report.placement}")
 
         job_ids = submit_jobs(base_url, args.jobs)
         report.jobs = len(job_ids)
+        watcher.note("jobs accepted", str(len(job_ids)))
         log(f"{len(job_ids)} jobs accepted; waiting for a GPU batch in flight")
 
         def diffusion_in_flight() -> list[str]:
@@ -612,7 +655,6 @@ def rehearse(args: argparse.Namespace) -> Report:
                     and v.batch_sizes.diffusion and not v.output_ids]
 
         wait_for("a diffusion batch in flight", diffusion_in_flight, args.timeout_s, 0.2)
-        count_nodes()
         placed = replicas_by_node()
         victim_node, victim_pid = placed["DiffusionDeployment"][0]
         # Freeze the replica so the batch provably is in flight when its node dies.
@@ -631,7 +673,7 @@ def rehearse(args: argparse.Namespace) -> Report:
             os.kill(victim_pid, signal.SIGKILL)
         report.nodes_killed = 1
         killed_s = time.time()
-        seen_nodes.discard(victim_node)
+        watcher.note("killed", report.killed_node_type)
 
         views = wait_for("every job to end and be purged",
                          lambda: (v if settled(v := job_views(base_url, job_ids)) else None),
@@ -645,6 +687,7 @@ def rehearse(args: argparse.Namespace) -> Report:
         report.last_job_end_after_kill_s = round(
             max(v.finished_s or killed_s for v in views.values()) - killed_s, 1)
         report.lost = report.jobs - report.succeeded - report.failed
+        watcher.note("every job ended", f"{report.succeeded} succeeded, {report.failed} failed")
 
         def pools_back() -> dict[str, list[str]] | None:
             placed = replicas_by_node()
@@ -654,7 +697,7 @@ def rehearse(args: argparse.Namespace) -> Report:
 
         report.after_kill_placement = wait_for("the GPU pools back on another node",
                                                pools_back, args.timeout_s)
-        count_nodes()
+        watcher.note("GPU pools back")
         log(f"after the kill: {report.after_kill_placement}")
 
         cli(str(BIN / "ephemera"), "status", "--address", running.address, "--redis-url",
@@ -670,10 +713,15 @@ def rehearse(args: argparse.Namespace) -> Report:
             minimum = 1 + sum(w.min_workers for w in workers)
             log(f"idle: waiting for the autoscaler to remove idle nodes ({before} up, "
                 f"min {minimum})")
-            wait_for("idle nodes removed", lambda: len(alive_nodes()) <= minimum,
+            wait_for("idle nodes removed", lambda: len(watcher.known) <= minimum,
                      args.timeout_s, 2.0)
-            report.nodes_removed = before - len(alive_nodes())
         report.inputs_left = wait_for_empty(stand_ins)
+        watcher.stop()
+        report.timeline = watcher.timeline
+        # Added: every worker node the autoscaler (or --static) started; removed: every node
+        # gone that was not the one killed.
+        report.nodes_added = watcher.count("added") - 1  # the head
+        report.nodes_removed = watcher.count("removed") - report.nodes_killed
     finally:
         with contextlib.suppress(Exception):
             ray.shutdown()
