@@ -295,5 +295,12 @@ def _one_face_per_row(ip_adapter_image, ip_adapter_image_embeds, device,
 
 
 def _to_uint8(images: np.ndarray) -> np.ndarray:
+    """Float images in [0, 1] -> uint8. Refuses NaN or Inf (an fp16 overflow, usually in
+    the VAE), which a cast would turn silently into black pixels."""
+    bad = int(np.size(images) - np.isfinite(images).sum())
+    if bad:
+        raise ModelError(f"the model produced {bad} NaN/Inf values of {np.size(images)}; "
+                         "an fp16 overflow is the usual cause: try models.yaml dtype: "
+                         "bfloat16 or float32")
     return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from skimage import data
 
 from pipeline.core.errors import ModelError
+from pipeline.models import diffusion
 from pipeline.models.diffusion import (
     FACE_EMBEDDING_DIM,
     FACEID_NUM_TOKENS,
@@ -25,6 +26,7 @@ from pipeline.models.diffusion import (
     ip_adapter_layout,
 )
 from pipeline.models.loading import load_generator
+from pipeline.models.runtime import attention_backend, observe_pipeline
 from pipeline.models.tiny import build_tiny_ip_adapter, build_tiny_models
 from tests.unit.factories import cpu_runtime
 
@@ -252,8 +254,60 @@ def test_channels_last_by_config_keeps_the_unet_so_and_still_generates(model_dir
     convs = [m.weight for m in generator.txt2img.unet.modules()
              if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    observed = observe_pipeline(generator.txt2img)
+    assert observed.unet_channels_last and observed.vae_channels_last
+    assert observed.attention == {"sdpa"} and not observed.compiled
     images = generator.ai_photos(embeddings(1, seed=0), params(), seeds=[1])
     assert images.shape == (1, 64, 64, 3) and images.dtype == np.uint8
+
+
+def test_observe_pipeline_reads_back_sdpa_and_the_default_memory_format(generator):
+    """The CPU runtime as loaded: SDPA in every attention layer (the face adapter's
+    included), of txt2img, img2img (same UNet) and the motion pipeline; no compile;
+    channels-first weights; fp32 on CPU."""
+    for pipe in (generator.txt2img, generator.img2img, generator.vid2vid):
+        observed = observe_pipeline(pipe)
+        assert observed.attention == {"sdpa"}, observed
+        assert not observed.compiled
+        assert not observed.unet_channels_last and not observed.vae_channels_last
+        assert (observed.device, observed.dtype) == ("cpu", torch.float32)
+    kinds = {type(p).__name__ for p in generator.txt2img.unet.attn_processors.values()}
+    assert "IPAdapterAttnProcessor2_0" in kinds  # the adapter's layers were read too
+
+
+def test_observe_pipeline_sees_a_compiled_unet(model_dir, adapter):
+    """torch.compile by config wraps the UNet (compilation itself waits for the first
+    call, which is the GPU tests' business); the accessor looks through ``_orig_mod``."""
+    from dataclasses import replace
+
+    generator = load_generator(model_dir, replace(cpu_runtime(), compile=True),
+                               ip_adapter=adapter, build_tiny_if_missing=False)
+    observed = observe_pipeline(generator.txt2img)
+    assert observed.compiled and hasattr(generator.txt2img.unet, "_orig_mod")
+    assert observe_pipeline(generator.img2img).compiled  # built after compile: shares it
+    assert observed.attention == {"sdpa"}
+
+
+@pytest.mark.parametrize(("class_name", "backend"), [
+    ("AttnProcessor2_0", "sdpa"), ("IPAdapterAttnProcessor2_0", "sdpa"),
+    ("XFormersAttnProcessor", "xformers"), ("IPAdapterXFormersAttnProcessor", "xformers"),
+    ("AttnProcessor", "AttnProcessor"),
+])
+def test_attention_backend_is_read_from_the_processor_class(class_name, backend):
+    assert attention_backend(type(class_name, (), {})()) == backend
+
+
+def test_generated_floats_are_finite_and_non_finite_ones_are_refused(generator, monkeypatch):
+    seen: list[np.ndarray] = []
+    to_uint8 = diffusion._to_uint8
+    monkeypatch.setattr(diffusion, "_to_uint8", lambda x: seen.append(x) or to_uint8(x))
+    generator.ai_photos(embeddings(2, seed=0), params(), seeds=[1, 2])
+    generator.art_styles([data.astronaut()], params(), seeds=[1])
+    assert len(seen) == 2 and all(np.isfinite(x).all() for x in seen)
+    broken = np.full((1, 4, 4, 3), 0.5, np.float32)
+    broken[0, 0, 0] = [np.nan, np.inf, 0.2]
+    with pytest.raises(ModelError, match="2 NaN/Inf values"):
+        to_uint8(broken)
 
 
 @pytest.mark.video
