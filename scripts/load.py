@@ -13,12 +13,21 @@ Under the load it kills (SIGKILL) one replica each of the ingress, a job runner,
 diffusion pool and the retention pool, spread over the run. Then it waits until every
 accepted job ended and was purged (jobs stranded by a dead ingress are reaped after the
 job timeout), and counts:
-  accepted  answered 202;  rejected  answered 429/503 (back-pressure) or cut off by the
-  ingress kill;  succeeded / failed  final status of accepted jobs;  lost  accepted jobs
-  with no final status;  inputs left  input and face-data objects still stored.
+  accepted  answered 202;  rejected  every other final answer: 429/503 (back-pressure, with
+  Retry-After) and anything else, exceptions included;  succeeded / failed  final status
+  of accepted jobs;  lost  accepted jobs with no final status;  inputs left  input and
+  face-data objects still stored;  5xx  final answers 500-599 other than a 503 with
+  Retry-After (target 0).
+Requests go through the typed client with a retry policy for what a fault cuts off: a
+500/502/504 (Serve's proxy answers 500 for a request cut by the ingress's death), a 409
+with Retry-After (the dead ingress's claim of the Idempotency-Key, until its lease lapses)
+and connection errors are retried with the same Idempotency-Key, so no job is made twice.
+A 429 or 503 is a refusal the open loop counts as it comes, not retried. Retries are
+counted apart ("retried"), by what was retried, never as final answers.
 It samples the resident memory of every Ray, Serve and Redis process each second and
 prints the peak per process kind, to show memory stays bounded under overload. Ends with
-`accepted: A, succeeded: S, failed: F, rejected: J, lost: L, inputs left: I`.
+`accepted: A, succeeded: S, failed: F, rejected: J, lost: L, inputs left: I, 5xx: N`;
+exits 1 unless lost, inputs left and 5xx are all 0.
 """
 
 from __future__ import annotations
@@ -46,13 +55,36 @@ sys.path.insert(0, str(REPO))
 from pipeline.core.config import PoolConfig, SimulatedGpuConfig, StageBatchConfig, load_settings
 from pipeline.security import crypto
 from scripts.bench_scale import replica_pids
-from serve.client import NO_RETRIES, ApiError, EphemeraClient, job_call
+from serve.client import ApiError, EphemeraClient, RetryPolicy, job_call, retry_after
 from serve.schemas import JobView
 
 OUT_DIR = REPO / "bench-out"
 DIFFUSION_REPLICAS = 2
 BATCH_COST = 8
 KILLS = ("ApiDeployment", "JobRunnerDeployment", "DiffusionDeployment", "RetentionDeployment")
+# Retry what a fault cut off (every call is idempotent: POST /v1/jobs carries an
+# Idempotency-Key, the same on each retry); leave 429/503 refusals to be counted. Patient
+# enough for a dead ingress's claim on a key (409 + Retry-After until its lease lapses).
+CUT_OFF_RETRY = RetryPolicy(max_retries=6, backoff_s=0.5, max_backoff_s=10.0,
+                            retry_status=frozenset({500, 502, 504}))
+
+
+def answer_label(response: httpx.Response) -> str:
+    """The status code; a 429/503 without Retry-After is told apart (a client cannot pace
+    its retry, so it counts as a 5xx for a 503)."""
+    code = response.status_code
+    if code in (429, 503) and retry_after(response) is None:
+        return f"{code} without Retry-After"
+    return str(code)
+
+
+def is_5xx(label: str) -> bool:
+    """A final answer a client must not see: any 5xx but a 503 with Retry-After."""
+    return label[:1] == "5" and label != "503"
+
+
+def retry_label(why: httpx.Response | Exception) -> str:
+    return str(why.status_code) if isinstance(why, httpx.Response) else type(why).__name__
 
 
 def load_settings_for(root: Path, job_timeout_s: float):
@@ -126,7 +158,8 @@ def main() -> int:
     job_timeout_s = 60.0
     key = crypto.new_device_key()
     data = photo()
-    outcomes: dict[str, int] = defaultdict(int)
+    outcomes: dict[str, int] = defaultdict(int)  # final answer (status) or exception name
+    retried: dict[str, int] = defaultdict(int)  # what was retried: status or exception name
     accepted: list[tuple[str, str]] = []  # (account, job id)
     rss_peaks: dict[str, int] = defaultdict(int)
     rss_timeline: list[tuple[float, int]] = []
@@ -135,24 +168,31 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ephemera-load-") as tmp:
         root = Path(tmp)
         settings = load_settings_for(root, job_timeout_s)
-        # No retries: every answer is counted as it came (open loop), refusals included.
+        def count_retry(call: object, why: httpx.Response | Exception) -> None:
+            with lock:
+                retried[retry_label(why)] += 1
+
+        # Refusals are counted as they come (open loop); what a kill cut off is retried.
         with start_service(settings, workdir=root / "work") as service, \
                 httpx.Client(base_url=service.base_url, timeout=30,
                              limits=httpx.Limits(max_connections=64)) as http, \
-                EphemeraClient(http=http, retry=NO_RETRIES) as api:
+                EphemeraClient(http=http, retry=CUT_OFF_RETRY, on_retry=count_retry) as api:
             def post(n: int) -> None:
                 account = f"load-{n % 50}"
-                call = job_call([("p.jpg", data)], device_key=key, kind="art_style",
-                                style="watercolor", account_id=account)
+                job_id = None
                 try:
+                    call = job_call([("p.jpg", data)], device_key=key, kind="art_style",
+                                    style="watercolor", account_id=account)
                     r = api.send(call)
-                    code = r.status_code
-                except httpx.HTTPError:
-                    code = 0  # cut off (the ingress was killed mid-request)
+                    label = answer_label(r)
+                    if r.status_code == 202:
+                        job_id = call.parse(r).job_id
+                except Exception as exc:  # every error is counted, not only httpx's
+                    label = type(exc).__name__
                 with lock:
-                    outcomes[str(code)] += 1
-                    if code == 202:
-                        accepted.append((account, call.parse(r).job_id))
+                    outcomes[label] += 1
+                    if job_id is not None:
+                        accepted.append((account, job_id))
 
             def sample_rss(t0: float) -> None:
                 kinds = rss_by_kind()
@@ -168,9 +208,10 @@ def main() -> int:
             t0 = time.time()
             last_sample = 0.0
             with ThreadPoolExecutor(64) as pool:
+                futures = []
                 for n in range(total):
                     time.sleep(max(0.0, t0 + n / rate - time.time()))
-                    pool.submit(post, n)
+                    futures.append(pool.submit(post, n))
                     if n in kill_at:
                         pid = replica_pids(kill_at[n])[0]
                         os.kill(pid, signal.SIGKILL)
@@ -178,6 +219,9 @@ def main() -> int:
                     if time.time() - last_sample >= 1.0:
                         sample_rss(t0)
                         last_sample = time.time()
+            for future in futures:  # post counts its errors; anything escaping it too
+                if (exc := future.exception()) is not None:
+                    outcomes[f"{type(exc).__name__} (uncounted)"] += 1
             print(f"load done in {time.time() - t0:.0f} s; killed {', '.join(killed)}", flush=True)
             views: dict[str, JobView] = {}
             drain_deadline = time.time() + job_timeout_s * 3
@@ -204,13 +248,15 @@ def main() -> int:
                 time.sleep(1.0)
     succeeded = sum(v.status == "succeeded" for v in views.values())
     failed = sum(v.status == "failed" for v in views.values())
-    rejected = sum(n for code, n in outcomes.items() if code != "202")
+    rejected = sum(n for label, n in outcomes.items() if label != "202")
+    fivexx = sum(n for label, n in outcomes.items() if is_5xx(label))
     lost = len(accepted) - len(views)
     reasons = defaultdict(int)
     for v in views.values():
         if v.status == "failed":
             reasons[v.reason] += 1
-    print(f"\nanswers: {dict(outcomes)}  (0: connection cut by the ingress kill)")
+    print(f"\nanswers: {dict(outcomes)}  (final, after retries; a name: an exception)")
+    print(f"retried: {dict(retried)}  (each retry, by the answer or error retried)")
     print("failure reasons:", dict(reasons))
     print(f"\n{'process kind':<22} {'peak RSS MiB':>12}")
     for kind, peak in sorted(rss_peaks.items()):
@@ -223,6 +269,7 @@ def main() -> int:
     OUT_DIR.mkdir(exist_ok=True)
     (OUT_DIR / "load.json").write_text(json.dumps({
         "simulated": True, "rate_per_s": rate, "duration_s": duration_s, "answers": outcomes,
+        "retried": retried, "5xx": fivexx,
         "succeeded": succeeded, "failed": failed, "lost": lost, "inputs_left": len(left),
         "rss_peaks": rss_peaks, "rss_timeline": rss_timeline, "killed": killed}, indent=2))
     import matplotlib
@@ -238,8 +285,8 @@ def main() -> int:
     fig.tight_layout()
     fig.savefig(OUT_DIR / "load.png", dpi=110)
     print(f"\naccepted: {len(accepted)}, succeeded: {succeeded}, failed: {failed}, "
-          f"rejected: {rejected}, lost: {lost}, inputs left: {len(left)}")
-    return 0 if lost == 0 and not left else 1
+          f"rejected: {rejected}, lost: {lost}, inputs left: {len(left)}, 5xx: {fivexx}")
+    return 0 if lost == 0 and not left and fivexx == 0 else 1
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@
   ``ApiError`` with the service's ``{error, detail}``.
 - Retries with exponential backoff and jitter on 429, 500, 502, 503, 504, a 409 that carries
   Retry-After (the first request with the same Idempotency-Key is still being handled) and
-  on connection errors and timeouts; a ``Retry-After`` header sets the wait.
+  on connection errors and timeouts; a ``Retry-After`` header sets the wait. A policy may
+  retry fewer statuses (``retry_status``: load.py counts 429/503 refusals as they come), and
+  ``on_retry`` is told of every retried answer or error (load.py counts them apart from the
+  final answers).
 - ``submit_job`` sends an ``Idempotency-Key`` by default (a fresh one per call, the same one
   on each retry of it), so a retry after a lost answer gets the first job back
   (``replayed: true``) instead of a second job and a second copy of the photos.
@@ -103,9 +106,10 @@ class RetryPolicy:
     backoff_s: float = 0.5  # the first wait without Retry-After; doubles each time
     max_backoff_s: float = 30.0  # no wait is longer, Retry-After included
     jitter: float = 0.5  # each computed wait is scaled by a random factor in [1 - jitter, 1]
+    retry_status: frozenset[int] = RETRY_STATUS  # answers retried (a 409 with Retry-After too)
 
     def should_retry(self, response: httpx.Response) -> bool:
-        return response.status_code in RETRY_STATUS or (
+        return response.status_code in self.retry_status or (
             response.status_code == 409 and retry_after(response) is not None)
 
     def delay_s(self, attempt: int, response: httpx.Response | None) -> float:
@@ -119,6 +123,9 @@ class RetryPolicy:
 
 
 NO_RETRIES = RetryPolicy(max_retries=0)
+
+# Told of each retry: the call, and the answer (httpx.Response) or error that is retried.
+OnRetry = Callable[["Call[Any]", "httpx.Response | Exception"], None]
 
 
 class _RetryAnswer(Exception):
@@ -138,8 +145,8 @@ class _Pacing:
     """One request's tries under a client ``RetryPolicy``: ``retry_call`` runs them, and
     every pause is the policy's ``delay_s`` (Retry-After included)."""
 
-    def __init__(self, retry: RetryPolicy) -> None:
-        self.retry = retry
+    def __init__(self, retry: RetryPolicy, call: Call[Any], on_retry: OnRetry | None) -> None:
+        self.retry, self.call, self.notify = retry, call, on_retry
         self.policy = core_retry.RetryPolicy(max_tries=retry.max_retries + 1,
                                              base_s=retry.backoff_s, cap_s=retry.max_backoff_s)
         self.attempt = 0
@@ -151,6 +158,8 @@ class _Pacing:
 
     def on_retry(self, attempt: int, exc: BaseException) -> None:
         self.attempt = attempt
+        if self.notify is not None and isinstance(exc, Exception):
+            self.notify(self.call, exc.response if isinstance(exc, _RetryAnswer) else exc)
 
     def delay_s(self, exc: BaseException) -> float:
         return self.retry.delay_s(self.attempt,
@@ -289,8 +298,8 @@ class EphemeraClient:
 
     def __init__(self, base_url: str = "", *, token: str | None = None,
                  retry: RetryPolicy = RetryPolicy(), timeout_s: float = 60.0,
-                 http: httpx.Client | None = None) -> None:
-        self.retry = retry
+                 http: httpx.Client | None = None, on_retry: OnRetry | None = None) -> None:
+        self.retry, self.on_retry = retry, on_retry
         self._owned = http is None
         self.http = http or httpx.Client(base_url=base_url, headers=_headers(token),
                                          timeout=timeout_s)
@@ -307,7 +316,7 @@ class EphemeraClient:
 
     def send(self, call: Call[Any]) -> httpx.Response:
         """The last answer to ``call`` after the retry policy ran out (not raised on)."""
-        pacing = _Pacing(self.retry)
+        pacing = _Pacing(self.retry, call, self.on_retry)
         try:
             return core_retry.retry_call(
                 lambda: pacing.answer(self.http.request(call.method, call.path,
@@ -412,8 +421,9 @@ class AsyncEphemeraClient:
 
     def __init__(self, base_url: str = "", *, token: str | None = None,
                  retry: RetryPolicy = RetryPolicy(), timeout_s: float = 60.0,
-                 http: httpx.AsyncClient | None = None, max_connections: int = 100) -> None:
-        self.retry = retry
+                 http: httpx.AsyncClient | None = None, max_connections: int = 100,
+                 on_retry: OnRetry | None = None) -> None:
+        self.retry, self.on_retry = retry, on_retry
         self._owned = http is None
         self.http = http or httpx.AsyncClient(
             base_url=base_url, headers=_headers(token), timeout=timeout_s,
@@ -430,7 +440,7 @@ class AsyncEphemeraClient:
             await self.http.aclose()
 
     async def send(self, call: Call[Any]) -> httpx.Response:
-        pacing = _Pacing(self.retry)
+        pacing = _Pacing(self.retry, call, self.on_retry)
 
         async def attempt() -> httpx.Response:
             return pacing.answer(await self.http.request(call.method, call.path,

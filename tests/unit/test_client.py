@@ -178,3 +178,47 @@ def test_iterating_follows_every_cursor_sync_and_async(scripted):
     assert asyncio.run(collect()) == ["o1", "o2", "o3"]
     paths = [path for _, path, _ in server.seen]
     assert paths == ["/v1/accounts/a/outputs?limit=2", "/v1/accounts/a/outputs?limit=2&cursor=o2"] * 2
+
+
+def test_a_policy_may_leave_refusals_unretried_and_retry_a_cut_request(scripted):
+    """load.py's policy: a 500 (Serve's proxy answering for a request cut by an ingress's
+    death) is retried with the same Idempotency-Key and reported to ``on_retry``; a 503
+    refusal is the final answer, not retried."""
+    told: list[tuple[str, int]] = []
+    cut_only = RetryPolicy(max_retries=3, backoff_s=0.01, retry_status=frozenset({500, 502, 504}))
+    server = scripted((500, {}, {"error": "HTTPError", "detail": "replica died"}),
+                      (502, {}, {"error": "HTTPError", "detail": "bad gateway"}), ACCEPTED,
+                      (503, {"Retry-After": "5"}, {"error": "ServiceFull", "detail": "full"}))
+    with EphemeraClient(server.url, retry=cut_only,
+                        on_retry=lambda call, why: told.append((call.path, why.status_code))
+                        ) as api:
+        assert _submit(api).job_id == "j1"
+        with pytest.raises(ApiError) as refused:
+            _submit(api)
+    assert refused.value.status == 503 and refused.value.retry_after_s == 5
+    assert told == [("/v1/jobs", 500), ("/v1/jobs", 502)]  # the 503 was not retried
+    keys = [headers["Idempotency-Key"] for _, _, headers in server.seen]
+    assert len(keys) == 4 and len(set(keys[:3])) == 1 and keys[3] != keys[0]
+
+
+def test_on_retry_is_told_of_connection_errors_sync_and_async():
+    import asyncio
+
+    from pipeline.state.redis_server import free_port
+    from serve.client import AsyncEphemeraClient
+
+    told: list[object] = []
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with EphemeraClient(url, retry=FAST, on_retry=lambda _, why: told.append(why)) as api, \
+            pytest.raises(httpx.ConnectError):
+        api.health()
+
+    async def health() -> None:
+        async with AsyncEphemeraClient(url, retry=FAST,
+                                       on_retry=lambda _, why: told.append(why)) as api:
+            await api.health()
+
+    with pytest.raises(httpx.ConnectError):
+        asyncio.run(health())
+    assert len(told) == 2 * FAST.max_retries
+    assert all(isinstance(why, httpx.ConnectError) for why in told)
