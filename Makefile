@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-install
 
-.PHONY: install demo test lint bench rehearse clean
+.PHONY: install demo test lint bench rehearse check-promises clean
 
 # Re-installs only when pyproject.toml changes: a second `make` costs nothing.
 $(STAMP): pyproject.toml
@@ -39,6 +39,10 @@ bench: install
 	$(BIN)/python scripts/bench_hostile.py
 	$(BIN)/python scripts/load.py --quick
 	$(BIN)/python scripts/bench_retention.py
+
+# Every privacy promise broken one at a time: a named guard test must fail on an assertion.
+check-promises: install
+	$(BIN)/python scripts/check_promises.py
 
 # A multi-node cluster on this machine (cluster.yaml's node types, Ray's autoscaler).
 rehearse: install

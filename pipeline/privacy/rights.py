@@ -87,7 +87,20 @@ class PrivacyRequests:
         with self.redis.pipeline(transaction=True) as p:
             p.hset(keys.privacy_request(request.request_id), mapping=_fields(request))
             p.zadd(keys.PRIVACY_OPEN, {request.request_id: now})
-            p.sadd(keys.account_privacy_requests(account_id), request.request_id)
+            p.sadd(keys.account_privacy_requests(request.account_ref), request.request_id)
+            p.execute()
+        return request
+
+    def record_completed(self, kind: RequestKind, account_id: str, *,
+                         now_s: float | None = None) -> PrivacyRequest:
+        """Record a request answered on the spot (received, acknowledged and completed at
+        once), in one MULTI; it is never open. Holds the pseudonym, never the raw id."""
+        now = time.time() if now_s is None else now_s
+        request = PrivacyRequest(uuid.uuid4().hex, kind, account_ref(account_id), now,
+                                 acknowledged_s=now, completed_s=now)
+        with self.redis.pipeline(transaction=True) as p:
+            p.hset(keys.privacy_request(request.request_id), mapping=_fields(request))
+            p.sadd(keys.account_privacy_requests(request.account_ref), request.request_id)
             p.execute()
         return request
 
@@ -135,8 +148,8 @@ class PrivacyRequests:
                               now_s=float(receipt.get("updated_s") or now_s or time.time()))
 
     def for_account(self, account_id: str) -> list[PrivacyRequest]:
-        ids = sorted(i.decode() for i in
-                     self.redis.smembers(keys.account_privacy_requests(account_id)))
+        ids = sorted(i.decode() for i in self.redis.smembers(
+            keys.account_privacy_requests(account_ref(account_id))))
         return [self.get(i) for i in ids]
 
 
@@ -201,7 +214,7 @@ def export_account(account_id: str, jobs: JobStore, usage_store: ObjectStore | N
                 "provider": o.provider, "region": o.region}
                for o in jobs.list_outputs(account_id)]
     job_records = []
-    for job_id in jobs.account_job_ids(account_id):
+    for job_id in jobs.account_job_ids(account_id) + jobs.minimised_job_ids(account_id):
         try:
             job = jobs.get_job(job_id)
         except NotFound:
@@ -226,10 +239,7 @@ def export_account(account_id: str, jobs: JobStore, usage_store: ObjectStore | N
                          "status": request.get("status"),
                          "requested_s": float(request.get("requested_s") or 0),
                          "objects_verified_gone": len(request["objects"])})
-    requests = [{"request_id": r.request_id, "kind": str(r.kind), "received_s": r.received_s,
-                 "acknowledged_s": r.acknowledged_s, "completed_s": r.completed_s,
-                 "receipt_id": r.receipt_id or None}
-                for r in PrivacyRequests(client).for_account(account_id)]
+    requests = [_request_view(r) for r in PrivacyRequests(client).for_account(account_id)]
     return {
         "account_id": account_id,
         "categories": {
@@ -249,6 +259,33 @@ def export_account(account_id: str, jobs: JobStore, usage_store: ObjectStore | N
         "not_held": ["original photos and videos after generation", "face data after "
                      "generation", "device keys", "file names", "precise location"],
     }
+
+
+def answer_right_to_know(account_id: str, jobs: JobStore, usage_store: ObjectStore | None = None,
+                         *, now_s: float | None = None) -> dict:
+    """The export GET: ``export_account``, recorded as a completed right-to-know request
+    (by pseudonym, listed in the export it answers) when the service holds anything of the
+    account. For an id it holds nothing of (never seen, or deleted) nothing is written: a
+    read of an unknown id leaves no trace, and no key names it."""
+    export = export_account(account_id, jobs, usage_store)
+    if not holds_anything(export):
+        return export
+    request = PrivacyRequests(jobs.redis).record_completed(RequestKind.KNOW, account_id,
+                                                           now_s=now_s)
+    export["privacy_requests"].append(_request_view(request))
+    return export
+
+
+def holds_anything(export: dict) -> bool:
+    """Whether an export lists any piece of data (a choice counts)."""
+    sections = ("outputs", "jobs", "deletion_receipts", "privacy_requests", "usage")
+    return any(export[s] for s in sections) or any(export["flags"].values())
+
+
+def _request_view(r: PrivacyRequest) -> dict:
+    return {"request_id": r.request_id, "kind": str(r.kind), "received_s": r.received_s,
+            "acknowledged_s": r.acknowledged_s, "completed_s": r.completed_s,
+            "receipt_id": r.receipt_id or None}
 
 
 def _usage_of(account_id: str, store: ObjectStore) -> list[dict]:

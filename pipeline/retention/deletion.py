@@ -90,7 +90,8 @@ return 0
 
 def delete_account(account_id: str, receipt_id: str, stores: StoreSet, jobs: JobStore, *,
                    owner: str, cfg: RetentionConfig) -> int:
-    """Delete every output, index entry, job record and pending input of the account.
+    """Delete every output, index entry, job record (minimised ones too) and pending input
+    of the account.
 
     Idempotent and resumable: a crash part-way leaves the request pending, and running it
     again finishes the work. One worker per account at a time (a leased lock, renewed as it
@@ -108,14 +109,21 @@ def delete_account(account_id: str, receipt_id: str, stores: StoreSet, jobs: Job
         jobs.redis.register_script(_RELEASE_IF_OWNER)(keys=[lock], args=[token])
 
 
+def _account_jobs(account_id: str, jobs: JobStore) -> list[str]:
+    """Every job record of the account: those in its index, then the minimised ones (a job
+    minimised between the two reads is in the second)."""
+    return jobs.account_job_ids(account_id) + jobs.minimised_job_ids(account_id)
+
+
 def _delete_account(account_id: str, receipt_id: str, stores: StoreSet, jobs: JobStore, *,
                     owner: str, cfg: RetentionConfig, keep_lock: Callable[[], object]) -> int:
     chain = ReceiptLedger(jobs.redis)
     requested_s = time.time()
     count = 0
-    # 1. Jobs: end the running ones, purge their inputs and face data, drop their records.
+    # 1. Jobs: end the running ones, purge their inputs and face data, drop their records,
+    #    minimised ones included (they left the account's index, not the account).
     #    (The tombstone already stops their outputs from being indexed.)
-    for job_id in jobs.account_job_ids(account_id):
+    for job_id in _account_jobs(account_id, jobs):
         keep_lock()
         jobs.finish_job(job_id, ok=False, reason=Reason.ACCOUNT_DELETED)
         count += purge_finished_job(job_id, stores, jobs, owner=owner, cfg=cfg,
@@ -138,14 +146,14 @@ def _delete_account(account_id: str, receipt_id: str, stores: StoreSet, jobs: Jo
         chain.append(receipt_id, DeletionReceipt(uri, "output", "", time.time(), True),
                      account_id=account_id, requested_s=requested_s)
         count += 1
-    done = not jobs.account_job_ids(account_id) and not jobs.list_outputs(account_id)
+    done = not _account_jobs(account_id, jobs) and not jobs.list_outputs(account_id)
     if done:
         jobs.redis.hdel(keys.PENDING_ACCOUNT_DELETIONS, receipt_id)
         jobs.redis.expire(keys.account_tombstone(account_id), TOMBSTONE_AFTER_S)
         # The account's indexes and choices go too; receipts and privacy requests stay,
         # under their own ids and with the account's pseudonym only (proof of deletion).
         jobs.redis.delete(keys.account_receipts(account_id),
-                          keys.account_privacy_requests(account_id),
+                          keys.account_privacy_requests(account_ref(account_id)),
                           keys.account_opt_out(account_id))
         # Its usage rows go as well; until then (and for any copy) it is never shared.
         jobs.redis.sadd(keys.OPTED_OUT_REFS, account_ref(account_id))

@@ -276,32 +276,56 @@ class JobStore:
     def minimise_and_expire(self, *, now_s: float, grace_s: float, ttl_s: float) -> tuple[int, int]:
         """Data minimisation of ended jobs whose inputs are purged: after ``grace_s`` (the
         app has read the result) a record loses its personal fields (account id, input
-        URIs, reason, runner) and its link to the account; after ``ttl_s`` it is deleted.
-        The status call answers with what remains until then. Returns (minimised, deleted)."""
+        URIs, reason, runner) and moves from the account's index to the index kept by its
+        pseudonym (``keys.account_minimised_jobs``: account deletion still finds it); after
+        ``ttl_s`` it is deleted. The status call answers with what remains until then.
+        Returns (minimised, deleted)."""
         expired = [j.decode() for j in self.redis.zrangebyscore(keys.PURGED_JOBS, 0,
                                                                 now_s - ttl_s)]
         for job_id in expired:
-            account = self.account_of(job_id)
+            account, ref = (v.decode() if v else "" for v in
+                            self.redis.hmget(keys.job(job_id), "account_id", "account_ref"))
             p = self.redis.pipeline(transaction=True)
             p.delete(keys.job(job_id))
             p.zrem(keys.PURGED_JOBS, job_id)
             if account:
                 p.zrem(keys.account_jobs(account), job_id)
+            if ref:
+                p.zrem(keys.account_minimised_jobs(ref), job_id)
             p.execute()
         minimised = 0
         for job_id in (j.decode() for j in self.redis.zrangebyscore(
                 keys.PURGED_JOBS, 0, now_s - grace_s)):
-            account = self.account_of(job_id)
-            if not account:
-                continue  # already minimised
-            p = self.redis.pipeline(transaction=True)
-            p.hdel(keys.job(job_id), *PERSONAL_JOB_FIELDS)
-            p.hset(keys.job(job_id), mapping={"minimised_s": repr(now_s),
-                                              "account_ref": account_ref(account)})
-            p.zrem(keys.account_jobs(account), job_id)
-            p.execute()
-            minimised += 1
+            minimised += self._minimise(job_id, now_s)
         return minimised, len(expired)
+
+    def _minimise(self, job_id: str, now_s: float) -> bool:
+        """Drop a record's personal fields; False if it is already minimised or gone.
+        WATCHed, so a record deleted meanwhile (account deletion) is never recreated."""
+        job = keys.job(job_id)
+
+        def attempt() -> bool:
+            with self.redis.pipeline(transaction=True) as p:
+                p.watch(job)
+                account, created = p.hmget(job, "account_id", "created_s")
+                if not account:
+                    return False
+                ref = account_ref(account.decode())
+                p.multi()
+                p.hdel(job, *PERSONAL_JOB_FIELDS)
+                p.hset(job, mapping={"minimised_s": repr(now_s), "account_ref": ref})
+                p.zrem(keys.account_jobs(account.decode()), job_id)
+                p.zadd(keys.account_minimised_jobs(ref), {job_id: float(created or now_s)})
+                p.execute()
+                return True
+
+        return retry_on_conflict(attempt)
+
+    def minimised_job_ids(self, account_id: str) -> list[str]:
+        """The account's minimised job records (no longer in ``account_job_ids``), oldest
+        first."""
+        return [j.decode() for j in
+                self.redis.zrange(keys.account_minimised_jobs(account_ref(account_id)), 0, -1)]
 
     def account_job_ids(self, account_id: str) -> list[str]:
         """Oldest first."""
@@ -317,11 +341,14 @@ class JobStore:
         return status is None or JobStatus(status.decode()).is_finished
 
     def forget_job(self, job_id: str, account_id: str) -> None:
-        """Drop a finished job's record (account deletion); its inputs must be purged first."""
+        """Drop a finished job's record, minimised or not, and every index entry of it
+        (account deletion); its inputs must be purged first."""
         p = self.redis.pipeline(transaction=True)
         p.delete(keys.job(job_id))
         p.srem(keys.ACTIVE_JOBS, job_id)
+        p.zrem(keys.PURGED_JOBS, job_id)
         p.zrem(keys.account_jobs(account_id), job_id)
+        p.zrem(keys.account_minimised_jobs(account_ref(account_id)), job_id)
         p.srem(keys.account_active(account_id), job_id)
         p.execute()
 

@@ -42,6 +42,13 @@ def account_jobs(account_id: str) -> str:
     return f"eph:acct:{account_id}:jobs"
 
 
+def account_minimised_jobs(ref: str) -> str:
+    """Zset job_id -> created_s: the account's minimised job records (they left
+    ``account_jobs``), keyed by the account's pseudonym, so that account deletion and the
+    under-13 signal still find them. Removed with the records."""
+    return f"eph:ref:{ref}:minimised-jobs"
+
+
 def account_active(account_id: str) -> str:
     """Set of the account's unfinished job ids (the 429 limit). jobs.py's finish script
     builds the same name from the account id it reads: keep the two in step."""
@@ -115,9 +122,10 @@ def privacy_request(request_id: str) -> str:
     return f"eph:privacy:req:{request_id}"
 
 
-def account_privacy_requests(account_id: str) -> str:
-    """Set of the account's privacy request ids (for the export)."""
-    return f"eph:acct:{account_id}:privacy"
+def account_privacy_requests(ref: str) -> str:
+    """Set of the account's privacy request ids (for the export), keyed by the account's
+    pseudonym: recording a request never writes the raw account id."""
+    return f"eph:ref:{ref}:privacy"
 
 
 def account_receipts(account_id: str) -> str:

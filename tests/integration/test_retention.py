@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -28,6 +29,7 @@ from pipeline.storage.base import (
     key_from_uri,
     object_uri,
     output_key,
+    work_key,
 )
 from serve.cli import main as cli
 
@@ -51,13 +53,18 @@ def store(tmp_path) -> LocalObjectStore:
     return LocalObjectStore(f"file://{tmp_path / 'store'}")
 
 
-def make_job(store, jobs, *, account="acct-r", num_inputs=2, finished=False) -> JobRecord:
-    """A registered job whose encrypted inputs (and one face-data object) are stored."""
+def make_job(store, jobs, *, account="acct-r", num_inputs=2, finished=False,
+             clip=False) -> JobRecord:
+    """A registered job whose encrypted inputs (and one face-data object) are stored; a
+    ``clip`` also has one work-data object (its frames between chunks). Ceilings: 1 h."""
     job_id, now, key = uuid.uuid4().hex, time.time(), crypto.new_device_key()
     uris = [object_uri(store, input_key(job_id, uuid.uuid4().hex)) for _ in range(num_inputs)]
     face = object_uri(store, face_key(job_id, uuid.uuid4().hex))
     records = [RetentionRecord(u, "input", account, job_id, now, now + 3600) for u in uris]
     records.append(RetentionRecord(face, "face_data", account, job_id, now, now + 3600))
+    if clip:
+        work = object_uri(store, work_key(job_id, uuid.uuid4().hex))
+        records.append(RetentionRecord(work, "work_data", account, job_id, now, now + 3600))
     job = JobRecord(job_id=job_id, account_id=account, kind="ai_photo", style="portrait",
                     resolution_px=64, status="queued", created_s=now, updated_s=now,
                     input_uris=uris)
@@ -146,15 +153,21 @@ def test_reconciler_deletes_orphans_and_overdue_objects_only(store, jobs, privat
     store.put(orphan_key, b"ciphertext with no record")
     orphan_face = face_key(uuid.uuid4().hex, "orphan")  # face data whose record was lost
     store.put(orphan_face, b"an embedding with no record")
-    overdue = make_job(store, jobs)
+    orphan_work = work_key(uuid.uuid4().hex, "orphan")  # a clip's frames, record lost
+    store.put(orphan_work, b"frames with no record")
+    live_clip = make_job(store, jobs, clip=True)
+    overdue = make_job(store, jobs, clip=True)
     for rec in jobs.ledger.records_for_job(overdue.job_id):
         jobs.ledger.redis.zadd(keys.RETENTION_DUE, {rec.uri: 0}, xx=True)
         jobs.ledger.redis.hset(keys.retention_record(rec.uri), "deadline_s", "0")
     receipts = reconcile(StoreSet.single(store), jobs.ledger, owner="t", cfg=CFG)
-    assert sum(r.object_class == "orphan" for r in receipts) == 2
+    assert sum(r.object_class == "orphan" for r in receipts) == 3
     assert not store.exists(orphan_key) and not store.exists(orphan_face)
+    assert not store.exists(orphan_work)
     assert store.list_keys(f"inputs/{overdue.job_id}/") == []
+    assert store.list_keys(f"work/{overdue.job_id}/") == []  # past its deadline
     assert len(store.list_keys(f"inputs/{live.job_id}/")) == 2  # in use: untouched
+    assert len(store.list_keys(f"work/{live_clip.job_id}/")) == 1
     # A second pass finds nothing; the CLI runs the same pass.
     assert reconcile(StoreSet.single(store), jobs.ledger, owner="t", cfg=CFG) == []
     assert cli(["retention", "reconcile", "--redis-url", private_redis.url,
@@ -308,11 +321,12 @@ def test_reconciler_deletes_orphan_outputs_and_expired_usage_with_receipts(store
 
 
 def test_a_stuck_jobs_inputs_and_face_data_are_gone_by_their_ceilings(store, jobs):
-    """A job that never leaves its stage (no runner ever finishes it). Its input and face
-    data get their deadlines from the configured ceilings when the service stores them
-    (accept_job, store_with_inputs: real records in Redis), and the sweep, run as the
-    retention actors run it, deletes both by those deadlines, verified, while the job is
-    still unfinished. Short ceilings: input 3 s, face data 2 s."""
+    """A job that never leaves its stage (no runner ever finishes it). Its input, face
+    data and work data (a clip's frames between chunks) get their deadlines from the
+    configured ceilings when the service stores them (accept_job, store_with_inputs: real
+    records in Redis), and the sweep, run as the retention actors run it, deletes them by
+    those deadlines, verified, while the job is still unfinished. Short ceilings: input
+    and work data 3 s, face data 2 s."""
     from pipeline.core.config import load_settings
     from pipeline.core.records import ObjectClass
     from pipeline.jobs.intake import accept_job, check_job_request
@@ -329,8 +343,11 @@ def test_a_stuck_jobs_inputs_and_face_data_are_gone_by_their_ceilings(store, job
     job, item = accept_job(request, crypto.new_device_key(), stores, jobs, settings)
     face_uri = store_with_inputs(stores, jobs, item, b"\x01" * 2048, ObjectClass.FACE_DATA,
                                  ceilings)
-    objects = {uri: key_from_uri(store, uri) for uri in (*job.input_uris, face_uri)}
-    ceiling_s = {uri: 3.0 for uri in job.input_uris} | {face_uri: 2.0}
+    work_uri = store_with_inputs(stores, jobs, item, b"\x02" * 2048, ObjectClass.WORK_DATA,
+                                 ceilings)
+    assert key_from_uri(store, work_uri).startswith("work/")  # WORK_PREFIX, beside the inputs
+    objects = {uri: key_from_uri(store, uri) for uri in (*job.input_uris, face_uri, work_uri)}
+    ceiling_s = {uri: 3.0 for uri in job.input_uris} | {face_uri: 2.0, work_uri: 3.0}
     records = {uri: jobs.ledger.get(uri) for uri in objects}
     for uri, rec in records.items():  # what the service wrote, read back from Redis
         assert rec is not None and rec.deadline_s - rec.created_s == pytest.approx(ceiling_s[uri])
@@ -346,3 +363,150 @@ def test_a_stuck_jobs_inputs_and_face_data_are_gone_by_their_ceilings(store, job
         assert when <= records[uri].created_s + ceiling_s[uri] + 1.0  # one sweep's slack
         assert jobs.ledger.get(uri) is None
     assert jobs.get_job(job.job_id).status == "queued"  # the ceiling alone removed them
+
+
+def _sweep_as_the_actors_do(stores: StoreSet, jobs: JobStore, gone: Callable[[], bool], *,
+                            within_s: float, interval_s: float = 0.2) -> float:
+    """Run the retention actors' sweep round (sweep_due, then note_purges) every
+    ``interval_s`` until ``gone()``; returns how long it took. Fails after ``within_s``."""
+    from pipeline.retention.purge import note_purges, sweep_due
+
+    started = time.monotonic()
+    while not gone():
+        assert time.monotonic() - started < within_s, f"not swept within {within_s} s"
+        note_purges(jobs, sweep_due(stores, jobs.ledger, owner="retention-test", cfg=CFG))
+        time.sleep(interval_s)
+    return time.monotonic() - started
+
+
+def test_a_clips_work_data_is_purged_with_its_inputs_when_the_job_ends(store, jobs):
+    job = make_job(store, jobs, clip=True, finished=True)
+    assert len(store.list_keys(f"work/{job.job_id}/")) == 1
+    purge_finished_job(job.job_id, StoreSet.single(store), jobs, owner="t", cfg=CFG)
+    for prefix in ("inputs", "face", "work"):
+        assert store.list_keys(f"{prefix}/{job.job_id}/") == [], prefix
+    assert jobs.ledger.records_for_job(job.job_id) == []
+    assert jobs.get_job(job.job_id).inputs_purged_s is not None
+
+
+def test_a_lost_purge_call_is_recovered_by_the_sweep_within_seconds(store, jobs):
+    """Retention unreachable when the job ends: the runner records the end (finish_job)
+    and its purge call never arrives. finish_job made the inputs, face data and work data
+    due at once, so the next sweep rounds delete them within seconds, not at their
+    one-hour ceilings, and the job records its purge."""
+    job = make_job(store, jobs, clip=True)
+    records = jobs.ledger.records_for_job(job.job_id)
+    assert sorted(r.object_class for r in records) == ["face_data", "input", "input", "work_data"]
+    assert all(r.deadline_s > time.time() + 3000 for r in records)  # the ceilings are far
+    assert jobs.claim_job(job.job_id, "runner-test")
+    jobs.finish_job(job.job_id, ok=True, output_ids=())  # ... and no purge_finished_job
+
+    def gone() -> bool:
+        return not any(store.list_keys(f"{p}/{job.job_id}/") for p in ("inputs", "face", "work"))
+
+    took_s = _sweep_as_the_actors_do(StoreSet.single(store), jobs, gone, within_s=10.0)
+    assert took_s < 5.0
+    assert jobs.ledger.records_for_job(job.job_id) == []
+    done = jobs.get_job(job.job_id)
+    assert done.inputs_purged_s is not None and done.num_inputs_purged_verified == 2
+
+
+def _minimised(store, jobs, account: str) -> tuple[JobRecord, OutputRecord]:
+    """A succeeded job of ``account`` with one output, purged, then minimised: its record
+    left the account's index and holds the pseudonym, kind, style and output id."""
+    job, (out,) = finished_job_with_outputs(store, jobs, 1, account=account)
+    purge_finished_job(job.job_id, StoreSet.single(store), jobs, owner="t", cfg=CFG)
+    assert jobs.minimise_and_expire(now_s=time.time() + 120, grace_s=60,
+                                    ttl_s=30 * 86400) == (1, 0)
+    assert jobs.account_job_ids(account) == []
+    kept = jobs.get_job(job.job_id)
+    assert kept.account_id == "" and kept.output_ids == [out.output_id]
+    return job, out
+
+
+def _holding(client: redis.Redis, needle: bytes) -> list[bytes]:
+    """Every key whose name or any value (field, member, element) holds ``needle``."""
+    from tests.integration.helpers import redis_values
+
+    return [name.removeprefix("redis:").encode() for name, blob in redis_values(client)
+            if needle in blob]
+
+
+@pytest.mark.privacy
+@pytest.mark.parametrize("signal", ["delete", "under_13"])
+def test_account_deletion_and_the_under_13_signal_remove_minimised_job_records(
+        store, jobs, signal):
+    """Minimisation takes a job out of the account's index; deletion (a user's request, or
+    the under-13 signal, which also blocks the account) still removes its record, so the
+    status read answers 404 and nothing of the job is left in Redis."""
+    from pipeline.privacy.rights import block_child_account, is_blocked
+    from pipeline.security.pseudonyms import account_ref
+
+    account = f"acct-min-{signal}"
+    minimised, out = _minimised(store, jobs, account)
+    recent, _ = finished_job_with_outputs(store, jobs, 1, account=account)  # not minimised
+    other, _ = _minimised(store, jobs, "acct-min-other")
+    if signal == "under_13":
+        block_child_account(jobs.redis, account)
+    receipt_id = request_account_deletion(account, jobs)
+    delete_account(account, receipt_id, StoreSet.single(store), jobs, owner="t", cfg=CFG)
+
+    assert ReceiptLedger(jobs.redis).get_request(receipt_id)["status"] == "complete"
+    for job in (minimised, recent):
+        with pytest.raises(NotFound):  # what GET /v1/accounts/{a}/jobs/{id} reads: 404
+            jobs.get_job(job.job_id)
+        assert jobs.redis.zscore(keys.PURGED_JOBS, job.job_id) is None
+        # The job id survives only in the deletion and purge receipts (proof of deletion).
+        assert {k for k in _holding(jobs.redis, job.job_id.encode())
+                if not k.startswith((b"eph:deletion:", b"eph:receipts:"))} == set()
+    assert not store.exists(key_from_uri(store, out.uri))
+    assert not jobs.redis.exists(keys.account_minimised_jobs(account_ref(account)))
+    # The raw id is left only in the tombstone's name, which expires in a day.
+    assert _holding(jobs.redis, account.encode()) == [keys.account_tombstone(account).encode()]
+    assert is_blocked(jobs.redis, account) == (signal == "under_13")
+    assert jobs.get_job(other.job_id).account_ref == account_ref("acct-min-other")  # untouched
+    assert jobs.minimised_job_ids("acct-min-other") == [other.job_id]
+
+
+def test_an_expired_minimised_record_leaves_the_pseudonyms_index(store, jobs):
+    job, _ = _minimised(store, jobs, "acct-min-expire")
+    assert jobs.minimised_job_ids("acct-min-expire") == [job.job_id]
+    assert jobs.minimise_and_expire(now_s=time.time() + 31 * 86400, grace_s=60,
+                                    ttl_s=30 * 86400) == (0, 1)
+    assert jobs.minimised_job_ids("acct-min-expire") == []
+    with pytest.raises(NotFound):
+        jobs.get_job(job.job_id)
+
+
+@pytest.mark.privacy
+def test_the_export_get_writes_nothing_for_an_unknown_id_and_no_raw_id_for_a_known_one(
+        store, jobs):
+    """GET .../privacy/export for an id the service holds nothing of: answered empty, no
+    key written. For a known account: recorded as a completed request, by pseudonym (no key
+    name or value holds the raw id), and listed in the export it answers."""
+    from pipeline.privacy.rights import answer_right_to_know
+
+    known = "acct-export-known"
+    job, _ = _minimised(store, jobs, known)
+    finished_job_with_outputs(store, jobs, 1, account=known)
+    client = jobs.redis
+
+    def snapshot() -> dict[bytes, bytes | None]:
+        return {k: client.dump(k) for k in client.scan_iter()}
+
+    before, size = snapshot(), client.dbsize()
+    never_seen = "acct-never-seen-7f3a"
+    export = answer_right_to_know(never_seen, jobs, store)
+    assert client.dbsize() == size and snapshot() == before
+    assert _holding(client, never_seen.encode()) == []
+    assert export["jobs"] == export["outputs"] == export["privacy_requests"] == []
+
+    holding_before = set(_holding(client, known.encode()))
+    first = answer_right_to_know(known, jobs, store)
+    [request] = first["privacy_requests"]
+    assert request["kind"] == "know" and request["completed_s"] is not None
+    assert job.job_id in {j["job_id"] for j in first["jobs"]}  # the minimised record too
+    assert set(_holding(client, known.encode())) == holding_before  # no new raw id
+    second = answer_right_to_know(known, jobs, store)
+    assert [r["kind"] for r in second["privacy_requests"]] == ["know", "know"]
+    assert not client.exists(keys.PRIVACY_OPEN)  # answered on the spot: never open
