@@ -72,8 +72,8 @@ def assert_clean(service, store_root: Path, views: list[dict]) -> None:
     for view in views:
         assert view["status"] == "succeeded" or (
             view["status"] == "failed" and len(view["reason"]) > 10), view  # a real reason
-        assert not list((store_root / "inputs" / view["job_id"]).rglob("*.bin"))
-        assert not list((store_root / "face" / view["job_id"]).rglob("*.bin"))
+        for prefix in ("inputs", "face", "work"):  # work: a clip's frames between chunks
+            assert not list((store_root / prefix / view["job_id"]).rglob("*.bin")), prefix
     settings = service.settings
     ledger = RetentionLedger(redis_lib.Redis.from_url(settings.service.redis_url))
     receipts = reconcile(open_stores(settings.storage), ledger, owner="test",
@@ -250,6 +250,39 @@ def test_job_runner_killed_fails_only_the_jobs_it_held(client, service, store_ro
         else:
             assert views[job_id]["status"] == "succeeded", views[job_id]
     assert_clean(service, store_root, list(views.values()))
+
+
+def test_job_runner_killed_between_a_clips_chunks_leaves_no_work_data(client, service,
+                                                                       store_root, redis_client):
+    """The kill provably lands between a clip's chunks: its first chunk is stored as work
+    data (``work/<job>/``) and the job is still running, its next chunk held back by a slow
+    diffusion batch, when the runner holding it is killed. The job fails with a reason, and
+    its inputs, face data and work data are verified gone; the reconciler finds no orphan."""
+    from pipeline.core.reasons import Reason
+    from serve.tuning import retune
+    from tests.unit.factories import make_video
+
+    upload = make_video(frames=12, width=96, height=64, fps=24)  # two chunks of 8 + 4
+    retune("diffusion", {"max_wait_ms": 6000, "max_batch_cost": 64})  # hold the next chunk
+    try:
+        response = submit(client, [upload], key=crypto.new_device_key(), kind="art_style",
+                          style="watercolor", account_id="acct-clip-fault",
+                          names=["clip.mov"])
+        assert response.status_code == 202, response.text
+        job_id = response.json()["job_id"]
+        work = store_root / "work" / job_id
+        deadline = time.monotonic() + 60
+        while not list(work.rglob("*.bin")):
+            assert time.monotonic() < deadline, "the clip's first chunk was never stored"
+            time.sleep(0.05)
+        assert client.get(job_url(job_id)).json()["status"] == "running"  # between chunks
+        runner = _held_by(redis_client, [job_id])[job_id]
+        os.kill(int(runner.split("-")[1]), signal.SIGKILL)
+    finally:
+        retune("diffusion", {"max_wait_ms": 400, "max_batch_cost": 8})
+    [view] = wait_all_settled(client, [job_id])
+    assert view["status"] == "failed" and view["reason"] == Reason.RESTART, view
+    assert_clean(service, store_root, [view])
 
 
 def test_ingress_killed_after_accepting_loses_no_job(client, service, store_root,
