@@ -16,6 +16,7 @@ from pipeline.core.config import MAX_CONCURRENT_BATCHES, Settings, StageBatchCon
 from pipeline.core.reasons import Reason
 from pipeline.core.records import Stage, StageResult, WorkItem
 from pipeline.jobs.orchestration import batch_cost, is_expired, merge_waiting
+from pipeline.state.cluster_secret import check_process_secrets
 from pipeline.state.job_store import JobStore
 from pipeline.storage.base import StoreSet, open_stores
 from serve.telemetry import observe_batch
@@ -183,6 +184,7 @@ class GpuPool:
         pin_torch_threads(settings)
         self.settings = settings
         client, self.stores = open_backends(settings)
+        check_process_secrets(settings, client)  # before the model loads, before any pseudonym
         self.jobs = JobStore(client)
         self.load(settings)
         self.batching: StageBatchConfig = getattr(settings.batching, self.stage.value)

@@ -14,6 +14,7 @@ from actors.common import open_backends
 from pipeline.core.config import Settings
 from pipeline.jobs.intake import IngestOutcome, Upload, ingest_upload, withdraw_job
 from pipeline.media.sandbox import DecodeBudget, SandboxPool
+from pipeline.state.cluster_secret import check_process_secrets
 from pipeline.state.job_store import JobStore
 
 
@@ -22,6 +23,7 @@ class MediaDeployment:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         client, self.stores = open_backends(settings)
+        check_process_secrets(settings, client)  # before any pseudonym is computed
         self.jobs = JobStore(client)
         limits = settings.service
         self.sandbox = SandboxPool(
@@ -51,4 +53,5 @@ class MediaDeployment:
         return self.sandbox.restarts
 
     def __del__(self) -> None:
-        self.sandbox.close()
+        if hasattr(self, "sandbox"):  # absent when __init__ refused to start
+            self.sandbox.close()

@@ -17,6 +17,7 @@ from ray import serve
 
 from actors.common import open_backends
 from pipeline.core.config import Settings
+from pipeline.state.cluster_secret import check_process_secrets
 
 log = logging.getLogger("ray.serve")
 
@@ -28,6 +29,7 @@ class RetentionDeployment:
 
         self.settings = settings
         client, self.stores = open_backends(settings)
+        check_process_secrets(settings, client)  # before any pseudonym is computed
         self.jobs = JobStore(client)
         self.owner = f"retention-{os.getpid()}"
         self._background: asyncio.Task | None = None

@@ -54,7 +54,8 @@ from pipeline.privacy.rights import (
 )
 from pipeline.retention.deletion import delete_output, request_account_deletion
 from pipeline.security.crypto import check_device_key
-from pipeline.security.pseudonyms import account_ref, check_secret
+from pipeline.security.pseudonyms import account_ref
+from pipeline.state.cluster_secret import check_process_secrets
 from pipeline.state.idempotency import Idempotency, body_digest, check_key
 from pipeline.state.job_store import JobStore
 from pipeline.state.metrics import render_prometheus, service_metrics
@@ -346,6 +347,7 @@ class ApiDeployment:
         self.retention = retention
         self._background: set[asyncio.Task] = set()
         self.redis = redis.Redis.from_url(settings.service.redis_url)
+        check_process_secrets(settings, self.redis)  # before any pseudonym is computed
         self.jobs = JobStore(self.redis)
         self.stores = open_stores(settings.storage)
         self.idempotency = Idempotency(self.redis, window_s=settings.service.idempotency_window_s)
@@ -366,8 +368,6 @@ class ApiDeployment:
         (module.app.state.api_token_sha256,
          module.app.state.metrics_token_sha256) = expected_token_digests(settings)
         module.app.state.retry_after_s = settings.service.retry_after_s
-        if settings.production_markers:  # real users: pseudonyms need a real secret
-            check_secret()
 
     async def check_health(self) -> None:
         """Serve calls this every few seconds: it (re)starts the lease renewal."""

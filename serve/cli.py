@@ -77,6 +77,7 @@ def _backends(args: argparse.Namespace):
     """Redis and the store from the configs, overridable on the command line."""
     import redis
 
+    from pipeline.state.cluster_secret import check_process_secrets
     from pipeline.state.job_store import JobStore
     from pipeline.storage.base import StoreSet, open_store, open_stores
 
@@ -87,7 +88,12 @@ def _backends(args: argparse.Namespace):
                          "service.yaml (the embedded one lives only while the service runs)")
     stores = (StoreSet.single(open_store(args.store_url)) if args.store_url
               else open_stores(settings.storage))
-    return settings, JobStore(redis.Redis.from_url(redis_url)), stores
+    client = redis.Redis.from_url(redis_url)
+    # Receipts, usage aggregates and deletions compute pseudonyms: the secrets first (a
+    # --redis-url off loopback counts as a production marker, like one in service.yaml).
+    check_process_secrets(settings.model_copy(update={"service": settings.service.model_copy(
+        update={"redis_url": redis_url})}), client)
+    return settings, JobStore(client), stores
 
 
 def _sweep(args: argparse.Namespace) -> int:

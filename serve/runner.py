@@ -29,6 +29,7 @@ from pipeline.core.config import Settings
 from pipeline.core.records import Stage, StageResult, Worker, WorkItem
 from pipeline.jobs.driver import DriverKnobs, JobDriver, PoolFull
 from pipeline.privacy.usage import UsageBuffer, write_events
+from pipeline.state.cluster_secret import check_process_secrets
 from pipeline.state.job_store import JobStore
 from pipeline.storage.base import open_stores
 from serve.leases import keep_lease
@@ -102,6 +103,7 @@ class JobRunnerDeployment:
         self.settings = settings
         self.jobs = JobStore(redis.Redis.from_url(settings.service.redis_url, socket_timeout=5,
                                                   socket_connect_timeout=2))
+        check_process_secrets(settings, self.jobs.redis)  # before any pseudonym is computed
         # The pid in the id lets an operator (and the fault tests) find the process.
         runner_id = f"runner-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.usage = UsageBuffer()  # written as Parquet every usage_flush_s

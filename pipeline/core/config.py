@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -35,6 +36,24 @@ MODEL_PINS = {"diffusion_model_dir": "diffusion_model_sha256",
               "face_embedder_weights": "face_embedder_sha256"}
 # Validation context of a load that does not start the service (``load_settings``).
 UNPINNED_OK = {"require_pins": False}
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback_redis(url: str | None) -> bool:
+    """Whether ``service.yaml redis_url`` stays on this machine: null (the embedded server),
+    a unix socket, or a host on loopback. Anything else, unparseable included, is remote."""
+    if url is None:
+        return True
+    try:
+        parsed = urlsplit(url)
+        host = parsed.hostname
+    except ValueError:
+        return False
+    if parsed.scheme == "unix":
+        return True
+    return parsed.scheme in ("redis", "rediss") and host in LOOPBACK_HOSTS
 
 
 class _Strict(BaseModel):
@@ -636,13 +655,19 @@ class Settings(_Strict):
         return [what for what, yes in (
             ("service.yaml api_token_env", service.api_token_env is not None),
             ("service.yaml ray_address", service.ray_address is not None),
-            ("storage.yaml cloud stores", "local" not in (storage.inputs, storage.outputs)),
-            ("service.yaml http_host", service.http_host not in ("127.0.0.1", "localhost")),
+            (f"storage.yaml inputs: {storage.inputs}", storage.inputs != "local"),
+            (f"storage.yaml outputs: {storage.outputs}", storage.outputs != "local"),
+            ("service.yaml redis_url", not is_loopback_redis(service.redis_url)),
+            ("service.yaml http_host", service.http_host not in LOOPBACK_HOSTS),
         ) if yes]
 
     @model_validator(mode="after")
     def _fail_closed(self) -> Settings:
-        """Anything that can reach real users or real data needs the API token."""
+        """Anything that can reach real users or real data needs the API token. The same
+        markers make every process that computes a pseudonym refuse to start without
+        EPHEMERA_ACCOUNT_SECRET and EPHEMERA_AGGREGATE_SECRET (32+ characters each); those
+        are read where the process starts (pipeline/state/cluster_secret.py), not here, as
+        configs never read the environment."""
         exposed = [m for m in self.production_markers if m != "service.yaml api_token_env"]
         if exposed and self.service.api_token_env is None:
             raise ValueError(f"service.yaml api_token_env must name the API token's variable "

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
-import os
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -28,12 +27,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.records import JobStatus, WorkItem
-from pipeline.security.pseudonyms import account_ref
+from pipeline.security.pseudonyms import account_ref, aggregate_secret
 from pipeline.storage.base import ObjectStore, delete_verified
 
 USAGE_PREFIX = "usage/"
-AGGREGATE_SECRET_ENV = "EPHEMERA_AGGREGATE_SECRET"
-_DEMO_AGGREGATE_SECRET = b"ephemera-demo-aggregate-secret--not-for-production"
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +133,7 @@ def purge_expired(store: ObjectStore, *, ttl_days: float, now_s: float | None = 
 
 
 def _aggregate_secret(period: str) -> bytes:
-    base = os.environ.get(AGGREGATE_SECRET_ENV, "").encode() or _DEMO_AGGREGATE_SECRET
-    return hmac.new(base, f"period:{period}".encode(), hashlib.sha256).digest()
+    return hmac.new(aggregate_secret(), f"period:{period}".encode(), hashlib.sha256).digest()
 
 
 def rotating_hash(account_ref: str, day: str) -> str:

@@ -16,6 +16,10 @@ INGRESSES = "eph:ingresses"                  # zset ingress_id -> lease expiry
 PURGE_LAGS = "eph:metrics:purge_lag_s"       # list: newest 10,000 purge lags
 PURGED_JOBS = "eph:jobs:purged"              # zset job_id -> inputs_purged_s (minimise, expire)
 
+# The cluster's account secret (pipeline/state/cluster_secret.py): an HMAC fingerprint,
+# never the secret; set by the first process, compared by every process at start; no TTL.
+ACCOUNT_SECRET_FINGERPRINT = "eph:cluster:account-secret-fingerprint"
+
 
 def worker_leases(worker: str) -> str:
     """Zset of the live workers of a kind (records.Worker): id -> lease expiry."""

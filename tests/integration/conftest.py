@@ -17,9 +17,11 @@ API_TOKEN_ENV = "EPHEMERA_TEST_API_TOKEN"
 API_TOKEN = "test-token-" + "0123456789abcdef"
 METRICS_TOKEN_ENV = "EPHEMERA_TEST_METRICS_TOKEN"
 METRICS_TOKEN = "test-metrics-token-" + "0123456789abcdef"  # Prometheus's: GET /metrics only
-# Services started by these tests look like production (a token, cloud stores), so they
-# need the account-pseudonym secret; Ray workers and `serve run` inherit it.
+# Services started by these tests look like production (a token, cloud stores), so every
+# process of theirs needs both pseudonym secrets (32+ characters); Ray workers and
+# `serve run` inherit them.
 os.environ.setdefault("EPHEMERA_ACCOUNT_SECRET", "integration-tests-" + "s" * 32)
+os.environ.setdefault("EPHEMERA_AGGREGATE_SECRET", "integration-tests-aggregate-" + "g" * 32)
 
 
 @pytest.fixture(scope="session")

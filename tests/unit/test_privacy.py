@@ -49,11 +49,14 @@ def test_account_refs_are_keyed_stable_and_not_the_plain_hash(monkeypatch):
 
 
 def test_production_needs_a_real_secret(monkeypatch):
+    """More in tests/unit/test_secrets.py (every production marker, the cluster's secret)."""
+    monkeypatch.setattr(pseudonyms, "_demo_refused", False)
+    monkeypatch.delenv(pseudonyms.AGGREGATE_SECRET_ENV, raising=False)
     monkeypatch.delenv(pseudonyms.SECRET_ENV, raising=False)
     with pytest.raises(ValueError, match=pseudonyms.SECRET_ENV):
-        pseudonyms.check_secret()
+        pseudonyms.check_secrets(["service.yaml ray_address"])
     monkeypatch.setenv(pseudonyms.SECRET_ENV, "short")
     with pytest.raises(ValueError):
-        pseudonyms.check_secret()
+        pseudonyms.check_secrets([])
     monkeypatch.setenv(pseudonyms.SECRET_ENV, "x" * 32)
-    pseudonyms.check_secret()
+    pseudonyms.check_secrets([])
