@@ -13,6 +13,7 @@ import skimage.data
 import torch
 
 from pipeline.core.config import RetentionConfig
+from pipeline.core.errors import WrongKey
 from pipeline.core.records import RetentionRecord, WorkItem
 from pipeline.jobs.stages import face_stage
 from pipeline.media.ingest import encode_png
@@ -92,7 +93,11 @@ def test_face_stage_stores_only_encrypted_face_data_then_purge_removes_it(
     record = jobs.ledger.get(face_ok.face_uri)
     assert record is not None and record.object_class == "face_data"
     blob = store.get(key_from_uri(store, face_ok.face_uri))
-    stored = np.frombuffer(crypto.decrypt(blob, key, uri=face_ok.face_uri), np.float32)
+    try:
+        plain = crypto.decrypt(blob, key, uri=face_ok.face_uri)
+    except WrongKey:
+        pytest.fail("the stored face data is not ciphertext under the device key")
+    stored = np.frombuffer(plain, np.float32)
     # The stage renormalises the mean embedding: equal up to float32 rounding.
     assert np.allclose(stored, embedder.vector, rtol=0, atol=1e-6)
     needles = {f"embedding-{i}": w for i, w in enumerate(windows(stored.tobytes(), 32))}
