@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.state.redis_server import RedisServer, free_port  # noqa: E402
+from serve.launcher import wait_app_running  # noqa: E402
 
 BIN = Path(sys.executable).parent
 APP = "ephemera"
@@ -447,18 +448,6 @@ def deploy(configs: Path, stand_ins: StandIns, dashboard: str, work: Path) -> No
     cli(str(BIN / "serve"), "deploy", "--address", dashboard, str(serve_file))
 
 
-def wait_app_running(timeout_s: float) -> None:
-    from ray import serve
-
-    def running() -> bool:
-        app = serve.status().applications.get(APP)
-        if app is not None and app.status == "DEPLOY_FAILED":
-            raise RuntimeError(f"the app failed to deploy: {app.message}")
-        return app is not None and app.status == "RUNNING"
-
-    wait_for("the app to run", running, timeout_s)
-
-
 def photo() -> bytes:
     import skimage.data
     from PIL import Image
@@ -632,7 +621,7 @@ def rehearse(args: argparse.Namespace) -> Report:
         log(f"deploying as the head does: ephemera deploy-config, serve deploy "
             f"({len(watcher.known)} nodes up)")
         deploy(configs, stand_ins, running.dashboard, work)
-        wait_app_running(args.timeout_s)
+        wait_app_running(args.timeout_s, APP)
         base_url = f"http://127.0.0.1:{http_port}"
 
         def types_of(placed: dict[str, list[tuple[str, int]]]) -> dict[str, list[str]]:
