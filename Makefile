@@ -39,6 +39,7 @@ bench: install
 	$(BIN)/python scripts/bench_hostile.py
 	$(BIN)/python scripts/load.py --quick
 	$(BIN)/python scripts/bench_retention.py
+	$(BIN)/python scripts/bench_transparency.py --quick
 
 # Every privacy promise broken one at a time: a named guard test must fail on an assertion.
 check-promises: install
