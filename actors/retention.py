@@ -18,6 +18,8 @@ from ray import serve
 from actors.common import open_backends
 from pipeline.core.config import Settings
 from pipeline.state.cluster_secret import check_process_secrets
+from pipeline.state.tlog import TransparencyLog, migrate_chain
+from pipeline.transparency.heads import signing_key
 
 log = logging.getLogger("ray.serve")
 
@@ -33,10 +35,26 @@ class RetentionDeployment:
         self.jobs = JobStore(client)
         self.owner = f"retention-{os.getpid()}"
         self._background: asyncio.Task | None = None
+        self._signer: asyncio.Task | None = None
+        self.tlog_key = signing_key(settings.retention.transparency, settings.production_markers)
+        self.tlog = TransparencyLog(client)
+        migrate_chain(client)  # receipts chained before the log: carried in once
 
     def _ensure_background(self) -> None:
         if self._background is None or self._background.done():
             self._background = asyncio.get_running_loop().create_task(self._forever())
+        if self._signer is None or self._signer.done():
+            self._signer = asyncio.get_running_loop().create_task(self._sign_heads_forever())
+
+    async def _sign_heads_forever(self) -> None:
+        """Signed tree heads of the deletion log: checked every tenth of a second, signed
+        when transparency.head_interval_s or head_max_entries calls for one (every replica
+        runs this; heads only grow, so racing signers publish one head per size)."""
+        cfg = self.settings.retention.transparency
+        while True:
+            await self._guarded("signing a tree head",
+                                lambda: self.tlog.sign_head(self.tlog_key, cfg))
+            await asyncio.sleep(min(0.1, cfg.head_interval_s))
 
     async def _forever(self) -> None:
         last_reconcile = 0.0

@@ -5,7 +5,7 @@ Run:  .venv/bin/python scripts/bench_transparency.py [--quick]
 
 A private redis-server on a free 127.0.0.1 port (pipeline/state/redis_server.py, AOF
 everysec as the embedded default runs it), stopped at the end. Everything goes through the
-production code: ``TransparencyLog`` (pipeline/transparency/log.py) appends and proves, the
+production code: ``TransparencyLog`` (pipeline/state/tlog.py) appends and proves, the
 standalone verifier (pipeline/transparency/verifier.py) checks, leaves are ``make_leaf``'s
 canonical JSON and heads are signed with the demo key (``signing_key(TransparencyConfig(),
 [])``).
@@ -46,7 +46,8 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.core.config import TransparencyConfig
 from pipeline.state.redis_server import RedisServer
-from pipeline.transparency.log import TransparencyLog, audit, make_leaf, signing_key
+from pipeline.state.tlog import TransparencyLog, audit
+from pipeline.transparency.heads import make_leaf, signing_key
 from pipeline.transparency.verifier import (
     VerificationError,
     leaf_hash,

@@ -30,6 +30,7 @@ failed F, lost 0, inputs left 0``. ``--json FILE`` writes every observation for 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import io
 import json
@@ -246,6 +247,8 @@ def _token_env() -> None:
     os.environ.setdefault("EPHEMERA_ACCOUNT_SECRET", "rehearsal-account-" + secrets.token_hex(24))
     os.environ.setdefault("EPHEMERA_AGGREGATE_SECRET", "rehearsal-aggr-" + secrets.token_hex(24))
     os.environ.setdefault("EPHEMERA_METRICS_TOKEN", "rehearsal-metrics-" + secrets.token_hex(16))
+    os.environ.setdefault("EPHEMERA_TLOG_SIGNING_KEY",
+                          base64.b64encode(secrets.token_bytes(32)).decode())
     os.environ.pop("RAY_ADDRESS", None)
 
 

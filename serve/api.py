@@ -60,12 +60,16 @@ from pipeline.state.idempotency import Idempotency, body_digest, check_key
 from pipeline.state.job_store import JobStore
 from pipeline.state.metrics import render_prometheus, service_metrics
 from pipeline.state.receipts import ReceiptLedger
+from pipeline.state.tlog import TransparencyLog
 from pipeline.storage.base import open_stores
+from pipeline.transparency.heads import head_json, key_description, log_public_key
+from pipeline.transparency.verifier import verify_checkpoint
 from serve.errors import RETRY_LATER, http_status
 from serve.leases import keep_lease
 from serve.schemas import (
     AgeSignalBody,
     AgeSignalNoAction,
+    ConsistencyProof,
     DeletionReceipt,
     DeletionStarted,
     ErrorBody,
@@ -78,6 +82,8 @@ from serve.schemas import (
     OutputsPage,
     PrivacyExport,
     SignedUrl,
+    TransparencyKey,
+    TreeHead,
 )
 from serve.telemetry import count_rejection
 
@@ -348,6 +354,8 @@ class ApiDeployment:
         self._background: set[asyncio.Task] = set()
         self.redis = redis.Redis.from_url(settings.service.redis_url)
         check_process_secrets(settings, self.redis)  # before any pseudonym is computed
+        self.tlog_public = log_public_key(settings.retention.transparency,
+                                          settings.production_markers)
         self.jobs = JobStore(self.redis)
         self.stores = open_stores(settings.storage)
         self.idempotency = Idempotency(self.redis, window_s=settings.service.idempotency_window_s)
@@ -656,6 +664,32 @@ class ApiDeployment:
             await self.retention.delete_account.remote(account_id, receipt_id)
         except Exception:
             pass  # still pending in Redis: the retention actors' next round resumes it
+
+    @app.get("/v1/transparency/key", response_model=TransparencyKey)
+    def transparency_key(self) -> dict:
+        """The deletion log's public key: apps pin it and verify receipts with it."""
+        return key_description(self.settings.retention.transparency, self.tlog_public)
+
+    @app.get("/v1/transparency/head", response_model=TreeHead)
+    def transparency_head(self) -> dict:
+        """The latest signed tree head of the deletion log."""
+        text = TransparencyLog(self.redis).latest_head_text()
+        if text is None:
+            raise NotFound("the deletion log has no signed head yet")
+        return head_json(verify_checkpoint(text, self.tlog_public))
+
+    @app.get("/v1/transparency/consistency", response_model=ConsistencyProof)
+    def transparency_consistency(
+            self, first: Annotated[int, Query(ge=1, le=1 << 62)],
+            second: Annotated[int, Query(ge=1, le=1 << 62)]) -> dict:
+        """Proof that the log of ``second`` entries extends the log of ``first`` (O(log n))."""
+        if first > second:
+            raise InvalidUpload(f"first ({first}) must not exceed second ({second})")
+        log = TransparencyLog(self.redis)
+        if second > log.size():
+            raise NotFound(f"the deletion log holds fewer than {second} entries")
+        return {"first": first, "second": second,
+                "proof": [p.hex() for p in log.consistency_proof(first, second)]}
 
     @app.get("/v1/accounts/{account_id}/deletions/{receipt_id}", response_model=DeletionReceipt)
     def get_deletion(self, account_id: AccountId, receipt_id: str) -> dict:

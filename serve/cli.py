@@ -44,6 +44,7 @@ directory.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -117,15 +118,81 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 
 def _verify_ledger(args: argparse.Namespace) -> int:
+    """The full audit of the deletion log: leaves, nodes, every kept head (and the receipt
+    chain from before the log, if not yet migrated)."""
     from pipeline.state import keys
     from pipeline.state.receipts import verify_chain
+    from pipeline.state.tlog import TransparencyLog, audit
+    from pipeline.transparency.heads import log_public_key
 
-    _, jobs, _ = _backends(args)
-    problems = verify_chain(jobs.redis)
+    settings, jobs, _ = _backends(args)
+    log = TransparencyLog(jobs.redis)
+    public = log_public_key(settings.retention.transparency, settings.production_markers)
+    problems = audit(log, public) + verify_chain(jobs.redis)
     if problems:
         print("deletion ledger TAMPERED:", *problems, sep="\n  ")
         return 1
-    print(f"deletion ledger intact: {jobs.redis.llen(keys.RECEIPT_CHAIN)} entries, hash chain verified")
+    chained = jobs.redis.llen(keys.RECEIPT_CHAIN)
+    print(f"deletion ledger intact: {log.size()} entries in the transparency log, "
+          f"{len(log.head_texts())} signed heads verified"
+          + (f", {chained} chain entries awaiting migration" if chained else ""))
+    return 0
+
+
+def _migrate_chain(args: argparse.Namespace) -> int:
+    from pipeline.state.tlog import migrate_chain
+
+    _, jobs, _ = _backends(args)
+    print(f"carried {migrate_chain(jobs.redis)} receipt chain entries into the log")
+    return 0
+
+
+def _export_heads(args: argparse.Namespace) -> int:
+    """Every kept signed head, as the monitor's witness file (JSON)."""
+    from pipeline.state.tlog import TransparencyLog
+    from pipeline.transparency.heads import log_public_key, public_key_b64
+    from pipeline.transparency.monitor import MonitorState
+
+    settings, jobs, _ = _backends(args)
+    cfg = settings.retention.transparency
+    public = public_key_b64(log_public_key(cfg, settings.production_markers))
+    state = MonitorState(cfg.origin, public, TransparencyLog(jobs.redis).head_texts())
+    state.save(Path(args.out))
+    print(f"wrote {len(state.heads)} signed heads to {args.out}")
+    return 0
+
+
+def _verify_receipt(args: argparse.Namespace) -> int:
+    """The standalone verifier (pipeline/transparency/verifier.py) on a saved receipt."""
+    from pipeline.transparency import verifier
+
+    argv = [args.receipt, args.key] + ([args.seen] if args.seen else [])
+    return verifier.main(argv)
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    """Fetch the head every --interval-s, --rounds times; exit 1 on the first alarm."""
+    from pipeline.transparency.monitor import MonitorState, http_source, observe
+
+    token = os.environ.get(args.token_env) if args.token_env else None
+    key, head, consistency = http_source(args.url, token)
+    state_path = Path(args.state)
+    state = MonitorState.load(state_path)
+    if state is None:
+        pinned = args.public_key or key()["public_key"]
+        state = MonitorState(key()["origin"], pinned)
+    for round_ in range(args.rounds):
+        if round_:
+            time.sleep(args.interval_s)
+        checkpoint = head()
+        alarms = observe(state, checkpoint, consistency)
+        if alarms:
+            print(*alarms, sep="\n")
+            return 1
+        state.save(state_path)
+        size = checkpoint.split("\n")[1]
+        print(f"head ok: {size} entries, consistent with {len(state.heads)} heads seen",
+              flush=True)
     return 0
 
 
@@ -405,11 +472,21 @@ OPTIONS: dict[str, dict[str, Any]] = {
                 "of the config set it names (only the changed lines; comments stay)"},
     "--dry-run": {"action": "store_true", "help": "print the diff --write would make; change "
                   "nothing, neither the files nor the cluster (no Ray connection)"},
+    "--seen": {"metavar": "FILE", "help": "heads seen before, each with its consistency "
+               "proof: [{checkpoint, consistency: {proof}}]"},
+    "--url": {"metavar": "URL", "help": "the service's base URL"},
+    "--state": {"metavar": "FILE", "help": "the monitor's state and witness file (JSON)"},
+    "--public-key": {"metavar": "B64", "help": "pin this key (default: fetched on the "
+                     "first run, then pinned in the state file)"},
+    "--token-env": {"metavar": "NAME", "help": "variable holding the API bearer token"},
+    "--interval-s": {"type": float, "metavar": "S", "help": "between two fetches"},
+    "--rounds": {"type": int, "metavar": "N", "help": "fetches to make (default 1)"},
     "--file-only": {"action": "store_true", "help": "write the files, leave the running "
                     "cluster alone (a RayService: kubectl apply the manifest)"},
 }
 DEFAULTS: dict[str, Any] = {"config_dir": "configs", "workdir": "data", "address": "auto",
-                            "dry_run": False, "file_only": False}
+                            "dry_run": False, "file_only": False, "rounds": 1,
+                            "interval_s": 10.0, "token_env": "EPHEMERA_API_TOKEN"}
 
 _BACKENDS: dict[str, str | None] = {"--config-dir": None, "--redis-url": None,
                                     "--store-url": None}
@@ -432,8 +509,23 @@ COMMANDS: dict[str, Command | tuple[str, dict[str, Command]]] = {
         "sweep": Command(_sweep, "purge what is past its deadline", _BACKENDS),
         "reconcile": Command(_reconcile, "delete stored inputs/face data with no live record",
                              _BACKENDS),
-        "verify-ledger": Command(_verify_ledger, "check the deletion receipts' hash chain",
-                                 _BACKENDS)}),
+        "verify-ledger": Command(_verify_ledger, "audit the deletion log: leaves, nodes, "
+                                 "signed heads", _BACKENDS)}),
+    "verify-receipt": Command(_verify_receipt, "verify a saved deletion receipt offline",
+                              {"--seen": None},
+                              {"receipt": {"help": "the receipt's JSON, as GET /v1/accounts/"
+                                           "{a}/deletions/{r} returns it"},
+                               "key": {"help": "the log's public key (base64), as GET "
+                                              "/v1/transparency/key returns it"}}),
+    "transparency": ("the deletion transparency log", {
+        "monitor": Command(_monitor, "watch the log's heads; exit 1 on a fork or a rewrite",
+                           {"--url": None, "--state": None, "--public-key": None,
+                            "--token-env": None, "--interval-s": None, "--rounds": None},
+                           required=("--url", "--state")),
+        "heads": Command(_export_heads, "export the kept signed heads for witnesses",
+                         {**_BACKENDS, "--out": "the JSON file to write"}, required=("--out",)),
+        "migrate": Command(_migrate_chain, "carry the old receipt chain into the log",
+                           _BACKENDS)}),
     "privacy": ("users' privacy requests", {
         "report": Command(_privacy_report, "open requests and any past a deadline",
                           _BACKENDS)}),

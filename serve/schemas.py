@@ -100,21 +100,38 @@ class DeletionStarted(BaseModel):
     new_jobs: str | None = Field(None, description="'refused' after an under-13 signal")
 
 
+class LeafOpening(BaseModel):
+    """Opens the leaf's ``subject`` commitment: private to the account's receipt."""
+
+    salt: str = Field(description="hex, 32 random bytes of this leaf")
+    account_ref: str = Field(description="the account's keyed pseudonym")
+    uri_sha256: str = Field(description="SHA-256 of the deleted object's URI")
+
+
 class ReceiptEntry(BaseModel):
-    """One verified deletion in the hash chain: a digest of the object's URI, never it."""
+    """One verified deletion: a leaf of the transparency log and its inclusion proof."""
 
-    model_config = ConfigDict(extra="allow")
-
-    seq: int
-    receipt_id: str
-    uri_sha256: str
+    leaf_index: int
+    leaf: str = Field(description="base64 of the leaf's canonical JSON (public)")
+    leaf_hash: str = Field(description="hex SHA-256(0x00 || leaf)")
     object_class: str
-    account_ref: str
-    requested_s: float
-    verified_s: float
+    requested_ms: int
+    verified_ms: int
     result: str = Field(description="verified_gone")
-    prev_hash: str
-    hash: str
+    inclusion_proof: list[str] | None = Field(
+        description="hex hashes, leaf to root, against `head`; null until a signed head "
+        "covers the leaf (retention.yaml transparency.head_interval_s)")
+    opening: LeafOpening
+
+
+class TreeHead(BaseModel):
+    """A signed tree head: the checkpoint is what is signed and what a client verifies."""
+
+    origin: str
+    tree_size: int
+    root_hash: str = Field(description="hex")
+    timestamp_ms: int
+    checkpoint: str = Field(description="C2SP tlog-checkpoint signed note (Ed25519)")
 
 
 class DeletionReceipt(BaseModel):
@@ -126,6 +143,23 @@ class DeletionReceipt(BaseModel):
     requested_s: float
     updated_s: float | None = None
     objects: list[ReceiptEntry]
+    head: TreeHead | None = Field(description="the signed head the proofs lead to")
+    proof_status: str = Field(description="proven | pending (a proof waits for the next head)")
+
+
+class TransparencyKey(BaseModel):
+    origin: str
+    algorithm: str
+    public_key: str = Field(description="base64 of the raw 32-byte Ed25519 key")
+    key_id: str = Field(description="hex signed-note key id")
+    head_format: str
+    hashing: str
+
+
+class ConsistencyProof(BaseModel):
+    first: int
+    second: int
+    proof: list[str] = Field(description="hex hashes (RFC 9162 2.1.4)")
 
 
 class OptOutBody(BaseModel):

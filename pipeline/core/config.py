@@ -550,6 +550,29 @@ class StylesConfig(_Strict):
     styles: dict[str, StyleConfig] = Field(min_length=1, description="Style name -> settings.")
 
 
+class TransparencyConfig(_Strict):
+    """retention.yaml transparency: the log of verified deletions (pipeline/transparency)."""
+
+    origin: str = Field(
+        "ephemera.app/deletions", min_length=1, pattern=r"^[^\s]+$",
+        description="The log's name in its signed heads (C2SP checkpoint origin line).")
+    signing_key_env: str = Field(
+        "EPHEMERA_TLOG_SIGNING_KEY", pattern=r"^[A-Z][A-Z0-9_]*$",
+        description="Variable holding the Ed25519 signing key (base64 of a 32-byte seed); "
+        "required where the config is production-shaped.")
+    public_key: str | None = Field(
+        None, description="The key clients pin (base64, 32 bytes): processes refuse a "
+        "signing key that does not match it. null: whatever the signing key is.")
+    head_interval_s: float = Field(
+        1.0, gt=0, le=3600, description="A new signed head at least this often while "
+        "entries wait (a receipt's proof is pending at most this long).")
+    head_max_entries: int = Field(
+        1000, gt=0, le=10_000_000, description="...or as soon as this many entries wait.")
+    heads_kept: int = Field(
+        10_000, gt=0, le=10_000_000, description="Signed heads kept in Redis for monitors "
+        "and witnesses (older ones remain provable: proofs work between any sizes).")
+
+
 class RetentionConfig(_Strict):
     """configs/retention.yaml: hard ceilings and the background sweep."""
 
@@ -587,6 +610,9 @@ class RetentionConfig(_Strict):
     reconcile_interval_s: float = Field(
         60.0, gt=0, le=86400, description="How often actors list the store for orphans."
     )
+    transparency: TransparencyConfig = Field(
+        default_factory=TransparencyConfig, description="The deletion transparency log: "
+        "its name, signing key variable, pinned public key and head cadence.")
 
 
 class Settings(_Strict):

@@ -101,6 +101,8 @@ def retention_lease(uri: str) -> str:
 
 
 # Deletion receipts (pipeline/state/receipts.py, pipeline/retention/deletion.py)
+# The hash chain of receipts before the transparency log: read once by the migration
+# (pipeline/state/tlog.py, ``migrate_chain``), which deletes it.
 RECEIPT_CHAIN = "eph:receipts:chain"         # list of hash-chained entries
 RECEIPT_HEAD = "eph:receipts:head"           # hash: seq, hash of the last entry
 PENDING_ACCOUNT_DELETIONS = "eph:deletions:pending"  # hash receipt_id -> account_id
@@ -112,8 +114,28 @@ def deletion_request(receipt_id: str) -> str:
 
 
 def deletion_entries(receipt_id: str) -> str:
-    """List of chain sequence numbers belonging to a deletion request."""
+    """List of a deletion request's log entries: JSON {leaf_index, salt, account_ref,
+    uri_sha256} (the private opening of each leaf's subject); a bare integer is a chain
+    sequence number from before the log, opened through ``TLOG_MIGRATED``."""
     return f"eph:deletion:{receipt_id}:entries"
+
+
+# The transparency log of deletions (pipeline/state/tlog.py). Public data only:
+# leaves hold salted commitments, never an account id, a pseudonym or an object key.
+TLOG_SIZE = "eph:tlog:size"                  # leaves appended; WATCHed by every append
+TLOG_HEADS = "eph:tlog:heads"                # zset checkpoint text -> tree size (signed heads)
+TLOG_MIGRATED = "eph:tlog:migrated"          # hash chain seq -> opening JSON (migration)
+TLOG_MIGRATION_DONE = "eph:tlog:migrated-through"  # last chain seq carried into the log
+
+
+def tlog_nodes(level: int, chunk: int) -> str:
+    """String of 32-byte perfect-subtree hashes at ``level``, nodes ``chunk * 2**16`` on."""
+    return f"eph:tlog:node:{level}:{chunk}"
+
+
+def tlog_leaves(chunk: int) -> str:
+    """Hash leaf index -> leaf bytes (canonical JSON), leaves ``chunk * 2**16`` on."""
+    return f"eph:tlog:leaf:{chunk}"
 
 
 # Privacy rights (pipeline/privacy/rights.py)

@@ -1,34 +1,41 @@
-"""Deletion receipts: an append-only, hash-chained ledger of verified deletions.
+"""Deletion receipts: each verified deletion is a leaf of the transparency log.
 
-Each entry holds the SHA-256 of the object URI (never the URI, never content), its class,
-the account's keyed pseudonym (never the raw id), when deletion was requested and
-verified, and the verifier's result. Entry
-``n`` stores ``prev_hash`` = hash of entry ``n-1``; its own ``hash`` covers every other
-field. Editing, removing, reordering or truncating entries breaks the chain, and
-``verify_chain`` says where.
+A deletion request (one output, an account, a job's purge) is a record in Redis; each object
+it deleted and verified gone is appended to the log (pipeline/state/tlog.py) as a
+public leaf holding its class, times, the verifier's result and a salted commitment to
+(receipt id, account pseudonym, SHA-256 of the object URI); the opening of that commitment
+stays with the request, readable by its account only. A receipt read returns, per object,
+the leaf, its index and an inclusion proof against the latest signed tree head, which the
+standalone verifier (pipeline/transparency/verifier.py) checks without the service.
+
+``ChainEntry`` and ``verify_chain`` read the hash chain that held receipts before the log,
+for its one-time migration (``pipeline.state.tlog.migrate_chain``).
 
 Keys:
-  eph:receipts:chain        list of JSON entries, append-only
-  eph:receipts:head         hash: seq, hash of the last entry (checked against the list)
-  eph:deletion:<receipt_id> hash: what a deletion request covers and its status
-  eph:deletion:<receipt_id>:entries  list of chain seqs written for it
+  eph:deletion:<receipt_id>          hash: what a deletion request covers and its status
+  eph:deletion:<receipt_id>:entries  list of the request's leaf openings (JSON)
+  eph:tlog:*                         the log (pipeline/state/keys.py)
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import redis
 
 from pipeline.core.errors import NotFound
 from pipeline.core.records import DeletionReceipt
-from pipeline.core.retry import retry_on_conflict
 from pipeline.security.pseudonyms import account_ref
 from pipeline.state import keys
+from pipeline.state.tlog import TransparencyLog
+from pipeline.transparency.heads import Opening, head_json, make_leaf
+from pipeline.transparency.verifier import leaf_hash, parse_checkpoint
 
 GENESIS_HASH = "0" * 64
 
@@ -60,6 +67,7 @@ def uri_digest(uri: str) -> str:
 class ReceiptLedger:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
+        self.log = TransparencyLog(client)
 
     @staticmethod
     def new_request_id() -> str:
@@ -88,40 +96,67 @@ class ReceiptLedger:
             "status": "complete" if complete else "pending", "updated_s": repr(time.time())})
 
     def append(self, receipt_id: str, receipt: DeletionReceipt, *, account_id: str,
-               requested_s: float) -> ChainEntry:
-        """Append one verified deletion to the chain (optimistic WATCH on the head)."""
+               requested_s: float) -> int:
+        """Append one verified deletion to the log, its opening to the request, atomically;
+        the leaf's index."""
+        ref = account_ref(account_id) if account_id else ""
+        digest = uri_digest(receipt.uri)
+        leaf, salt = make_leaf(receipt_id=receipt_id, account_ref=ref, uri_sha256=digest,
+                               object_class=receipt.object_class, requested_s=requested_s,
+                               verified_s=receipt.deleted_at_s,
+                               result="verified_gone" if receipt.verified_gone
+                               else "not_verified")
 
-        def attempt() -> ChainEntry:
-            with self.redis.pipeline(transaction=True) as pipe:
-                pipe.watch(keys.RECEIPT_HEAD)
-                head = pipe.hgetall(keys.RECEIPT_HEAD)
-                seq = int(head.get(b"seq", b"-1")) + 1
-                prev = head.get(b"hash", GENESIS_HASH.encode()).decode()
-                entry = ChainEntry(
-                    seq=seq, receipt_id=receipt_id, uri_sha256=uri_digest(receipt.uri),
-                    object_class=receipt.object_class,
-                    account_ref=account_ref(account_id) if account_id else "",
-                    requested_s=requested_s, verified_s=receipt.deleted_at_s,
-                    result="verified_gone" if receipt.verified_gone else "not_verified",
-                    prev_hash=prev,
-                )
-                entry = ChainEntry(**{**asdict(entry), "hash": _entry_hash(entry)})
-                pipe.multi()
-                pipe.rpush(keys.RECEIPT_CHAIN, json.dumps(asdict(entry), sort_keys=True))
-                pipe.hset(keys.RECEIPT_HEAD, mapping={"seq": seq, "hash": entry.hash})
-                pipe.rpush(keys.deletion_entries(receipt_id), seq)
-                pipe.execute()
-                return entry
+        def opening(pipe: Any, first: int) -> None:
+            pipe.rpush(keys.deletion_entries(receipt_id),
+                       Opening(first, salt, ref, digest).to_json())
 
-        return retry_on_conflict(attempt)
+        return self.log.append([leaf], opening)
 
-    def get_request(self, receipt_id: str) -> dict:
+    def openings(self, receipt_id: str) -> list[Opening]:
+        found: list[Opening] = []
+        raw = self.redis.lrange(keys.deletion_entries(receipt_id), 0, -1)
+        migrated = [r.decode() for r in raw if r.isdigit()]  # chain seqs from before the log
+        carried = dict(zip(migrated, self.redis.hmget(keys.TLOG_MIGRATED, migrated),
+                           strict=True)) if migrated else {}
+        for value in raw:
+            text = carried.get(value.decode()) if value.isdigit() else value
+            if text is None:
+                continue  # a chain entry not carried into the log yet
+            found.append(Opening(**json.loads(text)))
+        return found
+
+    def get_request(self, receipt_id: str, *, with_proofs: bool = True) -> dict:
+        """The request, its objects (leaf, index, opening) and, with ``with_proofs``, each
+        object's inclusion proof against the latest signed head (``head``; a leaf newer
+        than that head has ``inclusion_proof: null`` until the next head, within
+        retention.yaml transparency.head_interval_s). O(log n) reads per object."""
         raw = self.redis.hgetall(keys.deletion_request(receipt_id))
         if not raw:
             raise NotFound(f"deletion receipt {receipt_id} not found")
-        request = {k.decode(): v.decode() for k, v in raw.items()}
-        seqs = [int(s) for s in self.redis.lrange(keys.deletion_entries(receipt_id), 0, -1)]
-        request["objects"] = [json.loads(self.redis.lindex(keys.RECEIPT_CHAIN, s)) for s in seqs]
+        request: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
+        openings = self.openings(receipt_id)
+        leaves = self.log.leaves([o.leaf_index for o in openings]) if openings else []
+        head_text = self.log.latest_head_text() if with_proofs else None
+        head = parse_checkpoint(head_text)[0] if head_text else None
+        objects = []
+        for item, leaf in zip(openings, leaves, strict=True):
+            fields = json.loads(leaf)
+            proof = None
+            if head is not None and item.leaf_index < head.tree_size:
+                proof = [p.hex() for p in self.log.inclusion_proof(item.leaf_index,
+                                                                   head.tree_size)]
+            objects.append({
+                "leaf_index": item.leaf_index, "leaf": base64.b64encode(leaf).decode(),
+                "leaf_hash": leaf_hash(leaf).hex(), "object_class": fields["object_class"],
+                "requested_ms": fields["requested_ms"], "verified_ms": fields["verified_ms"],
+                "result": fields["result"], "inclusion_proof": proof,
+                "opening": {"salt": item.salt, "account_ref": item.account_ref,
+                            "uri_sha256": item.uri_sha256}})
+        request["objects"] = objects
+        request["head"] = head_json(head) if head is not None else None
+        proven = bool(objects) and all(o["inclusion_proof"] is not None for o in objects)
+        request["proof_status"] = "proven" if proven else "pending"
         return request
 
 

@@ -3,6 +3,7 @@ cluster running the whole Serve application, all on loopback, stopped by the fix
 
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
 
@@ -22,6 +23,10 @@ METRICS_TOKEN = "test-metrics-token-" + "0123456789abcdef"  # Prometheus's: GET 
 # `serve run` inherit them.
 os.environ.setdefault("EPHEMERA_ACCOUNT_SECRET", "integration-tests-" + "s" * 32)
 os.environ.setdefault("EPHEMERA_AGGREGATE_SECRET", "integration-tests-aggregate-" + "g" * 32)
+# ... and the deletion log's signing key (base64 of a 32-byte Ed25519 seed), for the same
+# reason; the tests that check heads read the key through the same variable.
+os.environ.setdefault("EPHEMERA_TLOG_SIGNING_KEY",
+                      base64.b64encode(b"integration-tests-tlog-" + b"k" * 9).decode())
 
 
 @pytest.fixture(scope="session")

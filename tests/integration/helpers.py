@@ -206,3 +206,13 @@ def run_in_replica(deployment: str, fn):
 def replica_pid(deployment: str) -> int:
     """The OS process of the (single) replica of ``deployment`` in the ephemera app."""
     return run_in_replica(deployment, lambda actor: os.getpid())
+
+
+def log_leaves(client) -> list[dict]:
+    """Every leaf of the deletion transparency log, parsed (public data)."""
+    import json
+
+    from pipeline.state.tlog import TransparencyLog
+
+    log = TransparencyLog(client)
+    return [json.loads(leaf) for leaf in log.leaves(list(range(log.size())))]

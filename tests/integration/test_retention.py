@@ -19,8 +19,9 @@ from pipeline.retention.purge import purge_finished_job, reconcile
 from pipeline.security import crypto
 from pipeline.state import keys
 from pipeline.state.job_store import JobStore
-from pipeline.state.receipts import ReceiptLedger, verify_chain
+from pipeline.state.receipts import ReceiptLedger
 from pipeline.state.redis_server import RedisServer
+from pipeline.state.tlog import TransparencyLog, audit
 from pipeline.storage.base import (
     LocalObjectStore,
     StoreSet,
@@ -31,9 +32,13 @@ from pipeline.storage.base import (
     output_key,
     work_key,
 )
+from pipeline.transparency.heads import signing_key
 from serve.cli import main as cli
+from tests.integration.helpers import log_leaves
 
 CFG = RetentionConfig(lease_s=5, purge_max_attempts=2)
+TLOG_CFG = CFG.transparency
+TLOG_KEY = signing_key(TLOG_CFG, [])  # the demo key: these configs are not production-shaped
 
 
 @pytest.fixture()
@@ -114,37 +119,47 @@ def test_records_survive_kill_9_and_restart_then_every_input_is_purged(private_r
     assert after_jobs.ledger.count() == 0
 
 
-def test_every_purge_is_chained_and_tampering_is_detected(store, jobs, private_redis):
+def test_every_purge_is_logged_and_tampering_is_detected(store, jobs, private_redis):
+    """Each verified deletion is a leaf of the transparency log; `retention verify-ledger`
+    audits leaves, nodes and signed heads and names an edited leaf or node."""
     for _ in range(3):
         job = make_job(store, jobs, finished=True)
         purge_finished_job(job.job_id, StoreSet.single(store), jobs, owner="t", cfg=CFG)
-    client = jobs.redis
-    entries = [json.loads(e) for e in client.lrange(keys.RECEIPT_CHAIN, 0, -1)]
-    assert len(entries) == 9 and verify_chain(client) == []
+    client, log = jobs.redis, TransparencyLog(jobs.redis)
+    assert log.sign_head(TLOG_KEY, TLOG_CFG, force=True) is not None
+    entries = log_leaves(client)
+    assert len(entries) == 9 and audit(log, TLOG_KEY.public_key()) == []
     assert all(e["result"] == "verified_gone" for e in entries)
-    # Receipts hold a hash of the URI, never the URI or any content.
-    assert all("inputs/" not in json.dumps(e) and store.url not in json.dumps(e)
-               for e in entries)
+    # Leaves hold a salted commitment, never the URI, its digest or any content.
+    raw = b"".join(log.leaves(list(range(9))))
+    assert b"inputs/" not in raw and store.url.encode() not in raw
     args = ["retention", "verify-ledger", "--redis-url", private_redis.url]
     assert cli(args) == 0
 
-    original = client.lindex(keys.RECEIPT_CHAIN, 4)
+    chunk = keys.tlog_leaves(0)
+    original = client.hget(chunk, "4")
     edited = json.loads(original)
-    edited["verified_s"] -= 3600  # backdate a deletion
-    client.lset(keys.RECEIPT_CHAIN, 4, json.dumps(edited, sort_keys=True))
-    assert any("entry 4" in p for p in verify_chain(client)) and cli(args) == 1
-    client.lset(keys.RECEIPT_CHAIN, 4, original)
-    assert verify_chain(client) == []
+    edited["verified_ms"] -= 3_600_000  # backdate a deletion
+    client.hset(chunk, "4", json.dumps(edited, sort_keys=True, separators=(",", ":")))
+    assert any("leaf 4" in p for p in audit(log, TLOG_KEY.public_key())) and cli(args) == 1
+    client.hset(chunk, "4", original)
+    assert audit(log, TLOG_KEY.public_key()) == []
 
-    client.lrem(keys.RECEIPT_CHAIN, 1, client.lindex(keys.RECEIPT_CHAIN, 2))  # drop an entry
-    assert verify_chain(client) != []
+    node_key = keys.tlog_nodes(1, 0)
+    kept = client.getrange(node_key, 32, 63)
+    client.setrange(node_key, 32, bytes(32))  # an inner node rewritten
+    assert any("node (1, 1)" in p for p in audit(log, TLOG_KEY.public_key()))
+    client.setrange(node_key, 32, kept)
+    assert audit(log, TLOG_KEY.public_key()) == []
 
 
-def test_truncating_the_chain_is_detected(store, jobs):
+def test_truncating_the_log_is_detected(store, jobs):
     job = make_job(store, jobs, finished=True)
     purge_finished_job(job.job_id, StoreSet.single(store), jobs, owner="t", cfg=CFG)
-    jobs.redis.rpop(keys.RECEIPT_CHAIN)
-    assert any("truncated" in p for p in verify_chain(jobs.redis))
+    log = TransparencyLog(jobs.redis)
+    log.sign_head(TLOG_KEY, TLOG_CFG, force=True)
+    jobs.redis.decr(keys.TLOG_SIZE)
+    assert any("truncated" in p for p in audit(log, TLOG_KEY.public_key()))
 
 
 def test_reconciler_deletes_orphans_and_overdue_objects_only(store, jobs, private_redis):
@@ -315,9 +330,9 @@ def test_reconciler_deletes_orphan_outputs_and_expired_usage_with_receipts(store
         "orphan_output", "usage_data"]
     assert not store.exists(orphan) and not store.exists(old)
     assert store.exists(fresh) and store.exists(key_from_uri(store, kept.uri))
-    chain = [json.loads(e) for e in jobs.redis.lrange(keys.RECEIPT_CHAIN, 0, -1)]
-    assert {e["object_class"] for e in chain} >= {"orphan_output", "usage_data"}
-    assert verify_chain(jobs.redis) == []
+    logged = log_leaves(jobs.redis)
+    assert {e["object_class"] for e in logged} >= {"orphan_output", "usage_data"}
+    assert audit(TransparencyLog(jobs.redis), TLOG_KEY.public_key()) == []
 
 
 def test_a_stuck_jobs_inputs_and_face_data_are_gone_by_their_ceilings(store, jobs):

@@ -121,7 +121,8 @@ def leaves():
                          ids=[" ".join(w) for w, _ in leaves()])
 def test_every_option_of_every_command_works_on_either_side(words, command):
     values = {"--max-batch-cost": "3", "--max-wait-ms": "7.5", "--max-concurrent-batches": "2",
-              "--max-attempts": "5", "--stage-timeout-s": "9"}
+              "--max-attempts": "5", "--stage-timeout-s": "9", "--interval-s": "2.5",
+              "--rounds": "3"}
     positionals = ["face" if p == "pool" else f"{p}-value" for p in command.positionals]
     argv = words + positionals
     for option in command.options:

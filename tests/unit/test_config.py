@@ -28,7 +28,7 @@ CONFIG_MODELS = [
     config.PoolConfig, config.AutoscalingConfig, config.DeploymentsConfig,
     config.ModelsConfig, config.StyleConfig,
     config.StylesConfig, config.RetentionConfig, config.Settings, config.S3Config,
-    config.GcsConfig, config.StorageConfig,
+    config.GcsConfig, config.StorageConfig, config.TransparencyConfig,
 ]
 
 

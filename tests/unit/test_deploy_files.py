@@ -461,6 +461,7 @@ def run_node_init(args: list[str], tools: Path, secrets_dir: Path) -> subprocess
 
 NODE_ENV = {"EPHEMERA_API_TOKEN": "api-token-value-123456", "EPHEMERA_METRICS_TOKEN": "m" * 24,
             "EPHEMERA_ACCOUNT_SECRET": "a" * 40, "EPHEMERA_AGGREGATE_SECRET": "g" * 40,
+            "EPHEMERA_TLOG_SIGNING_KEY": "dGxvZy1zaWduaW5nLWtleS1mb3ItdGVzdHMtMzItYnk=",
             "RAY_AUTH_TOKEN": "f" * 64}
 
 

@@ -4,7 +4,8 @@ Nothing in pipeline/ imports ray, serve or actors; each sub-package of pipeline/
 only itself and the floors below it, in this order (a newcomer reads the architecture off
 ``ls pipeline``):
 
-    core -> security -> media, storage, state -> models, privacy -> retention -> jobs
+    core -> security -> transparency -> media, storage, state -> models, privacy -> retention
+    -> jobs
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ MODULES = sorted(p for p in PIPELINE_DIR.rglob("*.py"))
 FLOORS: list[set[str]] = [
     {"core"},
     {"security"},
+    {"transparency"},
     {"media", "storage", "state"},
     {"models", "privacy"},
     {"retention"},
