@@ -50,6 +50,7 @@ class Mutation:
 T_SERVICE = "tests/integration/test_service.py"
 T_RETENTION = "tests/integration/test_retention.py"
 T_PRIVACY = "tests/integration/test_privacy_rights.py"
+T_TLOG = "tests/unit/test_transparency.py"
 
 MUTATIONS = [
     Mutation("api-ignores-device-key", "an upload is encrypted with the key on the user's device",
@@ -255,6 +256,50 @@ MUTATIONS = [
              "    if theirs is None:",
              ("tests/unit/test_secrets.py::test_every_process_of_a_cluster_uses_the_same_account"
               "_secret",)),
+    # P14: deletion a user can verify. Each check of the verifier, the monitor and the audit.
+    Mutation("inclusion-unchecked", "a receipt's object is provably in the signed log",
+             "pipeline/transparency/verifier.py",
+             "    if r != root:\n        raise VerificationError(f\"inclusion proof of leaf",
+             "    if False:\n        raise VerificationError(f\"inclusion proof of leaf",
+             (f"{T_TLOG}::test_inclusion_fails_for_anything_altered",)),
+    Mutation("consistency-unchecked", "a rewritten deletion history is detected",
+             "pipeline/transparency/verifier.py",
+             "    if fr != first_root:",
+             "    if False:",
+             (f"{T_TLOG}::test_a_rewritten_history_is_not_consistent_with_a_head_seen_before",)),
+    Mutation("head-signature-unchecked", "only heads signed by the log's key are trusted",
+             "pipeline/transparency/verifier.py",
+             "            public_key.verify(blob[4:], body.encode())",
+             "            pass",
+             (f"{T_TLOG}::test_signed_heads_verify_only_under_the_log_key_and_unaltered",)),
+    Mutation("leaf-subject-unchecked", "a receipt cannot show another deletion's leaf",
+             "pipeline/transparency/verifier.py",
+             '    if fields.get("subject") != expected:',
+             "    if False:",
+             (f"{T_TLOG}::test_a_receipt_verifies_alone_and_every_forgery_is_named",)),
+    Mutation("monitor-misses-fork", "a monitor alarms on two roots for one size",
+             "pipeline/transparency/monitor.py",
+             "        if old.tree_size == new.tree_size and old.root_hash != new.root_hash:",
+             "        if False:",
+             (f"{T_TLOG}::test_the_monitor_accepts_a_growing_log_and_alarms_on_fork_shrink_"
+              "rewrite_and_key",)),
+    Mutation("monitor-misses-rewrite", "a monitor alarms on a rewritten history",
+             "pipeline/transparency/monitor.py",
+             "            check_heads(last, new, proof)",
+             "            pass",
+             (f"{T_TLOG}::test_the_monitor_accepts_a_growing_log_and_alarms_on_fork_shrink_"
+              "rewrite_and_key",)),
+    Mutation("audit-misses-edited-leaf", "the operator's audit finds an edited leaf",
+             "pipeline/state/tlog.py",
+             "            if leaf_hash(leaf) != node:",
+             "            if False:",
+             (f"{T_RETENTION}::test_every_purge_is_logged_and_tampering_is_detected",)),
+    Mutation("leaf-names-the-account", "a public leaf reveals no account pseudonym",
+             "pipeline/transparency/heads.py",
+             '              "result": result,',
+             '              "result": result, "account_ref": account_ref,',
+             (f"{T_TLOG}::test_leaves_hold_no_id_pseudonym_or_digest_and_open_only_with_"
+              "their_salt",)),
 ]
 
 
