@@ -18,7 +18,7 @@ from ray import serve
 from actors.common import open_backends
 from pipeline.core.config import Settings
 from pipeline.state.cluster_secret import check_process_secrets
-from pipeline.state.tlog import TransparencyLog, migrate_chain
+from pipeline.state.tlog import SettledSize, TransparencyLog, migrate_chain
 from pipeline.transparency.heads import signing_key
 
 log = logging.getLogger("ray.serve")
@@ -51,9 +51,14 @@ class RetentionDeployment:
         when transparency.head_interval_s or head_max_entries calls for one (every replica
         runs this; heads only grow, so racing signers publish one head per size)."""
         cfg = self.settings.retention.transparency
+        settled = SettledSize(cfg.head_settle_s)
+
+        def sign() -> None:
+            size = settled.observe(time.monotonic(), self.tlog.size())
+            self.tlog.sign_head(self.tlog_key, cfg, size=size)
+
         while True:
-            await self._guarded("signing a tree head",
-                                lambda: self.tlog.sign_head(self.tlog_key, cfg))
+            await self._guarded("signing a tree head", sign)
             await asyncio.sleep(min(0.1, cfg.head_interval_s))
 
     async def _forever(self) -> None:

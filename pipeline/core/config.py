@@ -568,6 +568,10 @@ class TransparencyConfig(_Strict):
         "entries wait (a receipt's proof is pending at most this long).")
     head_max_entries: int = Field(
         1000, gt=0, le=10_000_000, description="...or as soon as this many entries wait.")
+    head_settle_s: float = Field(
+        2.0, ge=0, le=60, description="A head covers only entries at least this old: longer "
+        "than Redis's AOF fsync interval (everysec), so no signed head outlives a crash's "
+        "lost writes.")
     heads_kept: int = Field(
         10_000, gt=0, le=10_000_000, description="Signed heads kept in Redis for monitors "
         "and witnesses (older ones remain provable: proofs work between any sizes).")

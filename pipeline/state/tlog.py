@@ -36,6 +36,27 @@ CHUNK_BITS = 16
 HASH_BYTES = 32
 
 
+class SettledSize:
+    """The log size as it was ``settle_s`` ago: what a signer may sign. Redis appends to its
+    AOF every second (``appendfsync everysec``), so a crash loses up to about a second of
+    appends; a head never covers leaves younger than that, so no signed head can ever
+    point past what survives a crash (a monitor would call that a truncation)."""
+
+    def __init__(self, settle_s: float) -> None:
+        self.settle_s = settle_s
+        self.samples: list[tuple[float, int]] = []
+
+    def observe(self, now_s: float, size: int) -> int:
+        """Record the size seen at ``now_s``; the largest size seen ``settle_s`` ago or more
+        (0 until then)."""
+        self.samples.append((now_s, size))
+        settled = [s for s in self.samples if s[0] <= now_s - self.settle_s]
+        if settled:  # keep the newest settled sample and everything after it
+            self.samples = self.samples[len(settled) - 1:]
+            return settled[-1][1]
+        return 0
+
+
 class LogCorrupt(RuntimeError):
     """The stored log is not a Merkle tree any more (an edited node, a missing leaf)."""
 
@@ -130,12 +151,13 @@ class TransparencyLog:
         return [h.decode() for h in self.redis.zrange(keys.TLOG_HEADS, 0, -1)]
 
     def sign_head(self, key: Ed25519PrivateKey, cfg: TransparencyConfig, *,
-                  force: bool = False) -> Head | None:
-        """Sign and publish a head for the current size when the policy calls for one: the
-        log grew and the last head is ``head_interval_s`` old or ``head_max_entries``
-        behind (or ``force``). Heads only grow: of two signers racing, one publishes."""
+                  force: bool = False, size: int | None = None) -> Head | None:
+        """Sign and publish a head for ``size`` (default: the current size) when the policy
+        calls for one: the log grew and the last head is ``head_interval_s`` old or
+        ``head_max_entries`` behind (or ``force``). Heads only grow: of two signers
+        racing, one publishes."""
         public = key.public_key()
-        size = self.size()
+        size = self.size() if size is None else min(size, self.size())
         latest_text = self.latest_head_text()
         latest = verify_checkpoint(latest_text, public) if latest_text else None
         now_ms = int(time.time() * 1000)

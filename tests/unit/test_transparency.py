@@ -226,3 +226,17 @@ def test_the_monitor_accepts_a_growing_log_and_alarms_on_fork_shrink_rewrite_and
     assert len(state.heads) == 2  # nothing that alarmed was kept
     grown = MemoryTree(leaves(30))
     assert observe(state, grown.head(), proofs(grown)) == []
+
+
+def test_a_signer_signs_only_sizes_older_than_the_settle_time():
+    """No head covers appends younger than Redis's AOF fsync window (a crash could lose
+    them, and a signed head past the survivors would read as a truncation)."""
+    from pipeline.state.tlog import SettledSize
+
+    settled = SettledSize(2.0)
+    assert settled.observe(100.0, 5) == 0
+    assert settled.observe(101.0, 9) == 0
+    assert settled.observe(102.0, 12) == 5
+    assert settled.observe(103.5, 12) == 9
+    assert settled.observe(110.0, 20) == 12
+    assert len(settled.samples) <= 3
