@@ -174,7 +174,8 @@ def _monitor(args: argparse.Namespace) -> int:
     """Fetch the head every --interval-s, --rounds times; exit 1 on the first alarm."""
     from pipeline.transparency.monitor import MonitorState, http_source, observe
 
-    token = os.environ.get(args.token_env) if args.token_env else None
+    token_env = args.token_env or "EPHEMERA_API_TOKEN"
+    token = os.environ.get(token_env)
     key, head, consistency = http_source(args.url, token)
     state_path = Path(args.state)
     state = MonitorState.load(state_path)
@@ -286,6 +287,55 @@ def _connect(args: argparse.Namespace) -> None:
                          f"RAY_AUTH_MODE={mode} ({exc}){hint}") from None
 
 
+def _auto_tune(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Sweep the pool's batching on the running app; the chosen setting, or None (the
+    original setting is put back) when none meets the p95 target."""
+    import json
+
+    from serve import autotune
+    from serve.tuning import POOL_DEPLOYMENTS, deployed_app_config, retune, service_status
+
+    if args.pool == "runner":
+        raise ValueError("--auto sweeps a GPU pool's batching: face or diffusion")
+    _connect(args)
+    settings = load_settings(args.config_dir, require_pins=False)
+    token_env = args.token_env or settings.service.api_token_env
+    token = os.environ.get(token_env) if token_env else None
+    url = args.url
+    if url is None:
+        _, instance = deployed_app_config()
+        http = instance["http_options"]
+        url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    deployment = POOL_DEPLOYMENTS[args.pool]
+    original = service_status()[deployment]["user_config"]
+    grid = autotune.sweep_grid([int(c) for c in args.costs.split(",")],
+                               [float(w) for w in args.waits_ms.split(",")])
+    print(f"tuning {args.pool}: {len(grid)} settings x {args.jobs} jobs at "
+          f"{args.offered_rps:g} jobs/s offered, p95 target {args.p95_target_s:g} s", flush=True)
+    results = autotune.sweep(args.pool, grid, base_url=url, token=token,
+                             offered_rps=args.offered_rps, jobs=args.jobs,
+                             on_result=lambda r: print(
+                                 f"  {r.setting}: {r.throughput_jobs_s:.3f} jobs/s, p95 "
+                                 f"{r.p95_s:.2f} s, failed {r.failed}", flush=True))
+    chosen = autotune.choose(results, args.p95_target_s)
+    print(autotune.table(results, chosen, args.p95_target_s))
+    if args.out:
+        out = Path(args.out)
+        out.write_text(json.dumps({"pool": args.pool, "p95_target_s": args.p95_target_s,
+                                   "results": [r.row() for r in results],
+                                   "chosen": chosen.setting if chosen else None}, indent=1))
+        if autotune.plot(results, chosen, args.p95_target_s, out.with_suffix(".png"),
+                         f"ephemera tune {args.pool} --auto"):
+            print(f"wrote {out} and {out.with_suffix('.png')}")
+    if chosen is None:
+        retune(args.pool, {k: original[k] for k in grid[0] if k in original})
+        print(f"no setting met p95 <= {args.p95_target_s:g} s with every job succeeding; "
+              "the pool is back on its original batching", file=sys.stderr)
+        return None
+    print(f"chosen: {chosen.setting}")
+    return chosen.setting
+
+
 def _tune(args: argparse.Namespace) -> int:
     from serve.tuning import retune, tune_file
 
@@ -294,6 +344,14 @@ def _tune(args: argparse.Namespace) -> int:
         ("max_concurrent_batches", args.max_concurrent_batches),
         ("max_attempts", args.max_attempts), ("stage_timeout_s", args.stage_timeout_s),
     ) if value is not None}
+    if args.auto:
+        if changes or args.dry_run or args.file_only:
+            raise ValueError("--auto picks the batching itself: give no knob, --dry-run or "
+                             "--file-only with it")
+        chosen = _auto_tune(args)
+        if chosen is None:
+            return 1
+        changes = chosen
     if not changes:
         raise ValueError("nothing to change: give at least one of --max-batch-cost, "
                          "--max-wait-ms, --max-concurrent-batches, --max-attempts, "
@@ -472,6 +530,16 @@ OPTIONS: dict[str, dict[str, Any]] = {
                 "of the config set it names (only the changed lines; comments stay)"},
     "--dry-run": {"action": "store_true", "help": "print the diff --write would make; change "
                   "nothing, neither the files nor the cluster (no Ray connection)"},
+    "--auto": {"action": "store_true", "help": "sweep the pool's batching under generated "
+               "traffic on the running app, apply the best setting meeting --p95-target-s"},
+    "--offered-rps": {"type": float, "metavar": "R", "help": "--auto: jobs/s offered, "
+                      "open loop (default 2)"},
+    "--jobs": {"type": int, "metavar": "N", "help": "--auto: jobs per setting (default 16)"},
+    "--p95-target-s": {"type": float, "metavar": "S", "help": "--auto: latency target "
+                       "(default 30)"},
+    "--costs": {"metavar": "LIST", "help": "--auto: max_batch_cost values (default 4,8,16)"},
+    "--waits-ms": {"metavar": "LIST", "help": "--auto: max_wait_ms values (default "
+                   "50,200,800)"},
     "--seen": {"metavar": "FILE", "help": "heads seen before, each with its consistency "
                "proof: [{checkpoint, consistency: {proof}}]"},
     "--url": {"metavar": "URL", "help": "the service's base URL"},
@@ -486,13 +554,17 @@ OPTIONS: dict[str, dict[str, Any]] = {
 }
 DEFAULTS: dict[str, Any] = {"config_dir": "configs", "workdir": "data", "address": "auto",
                             "dry_run": False, "file_only": False, "rounds": 1,
-                            "interval_s": 10.0, "token_env": "EPHEMERA_API_TOKEN"}
+                            "interval_s": 10.0, "auto": False, "offered_rps": 2.0,
+                            "jobs": 16, "p95_target_s": 30.0, "costs": "4,8,16",
+                            "waits_ms": "50,200,800"}
 
 _BACKENDS: dict[str, str | None] = {"--config-dir": None, "--redis-url": None,
                                     "--store-url": None}
-_TUNE: dict[str, str | None] = dict.fromkeys((
+_TUNE: dict[str, str | None] = {**dict.fromkeys((
     "--config-dir", "--address", "--max-batch-cost", "--max-wait-ms", "--max-concurrent-batches",
-    "--max-attempts", "--stage-timeout-s", "--write", "--dry-run", "--file-only"))
+    "--max-attempts", "--stage-timeout-s", "--write", "--dry-run", "--file-only", "--auto",
+    "--offered-rps", "--jobs", "--p95-target-s", "--costs", "--waits-ms", "--url",
+    "--token-env")), "--out": "--auto: the sweep's results (JSON; a PNG beside it)"}
 
 # name -> a Command, or (help, {name -> Command}) for a command with subcommands.
 COMMANDS: dict[str, Command | tuple[str, dict[str, Command]]] = {

@@ -122,7 +122,7 @@ def leaves():
 def test_every_option_of_every_command_works_on_either_side(words, command):
     values = {"--max-batch-cost": "3", "--max-wait-ms": "7.5", "--max-concurrent-batches": "2",
               "--max-attempts": "5", "--stage-timeout-s": "9", "--interval-s": "2.5",
-              "--rounds": "3"}
+              "--rounds": "3", "--offered-rps": "1.5", "--jobs": "4", "--p95-target-s": "20"}
     positionals = ["face" if p == "pool" else f"{p}-value" for p in command.positionals]
     argv = words + positionals
     for option in command.options:
