@@ -293,7 +293,13 @@ def _auto_tune(args: argparse.Namespace) -> dict[str, Any] | None:
     import json
 
     from serve import autotune
-    from serve.tuning import POOL_DEPLOYMENTS, deployed_app_config, retune, service_status
+    from serve.tuning import (
+        POOL_DEPLOYMENTS,
+        deployed_app_config,
+        retune,
+        service_status,
+        tuned_config,
+    )
 
     if args.pool == "runner":
         raise ValueError("--auto sweeps a GPU pool's batching: face or diffusion")
@@ -310,6 +316,9 @@ def _auto_tune(args: argparse.Namespace) -> dict[str, Any] | None:
     original = service_status()[deployment]["user_config"]
     grid = autotune.sweep_grid([int(c) for c in args.costs.split(",")],
                                [float(w) for w in args.waits_ms.split(",")])
+    deployed, _ = deployed_app_config()
+    for setting in grid:  # refuse a bad grid before measuring anything
+        tuned_config(deployed, args.pool, setting)
     print(f"tuning {args.pool}: {len(grid)} settings x {args.jobs} jobs at "
           f"{args.offered_rps:g} jobs/s offered, p95 target {args.p95_target_s:g} s", flush=True)
     results = autotune.sweep(args.pool, grid, base_url=url, token=token,
@@ -537,7 +546,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "--jobs": {"type": int, "metavar": "N", "help": "--auto: jobs per setting (default 16)"},
     "--p95-target-s": {"type": float, "metavar": "S", "help": "--auto: latency target "
                        "(default 30)"},
-    "--costs": {"metavar": "LIST", "help": "--auto: max_batch_cost values (default 4,8,16)"},
+    "--costs": {"metavar": "LIST", "help": "--auto: max_batch_cost values (default 8,16,32)"},
     "--waits-ms": {"metavar": "LIST", "help": "--auto: max_wait_ms values (default "
                    "50,200,800)"},
     "--seen": {"metavar": "FILE", "help": "heads seen before, each with its consistency "
@@ -555,7 +564,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
 DEFAULTS: dict[str, Any] = {"config_dir": "configs", "workdir": "data", "address": "auto",
                             "dry_run": False, "file_only": False, "rounds": 1,
                             "interval_s": 10.0, "auto": False, "offered_rps": 2.0,
-                            "jobs": 16, "p95_target_s": 30.0, "costs": "4,8,16",
+                            "jobs": 16, "p95_target_s": 30.0, "costs": "8,16,32",
                             "waits_ms": "50,200,800"}
 
 _BACKENDS: dict[str, str | None] = {"--config-dir": None, "--redis-url": None,
