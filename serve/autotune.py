@@ -52,16 +52,20 @@ class Measured:
 
 
 def sweep_grid(costs: Sequence[int], waits_ms: Sequence[float],
-               concurrent: Sequence[int] = ()) -> list[dict[str, Any]]:
-    """Every combination of the given knobs (``max_batch_cost``, ``max_wait_ms`` and,
-    if given, ``max_concurrent_batches``), in a stable order."""
+               concurrent: Sequence[int] = (), replicas: Sequence[int] = ()
+               ) -> list[dict[str, Any]]:
+    """Every combination of the given knobs (``max_batch_cost``, ``max_wait_ms`` and, if
+    given, ``max_concurrent_batches`` and ``num_replicas``), in a stable order."""
     if not costs or not waits_ms:
         raise ValueError("give at least one cost and one wait to sweep")
     grid = []
-    for cost, wait, conc in itertools.product(costs, waits_ms, concurrent or [None]):
+    for count, cost, wait, conc in itertools.product(replicas or [None], costs, waits_ms,
+                                                     concurrent or [None]):
         setting: dict[str, Any] = {"max_batch_cost": int(cost), "max_wait_ms": float(wait)}
         if conc is not None:
             setting["max_concurrent_batches"] = int(conc)
+        if count is not None:
+            setting["num_replicas"] = int(count)
         grid.append(setting)
     return grid
 

@@ -313,9 +313,16 @@ def _auto_tune(args: argparse.Namespace) -> dict[str, Any] | None:
         http = instance["http_options"]
         url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
     deployment = POOL_DEPLOYMENTS[args.pool]
-    original = service_status()[deployment]["user_config"]
-    grid = autotune.sweep_grid([int(c) for c in args.costs.split(",")],
-                               [float(w) for w in args.waits_ms.split(",")])
+    original = dict(service_status()[deployment]["user_config"])
+    if args.replicas:
+        entry = next(d for d in deployed_app_config()[0]["deployments"]
+                     if d["name"] == deployment)
+        original["num_replicas"] = entry.get("num_replicas", 1)
+    def numbers(text: str | None) -> list[int]:
+        return [int(v) for v in text.split(",")] if text else []
+
+    grid = autotune.sweep_grid(numbers(args.costs), [float(w) for w in args.waits_ms.split(",")],
+                               numbers(args.concurrent_batches), numbers(args.replicas))
     deployed, _ = deployed_app_config()
     for setting in grid:  # refuse a bad grid before measuring anything
         tuned_config(deployed, args.pool, setting)
@@ -549,6 +556,10 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "--costs": {"metavar": "LIST", "help": "--auto: max_batch_cost values (default 8,16,32)"},
     "--waits-ms": {"metavar": "LIST", "help": "--auto: max_wait_ms values (default "
                    "50,200,800)"},
+    "--concurrent-batches": {"metavar": "LIST", "help": "--auto: max_concurrent_batches "
+                             "values (default: leave as is)"},
+    "--replicas": {"metavar": "LIST", "help": "--auto: replica counts, for a pool with "
+                   "autoscaling off (default: leave as is)"},
     "--seen": {"metavar": "FILE", "help": "heads seen before, each with its consistency "
                "proof: [{checkpoint, consistency: {proof}}]"},
     "--url": {"metavar": "URL", "help": "the service's base URL"},
@@ -573,6 +584,7 @@ _TUNE: dict[str, str | None] = {**dict.fromkeys((
     "--config-dir", "--address", "--max-batch-cost", "--max-wait-ms", "--max-concurrent-batches",
     "--max-attempts", "--stage-timeout-s", "--write", "--dry-run", "--file-only", "--auto",
     "--offered-rps", "--jobs", "--p95-target-s", "--costs", "--waits-ms", "--url",
+    "--concurrent-batches", "--replicas",
     "--token-env")), "--out": "--auto: the sweep's results (JSON; a PNG beside it)"}
 
 # name -> a Command, or (help, {name -> Command}) for a command with subcommands.

@@ -55,6 +55,15 @@ def tuned_config(deployed: dict[str, Any], pool: str, changes: dict[str, Any]) -
     if entry is None or entry.get("user_config") is None:
         raise ValueError(f"the deployed config has no user_config for {name}; deploy it from "
                          "a config made by `ephemera deploy-config`")
+    replicas = changes.get("num_replicas")
+    changes = {k: v for k, v in changes.items() if k != "num_replicas"}
+    if replicas is not None:
+        if entry.get("autoscaling_config"):
+            raise ValueError(f"{name} autoscales: Serve chooses its replicas; give replicas "
+                             "only for a pool with autoscaling off (deployments.yaml)")
+        if int(replicas) < 1:
+            raise ValueError("num_replicas must be at least 1")
+        entry["num_replicas"] = int(replicas)
     merged = {**entry["user_config"], **changes}
     if pool == "runner":
         keys = BatchingConfig().runner_user_config().keys()
@@ -107,8 +116,13 @@ def tune_file(path: Path, pool: str, changes: dict[str, Any], *, shown: str | No
     notes = []
     config_dir = (app.get("args") or {}).get("config_dir")
     batching = resolve_path(str(config_dir)) / "batching.yaml" if config_dir else None
+    if "num_replicas" in changes:
+        notes.append(f"{name} now runs {changes['num_replicas']} replicas in {where}; set "
+                     f"deployments.yaml {pool}.num_replicas to match, or `ephemera "
+                     "deploy-config` will make the old count again")
+    batch_changes = {k: v for k, v in changes.items() if k != "num_replicas"}
     if batching is not None and batching.is_file():
-        edits.append(_batching_edit(batching, pool, changes))
+        edits.append(_batching_edit(batching, pool, batch_changes))
     else:
         notes.append(f"{where} names no config set here ({config_dir!r}), so no batching.yaml "
                      "was changed: change it by hand, or `ephemera deploy-config` will make "

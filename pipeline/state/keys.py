@@ -126,6 +126,7 @@ TLOG_SIZE = "eph:tlog:size"                  # leaves appended; WATCHed by every
 TLOG_HEADS = "eph:tlog:heads"                # zset checkpoint text -> tree size (signed heads)
 TLOG_MIGRATED = "eph:tlog:migrated"          # hash chain seq -> opening JSON (migration)
 TLOG_MIGRATION_DONE = "eph:tlog:migrated-through"  # last chain seq carried into the log
+TLOG_MIGRATION_LOCK = "eph:tlog:migrating"   # SET NX PX: one migrator at a time
 
 
 def tlog_nodes(level: int, chunk: int) -> str:

@@ -246,13 +246,25 @@ def audit(log: TransparencyLog, public: Ed25519PublicKey) -> list[str]:
 def migrate_chain(client: redis.Redis, *, batch: int = 1000) -> int:
     """Carry the hash chain of receipts (before the log) into the log, in chain order,
     resumably: each batch's leaves, their openings (by chain seq) and the progress mark go
-    in one transaction. The chain is verified first and deleted at the end. Returns the
-    number of entries carried."""
-    from pipeline.state.receipts import ChainEntry, verify_chain
-
+    in one transaction, under a lock so that two replicas starting together cannot carry
+    an entry twice. The chain is verified first and deleted at the end. Returns the number
+    of entries carried (0 when another process is migrating)."""
     raw = client.lrange(keys.RECEIPT_CHAIN, 0, -1)
     if not raw:
         return 0
+    # One migrator at a time (every retention replica tries at start): the others leave it.
+    if not client.set(keys.TLOG_MIGRATION_LOCK, "1", nx=True, px=600_000):
+        return 0
+    try:
+        raw = client.lrange(keys.RECEIPT_CHAIN, 0, -1)  # as it is now, under the lock
+        return _migrate(client, raw, batch) if raw else 0
+    finally:
+        client.delete(keys.TLOG_MIGRATION_LOCK)
+
+
+def _migrate(client: redis.Redis, raw: list[bytes], batch: int) -> int:
+    from pipeline.state.receipts import ChainEntry, verify_chain
+
     problems = verify_chain(client)
     if problems:
         raise LogCorrupt(f"the receipt chain is broken, not migrated: {problems}")

@@ -240,3 +240,24 @@ def test_a_signer_signs_only_sizes_older_than_the_settle_time():
     assert settled.observe(103.5, 12) == 9
     assert settled.observe(110.0, 20) == 12
     assert len(settled.samples) <= 3
+
+
+def test_a_production_config_refuses_to_run_without_a_valid_signing_key(monkeypatch):
+    from pipeline.transparency.heads import log_public_key
+
+    monkeypatch.delenv(CFG.signing_key_env, raising=False)
+    with pytest.raises(ValueError, match="EPHEMERA_TLOG_SIGNING_KEY is not set.*production"):
+        signing_key(CFG, ["storage.yaml outputs: s3"])
+    monkeypatch.setenv(CFG.signing_key_env, base64.b64encode(b"short").decode())
+    with pytest.raises(ValueError, match="32 bytes"):
+        signing_key(CFG, [])
+    seed = bytes(range(32))
+    monkeypatch.setenv(CFG.signing_key_env, base64.b64encode(seed).decode())
+    key = signing_key(CFG, ["storage.yaml outputs: s3"])
+    pinned_other = CFG.model_copy(update={"public_key": public_key_b64(OTHER.public_key())})
+    with pytest.raises(ValueError, match="does not match"):
+        signing_key(pinned_other, [])
+    pinned = CFG.model_copy(update={"public_key": public_key_b64(key.public_key())})
+    monkeypatch.delenv(CFG.signing_key_env)
+    # With the key pinned, the ingress serves it without holding the signing key.
+    assert public_key_b64(log_public_key(pinned, ["x"])) == public_key_b64(key.public_key())

@@ -134,3 +134,19 @@ def test_an_abandoned_attempt_batched_with_its_retry_runs_once():
     assert seen == [[("a", 1)]]
     assert (new.ok, new.output_ids) == (True, ("o1",))
     assert (old.ok, old.output_ids) == (False, ()) and "newer attempt" in old.reason
+
+
+def test_replicas_change_only_where_autoscaling_is_off():
+    """`tune --auto --replicas`: a fixed pool gets the count; an autoscaling one refuses."""
+    before = deployed()
+    with pytest.raises(ValueError, match="autoscales"):
+        tuned_config(before, "diffusion", {"num_replicas": 2})
+    fixed = entry(before, "DiffusionDeployment")
+    del fixed["autoscaling_config"]
+    fixed["num_replicas"] = 1
+    after = tuned_config(before, "diffusion", {"num_replicas": 3, "max_wait_ms": 50})
+    assert entry(after, "DiffusionDeployment")["num_replicas"] == 3
+    assert entry(after, "DiffusionDeployment")["user_config"]["max_wait_ms"] == 50
+    assert "num_replicas" not in entry(after, "DiffusionDeployment")["user_config"]
+    with pytest.raises(ValueError, match="at least 1"):
+        tuned_config(before, "diffusion", {"num_replicas": 0})
