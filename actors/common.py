@@ -205,6 +205,11 @@ class GpuPool:
         self.batching = StageBatchConfig.model_validate(user_config)
         apply_batching(self.run, self.model_calls, self.batching)
 
+    def batching_now(self) -> dict:
+        """The batching this replica runs with now (its user_config as last applied), read
+        only: for operators and tests checking that a live tune reached it."""
+        return self.batching.model_dump()
+
     def check_health(self) -> None:
         raise_if_stuck(self.model_calls, self.settings.batching.stage_timeout_s)
 

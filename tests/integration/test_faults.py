@@ -22,6 +22,7 @@ import redis as redis_lib
 import skimage.data
 
 from pipeline.core.config import RetentionConfig
+from pipeline.core.reasons import out_of_attempts
 from pipeline.retention.purge import reconcile
 from pipeline.security import crypto
 from pipeline.state import keys
@@ -160,23 +161,59 @@ def test_redis_killed_and_restarted_mid_run(client, service, store_root, redis_s
     assert all(ended[j] > killed_s for j in in_flight), (in_flight, ended)
 
 
+def _gave_up(view: dict, max_attempts: int) -> bool:
+    """The job ended failed after its last retry (its reason ends "(N attempts); ...")."""
+    return view["status"] == "failed" and (view["reason"] or "").endswith(
+        out_of_attempts("", max_attempts))
+
+
+def _hit_the_outage(view: dict, max_attempts: int) -> bool:
+    """The job view shows a failed stage call with no output: retried (a store failure
+    is retryable, so ``attempts`` rises) or failed once out of attempts."""
+    retried = view["status"] == "running" and view["attempts"] >= 1
+    return (retried or _gave_up(view, max_attempts)) and not view["output_ids"]
+
+
 def test_store_outage_fails_cleanly_and_everything_is_purged_after(client, service,
                                                                    store_root):
+    """The outage provably hits jobs in flight: they are inside a diffusion model call,
+    unfinished and never retried, when the store breaks, so their next store call (the
+    output write, or a retry's input read) fails. At least one of them then shows it in
+    its job view (retried, or failed out of attempts); once the store is back every job
+    has ended cleanly and nothing is left."""
+    max_attempts = service.settings.batching.max_attempts
     job_ids = submit_many(client, 3)
+    wait_running(client, job_ids, "diffusion")
+    before = [client.get(job_url(j)).json() for j in job_ids]
+    in_flight = [v["job_id"] for v in before if v["status"] == "running"
+                 and v["batch_sizes"]["diffusion"] and not v["output_ids"] and not v["attempts"]]
     parked = store_root.with_name(store_root.name + "-parked")
     store_root.rename(parked)
     store_root.write_bytes(b"")  # the mount is gone: every store call errors
     try:
+        assert in_flight, f"no job was in a diffusion call when the store broke: {before}"
         during = submit(client, [PHOTO], key=crypto.new_device_key(), kind="art_style",
                         style="watercolor")
         assert during.status_code == 503 and "store" in during.json()["detail"]
-        time.sleep(3)
+        deadline = time.monotonic() + 30
+        while True:
+            views = [client.get(job_url(j)).json() for j in in_flight]
+            if hit := [v for v in views if _hit_the_outage(v, max_attempts)]:
+                break
+            assert time.monotonic() < deadline, \
+                f"no job in flight showed the store outage within 30 s: {views}"
+            time.sleep(0.05)
     finally:
         store_root.unlink()
         parked.rename(store_root)
     views = wait_all_settled(client, job_ids)
     assert_clean(service, store_root, views)
     assert not list((store_root / "inputs").rglob("*.bin"))
+    ended = {v["job_id"]: v for v in views}
+    for job_id in (v["job_id"] for v in hit):  # failed out of attempts, or a retry succeeded
+        end = ended[job_id]
+        assert (end["status"] == "succeeded" and end["attempts"] >= 1) or _gave_up(
+            end, max_attempts), (hit, end)
 
 
 def test_full_object_store_spills_only_to_memory(client, service, tmp_path_factory):

@@ -208,6 +208,30 @@ def _recent_files(root: Path, since_s: float, max_bytes: int = 20 << 20,
     return found
 
 
+def _usage_rows(store_root: Path, ref: str) -> int:
+    """Rows of the account ``ref`` (its pseudonym) in the usage Parquet files stored now."""
+    import pyarrow.parquet as pq
+
+    rows = 0
+    for path in store_root.glob("usage/day=*/*.parquet"):
+        try:
+            refs = pq.read_table(path, columns=["account_ref"]).column("account_ref")
+        except (OSError, ValueError):  # rewritten or deleted meanwhile (written atomically)
+            continue
+        rows += sum(1 for r in refs.to_pylist() if r == ref)
+    return rows
+
+
+def _wait_usage_rows(store_root: Path, ref: str, expected: int, timeout_s: float = 30.0) -> None:
+    """Wait until the runners flushed ``expected`` usage events of the account to the store."""
+    deadline = time.monotonic() + timeout_s
+    while (found := _usage_rows(store_root, ref)) != expected:
+        assert found < expected, f"{found} usage rows for the account, {expected} jobs ended"
+        assert time.monotonic() < deadline, (
+            f"{found} of {expected} usage rows for the account after {timeout_s} s")
+        time.sleep(0.25)
+
+
 def test_media_keys_embeddings_gps_and_account_ids_are_nowhere_they_should_not_be(
         client, service, store_root, redis_client, redis_server, face_weights_path):
     """Purpose limitation, checked: after a mixed workload with failures (a GPS-tagged
@@ -257,7 +281,7 @@ def test_media_keys_embeddings_gps_and_account_ids_are_nowhere_they_should_not_b
     client.get(f"/v1/accounts/{account}/outputs")
     deleted = client.get(f"/v1/accounts/{account}/outputs").json()["outputs"][0]["output_id"]
     client.delete(f"/v1/accounts/{account}/outputs/{deleted}")
-    time.sleep(2.5)  # a usage flush
+    _wait_usage_rows(store_root, account_ref(account), len(jobs))  # the refused one: none
 
     secrets = {"key": key, "key-b64": base64.b64encode(key), "camera": CAMERA_MODEL,
                "location": LOCATION_TAG.encode(), "lat": b"48.8584"}

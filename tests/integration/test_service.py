@@ -433,6 +433,27 @@ def _replica_names(deployment: str) -> set[str]:
             if a["name"].startswith(f"SERVE_REPLICA::ephemera#{deployment}#")}
 
 
+def _wait_pool_batching(deployment: str, wanted: dict, *, consecutive: int = 6,
+                        timeout_s: float = 30.0) -> None:
+    """Wait until ``consecutive`` calls in a row to the pool's ``batching_now`` (Serve
+    routes each to any replica) answer with ``wanted``'s values: the tune reached them."""
+    from ray import serve
+
+    from serve.app import APP_NAME
+
+    handle = serve.get_deployment_handle(deployment, app_name=APP_NAME)
+    deadline = time.monotonic() + timeout_s
+    agreed, seen = 0, {}
+    while agreed < consecutive:
+        assert time.monotonic() < deadline, (
+            f"{deployment} replicas still run {seen} {timeout_s} s after the tune to {wanted}")
+        now = handle.batching_now.remote().result(timeout_s=10)
+        seen = {k: now[k] for k in wanted}
+        agreed = agreed + 1 if seen == wanted else 0
+        if not agreed:
+            time.sleep(0.1)
+
+
 def test_batching_is_tuned_live_under_load_without_restart_or_loss(client, redis_client):
     """`ephemera tune` while jobs are in flight: the diffusion pool takes the new batching
     through Serve's user_config (a longer wait gathers a burst into one batch); no replica
@@ -459,7 +480,8 @@ def test_batching_is_tuned_live_under_load_without_restart_or_loss(client, redis
         assert applied["max_batch_cost"] == 64
         views = [wait_finished(client, j) for j in in_flight]
         assert [v["status"] for v in views] == ["succeeded"] * 6
-        time.sleep(1.0)  # reconfigure reaches every replica
+        _wait_pool_batching("DiffusionDeployment",
+                            {k: applied[k] for k in ("max_batch_cost", "max_wait_ms")})
         after = [wait_finished(client, j) for j in burst(4, "acct-tune-b")]
         assert [v["status"] for v in after] == ["succeeded"] * 4
         assert [v["batch_sizes"]["diffusion"] for v in after] == [4, 4, 4, 4]
