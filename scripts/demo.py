@@ -190,10 +190,32 @@ def main() -> int:
                 rows.append((job.job_id[:8], f"{job.kind}/{job.style}", job.name, status,
                              ", ".join(saved) or "-", job.stripped,
                              "yes" if ok else "NO", f"{lag:.2f}" if lag is not None else "-"))
+            verified = delete_and_verify(api, view.output_ids[-1]) if view.output_ids else ""
         print(RANDOM_WEIGHTS_NOTE)
         print_table(rows)
+        print(verified)
         print(f"inputs purged: {purged}/{total} verified")
         return 0 if purged == total else 1
+
+
+def delete_and_verify(api: EphemeraClient, output_id: str) -> str:
+    """Delete one output as a user would, then check the receipt as their phone would: the
+    standalone verifier (pipeline/transparency/verifier.py) against the log's public key."""
+    from pipeline.transparency import verifier
+
+    key = api.http.get("/v1/transparency/key").json()["public_key"]
+    started = api.delete_output(ACCOUNT, output_id)
+    deadline = time.monotonic() + 30
+    while True:
+        receipt = api.http.get(started.receipt_url).json()
+        if receipt["proof_status"] == "proven" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    report = verifier.verify_receipt(receipt, verifier.parse_public_key(key))
+    if not report.ok or report.head is None:
+        return f"deletion receipt NOT verified: {report.problems}"
+    return (f"deleted output {output_id[:8]}: receipt verified offline (leaf "
+            f"{receipt['objects'][0]['leaf_index']} of a signed log of {report.head.tree_size})")
 
 
 def check_stored_inputs(stores, jobs_redis, job_id: str, key: bytes) -> str:
