@@ -151,10 +151,18 @@ class LocalObjectStore:
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError:
+            self._check_mounted()
             raise StorageError("object not found") from None
+        except OSError as exc:  # the folder is gone or unreadable: the store is down
+            raise StorageError(f"local store read failed: {exc.strerror}") from None
 
     def exists(self, key: str) -> bool:
+        self._check_mounted()  # "absent" from a missing store would verify nothing
         return self._path(key).is_file()
+
+    def _check_mounted(self) -> None:
+        if not self.root.is_dir():
+            raise StorageError("the local store's folder is missing (unmounted?)")
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -185,6 +193,7 @@ class LocalObjectStore:
         return removed
 
     def list_keys(self, prefix: str) -> list[str]:
+        self._check_mounted()  # an empty listing of a missing store would hide orphans
         keys = []
         for path in self.root.rglob("*"):
             if path.is_file() and not path.is_relative_to(self._tmp):

@@ -22,7 +22,7 @@ import redis as redis_lib
 import skimage.data
 
 from pipeline.core.config import RetentionConfig
-from pipeline.core.reasons import out_of_attempts
+from pipeline.core.reasons import Reason, out_of_attempts
 from pipeline.retention.purge import reconcile
 from pipeline.security import crypto
 from pipeline.state import keys
@@ -162,9 +162,10 @@ def test_redis_killed_and_restarted_mid_run(client, service, store_root, redis_s
 
 
 def _gave_up(view: dict, max_attempts: int) -> bool:
-    """The job ended failed after its last retry (its reason ends "(N attempts); ...")."""
-    return view["status"] == "failed" and (view["reason"] or "").endswith(
-        out_of_attempts("", max_attempts))
+    """The job ended failed after its last retry, naming the store as the cause (never
+    blaming the user's photo)."""
+    return view["status"] == "failed" and view["reason"] == out_of_attempts(
+        Reason.STORE_UNAVAILABLE, max_attempts)
 
 
 def _hit_the_outage(view: dict, max_attempts: int) -> bool:

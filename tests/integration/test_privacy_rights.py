@@ -17,7 +17,14 @@ from pipeline.security import crypto
 from pipeline.security.pseudonyms import account_ref
 from pipeline.state import keys
 from serve.cli import main as cli
-from tests.integration.helpers import api_over, encode_image, job_url, submit, wait_finished
+from tests.integration.helpers import (
+    api_over,
+    encode_image,
+    job_url,
+    log_leaves,
+    submit,
+    wait_finished,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.privacy]
 PHOTO = encode_image(skimage.data.astronaut(), "PNG")
@@ -106,11 +113,16 @@ def test_receipts_and_bucket_keys_carry_pseudonyms_not_account_ids(client, store
     [output_id] = view["output_ids"]
     [path] = store_root.rglob(f"{output_id}.*")
     assert account_ref(account) in path.as_posix() and account not in path.as_posix()
-    client.delete(f"/v1/accounts/{account}/outputs/{output_id}")
-    chain = [json.loads(e) for e in redis_client.lrange(keys.RECEIPT_CHAIN, 0, -1)]
-    assert chain and all("account_id" not in e for e in chain)
-    assert any(e["account_ref"] == account_ref(account) for e in chain)
-    assert not any(account.encode() in e for e in redis_client.lrange(keys.RECEIPT_CHAIN, 0, -1))
+    gone = client.delete(f"/v1/accounts/{account}/outputs/{output_id}").json()
+    receipt = client.get(gone["receipt_url"]).json()
+    # The receipt (the account's own) opens its leaf with the pseudonym; the public leaves
+    # hold neither the id nor the pseudonym.
+    assert [o["opening"]["account_ref"] for o in receipt["objects"]] == [account_ref(account)]
+    leaves = log_leaves(redis_client)
+    assert leaves and all(set(e) == {"v", "object_class", "requested_ms", "verified_ms",
+                                     "result", "subject"} for e in leaves)
+    text = json.dumps(leaves)
+    assert account not in text and account_ref(account) not in text
     assert cli(["retention", "verify-ledger", "--redis-url", _url(redis_client)]) == 0
 
 
@@ -309,7 +321,7 @@ def test_media_keys_embeddings_gps_and_account_ids_are_nowhere_they_should_not_b
 
     account_id = {"account": account.encode()}
     usage = [(w, b) for w, b in stored if "/usage/" in w]
-    chain = [("receipts", b"".join(redis_client.lrange(keys.RECEIPT_CHAIN, 0, -1)))]
+    chain = [("receipts", json.dumps(log_leaves(redis_client)).encode())]
     assert usage and find_needles(ray_logs + usage + chain, account_id) == []
     # The scan can see: the same search finds the id where it belongs (Redis's indexes),
     # and the logs it read are this run's.
