@@ -151,3 +151,21 @@ def test_open_store_refuses_unknown_schemes(tmp_path):
     assert isinstance(open_store(f"file://{tmp_path}"), LocalObjectStore)
     with pytest.raises(ValueError, match="storage.yaml"):
         open_store("s3://bucket")
+
+
+def test_a_missing_local_store_is_an_error_never_absent_or_empty(tmp_path):
+    """An unmounted store must not read as 'object not found', 'gone' or 'nothing here':
+    a deletion would be verified and orphans hidden while the store is down."""
+    from pipeline.core.errors import StorageError
+    from pipeline.storage.base import LocalObjectStore, delete_verified
+
+    root = tmp_path / "store"
+    store = LocalObjectStore(f"file://{root}")
+    store.put("inputs/j/a.bin", b"x")
+    root.rename(tmp_path / "parked")
+    root.write_bytes(b"")  # the mount is gone
+    for call in (lambda: store.get("inputs/j/a.bin"), lambda: store.exists("inputs/j/a.bin"),
+                 lambda: store.list_keys("inputs/"),
+                 lambda: delete_verified(store, "inputs/j/a.bin")):
+        with pytest.raises(StorageError):
+            call()
