@@ -21,7 +21,7 @@ README = APP_ROOT / "README.md"
 # What the README's placeholders stand for, to parse its examples.
 PLACEHOLDERS = {"POOL": "face", "N": "4", "MS": "25", "S": "30", "URL": "redis://h:6379/0",
                 "F": "out.yaml", "FILE": "out.yaml", "DIR": "configs/production", "H": "ab12",
-                "LOCATION": "s3://bucket/model", "ADDR": "auto"}
+                "LOCATION": "s3://bucket/model", "ADDR": "auto", "R": "2.5", "LIST": "8,16"}
 # Mentions of a command by name in prose, not command lines (tune needs its POOL).
 MENTIONS = {"ephemera tune"}
 
