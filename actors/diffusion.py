@@ -14,19 +14,9 @@ class DiffusionDeployment(GpuPool):
     stage = Stage.DIFFUSION
 
     def load(self, settings: Settings) -> None:
-        from diffusers.utils import logging as diffusers_logging
+        from pipeline.models.loading import open_pool_generator
 
-        diffusers_logging.disable_progress_bar()
-        if settings.models.diffusion_backend == "simulated":  # benchmarks only
-            from pipeline.models.simulated import SimulatedGenerator
-
-            self.generator = SimulatedGenerator(
-                settings.models.simulated,
-                reference_resolution_px=settings.batching.reference_resolution_px)
-        else:
-            from pipeline.models.loading import open_generator
-
-            self.generator = open_generator(settings)
+        self.generator = open_pool_generator(settings)
 
     def run_stage(self, items: list[WorkItem]) -> list[StageResult]:
         from pipeline.jobs.stages import diffusion_stage, run_isolating_failures

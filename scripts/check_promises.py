@@ -141,8 +141,8 @@ MUTATIONS = [
              (f"{T_PRIVACY}::test_media_keys_embeddings_gps_and_account_ids_are_nowhere_they_should_not_be",)),
     Mutation("log-embedding", "face data is never logged",
              "pipeline/jobs/stages.py",
-             "        identity = mean_identity(per_job[item.job_id])\n",
-             "        identity = mean_identity(per_job[item.job_id])\n"
+             "        face_data = identity.tobytes()\n",
+             "        face_data = identity.tobytes()\n"
              "        log.warning(\"identity %s\", identity)\n",
              (f"{T_PRIVACY}::test_media_keys_embeddings_gps_and_account_ids_are_nowhere_they_should_not_be",)),
     Mutation("failed-purge-drops-record", "an object whose deletion fails is retried until gone",

@@ -39,6 +39,10 @@ directory.
                                                        a published .bin adapter as safetensors
   ephemera config check [--config-dir DIR]             validate the YAML files and exit
   ephemera openapi [--out FILE]                        the API contract (docs/openapi.json)
+  ephemera eval MANIFEST --out RESULTS [--config-dir DIR] [--address ADDR]
+                                                       offline evaluation of the face and
+                                                       diffusion stages on Ray Data (Parquet
+                                                       in and out; a local Ray unless ADDR)
 """
 
 from __future__ import annotations
@@ -496,6 +500,21 @@ def _models_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    """The service's stages over an operator's test set (actors/evaluation.py): no HTTP,
+    no Redis; a local Ray for the run unless --address names a cluster."""
+    from actors.evaluation import run_eval
+    from pipeline.jobs.evaluation import render_summary
+
+    settings = load_settings(args.config_dir)  # it loads the models: pins included
+    if args.address != "auto":
+        _connect(args)
+    summary = run_eval(Path(args.manifest), Path(args.out), settings)
+    print(render_summary(summary))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _openapi(args: argparse.Namespace) -> int:
     import json
 
@@ -638,6 +657,13 @@ COMMANDS: dict[str, Command | tuple[str, dict[str, Command]]] = {
         "convert-ip-adapter": Command(_models_convert,
                                       "a published IP-Adapter .bin as one safetensors file",
                                       {"--config-dir": None}, {"src": {}, "dest": {}})}),
+    "eval": Command(_eval, "evaluate the face and diffusion stages on a test set (Ray Data)",
+                    {"--config-dir": None, "--out": "the results Parquet file to write",
+                     "--address": "Ray cluster to run on (default: a local Ray for this run)"},
+                    {"manifest": {"help": "Parquet manifest of test images (pipeline/jobs/"
+                                          "evaluation.py: image_id, kind, style, image_uri or "
+                                          "image_bytes)"}},
+                    required=("--out",)),
     "openapi": Command(_openapi, "print or write the OpenAPI document",
                        {"--config-dir": None, "--out": None}),
     "config": ("configuration", {

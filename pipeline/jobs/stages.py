@@ -123,41 +123,60 @@ def face_stage(items: list[WorkItem], stores: StoreSet, jobs: JobStore,
     fails with a reason naming that input.
     """
     results: dict[str, StageResult] = {}
-    images: list[np.ndarray] = []
-    owners: list[tuple[WorkItem, int]] = []
+    photos: dict[str, list[np.ndarray]] = {}
     for item in items:
         try:
-            for index, image in enumerate(_read_images(stores, item), start=1):
-                images.append(image)
-                owners.append((item, index))
+            photos[item.job_id] = _read_images(stores, item)
         except _ItemFailed as exc:
             results[item.job_id] = StageResult(item.job_id, ok=False, reason=exc.reason,
                                                retryable=exc.retryable)
-    batch = embed_faces(FaceBatch(job_ids=[it.job_id for it, _ in owners], images=images),
-                        detector, embedder, quality)
-    per_job: dict[str, list[np.ndarray]] = {}
-    for (item, index), emb, rejection in zip(owners, batch.embeddings, batch.rejections,
-                                             strict=True):
-        if item.job_id in results:
+    readable = [item for item in items if item.job_id not in results]
+    identities = identify_jobs([it.job_id for it in readable],
+                               [photos[it.job_id] for it in readable], detector, embedder,
+                               quality)
+    for item, identity in zip(readable, identities, strict=True):
+        if isinstance(identity, str):
+            results[item.job_id] = StageResult(item.job_id, ok=False, reason=identity)
             continue
-        if emb is None:
-            results[item.job_id] = StageResult(
-                item.job_id, ok=False, reason=face_failure_reason(index, rejection))
-            continue
-        per_job.setdefault(item.job_id, []).append(emb)
-    for item in items:
-        if item.job_id in results:
-            continue
-        identity = mean_identity(per_job[item.job_id])
+        face_data = identity.tobytes()
         try:
-            uri = store_with_inputs(stores, jobs, item, identity.tobytes(),
-                                    ObjectClass.FACE_DATA, retention)
+            uri = store_with_inputs(stores, jobs, item, face_data, ObjectClass.FACE_DATA,
+                                    retention)
         except StorageError:
             results[item.job_id] = StageResult(item.job_id, ok=False, retryable=True,
                                                reason=Reason.STORE_UNAVAILABLE)
             continue
         results[item.job_id] = StageResult(item.job_id, ok=True, face_uri=uri)
     return [results[item.job_id] for item in items]
+
+
+def identify_jobs(job_ids: list[str], photos: list[list[np.ndarray]], detector: FaceDetector,
+                  embedder: FaceEmbedder, quality: FaceQuality = DEFAULT_QUALITY
+                  ) -> list[np.ndarray | str]:
+    """The identity of each job from its photos (at least one each), as the face stage and
+    the offline evaluation (pipeline/jobs/evaluation.py) both compute it.
+
+    Every photo of every job goes through one ``embed_faces`` call (detect, align, check,
+    embed); a job's embeddings are averaged into one (512,) float32 identity
+    (``mean_identity``). A job with a photo that gives no identity gets instead the reason
+    the user reads (``face_failure_reason``), naming its first such photo.
+    """
+    owners = [(n, index) for n, images in enumerate(photos)
+              for index in range(1, len(images) + 1)]
+    batch = embed_faces(FaceBatch(job_ids=[job_ids[n] for n, _ in owners],
+                                  images=[image for images in photos for image in images]),
+                        detector, embedder, quality)
+    found: list[list[np.ndarray]] = [[] for _ in photos]
+    reasons: dict[int, str] = {}
+    for (n, index), emb, rejection in zip(owners, batch.embeddings, batch.rejections,
+                                          strict=True):
+        if n in reasons:
+            continue
+        if emb is None:
+            reasons[n] = face_failure_reason(index, rejection)
+            continue
+        found[n].append(emb)
+    return [reasons[n] if n in reasons else mean_identity(found[n]) for n in range(len(photos))]
 
 
 def face_failure_reason(file_index: int, rejection: FaceRejection | None) -> str:
@@ -174,13 +193,30 @@ def face_failure_reason(file_index: int, rejection: FaceRejection | None) -> str
 
 
 def generation_params(item: WorkItem, settings: Settings) -> GenerationParams:
-    style = settings.styles.styles[item.style]
+    return style_params(item.style, item.resolution_px, settings)
+
+
+def style_params(style_name: str, resolution_px: int, settings: Settings) -> GenerationParams:
+    """What one (style, resolution) batch is generated with: styles.yaml and models.yaml."""
+    style = settings.styles.styles[style_name]
     return GenerationParams(
-        prompt=style.prompt, resolution_px=item.resolution_px,
+        prompt=style.prompt, resolution_px=resolution_px,
         num_inference_steps=settings.models.num_inference_steps,
         guidance_scale=style.guidance_scale, strength=style.strength,
         face_scale=style.face_scale,
     )
+
+
+def generate(kind: JobKind, sources: list[np.ndarray], params: GenerationParams,
+             seeds: list[int], generator: Generator) -> np.ndarray:
+    """One model call for a batch of one kind, as the diffusion stage and the offline
+    evaluation both make it: ai_photo from (512,) identities, art_style from (H, W, 3)
+    images; one seed and one (resolution, resolution, 3) uint8 image per source."""
+    if kind == JobKind.AI_PHOTO:
+        return generator.ai_photos(np.stack(sources), params, seeds)
+    if kind == JobKind.ART_STYLE:
+        return generator.art_styles(sources, params, seeds)
+    raise ValueError(f"kind {kind} makes clips: use clip_chunk_stage")
 
 
 def diffusion_stage(items: list[WorkItem], stores: StoreSet, jobs: JobStore,
@@ -212,10 +248,7 @@ def diffusion_stage(items: list[WorkItem], stores: StoreSet, jobs: JobStore,
     generated: np.ndarray | list = []
     if sources:
         seeds = [it.seed + n for n, (it, _) in enumerate(sources)]
-        if items[0].kind == JobKind.AI_PHOTO:
-            generated = generator.ai_photos(np.stack([x for _, x in sources]), params, seeds)
-        else:
-            generated = generator.art_styles([x for _, x in sources], params, seeds)
+        generated = generate(items[0].kind, [x for _, x in sources], params, seeds, generator)
     per_job: dict[str, list[np.ndarray]] = {}
     for (item, _), image in zip(sources, generated, strict=True):
         per_job.setdefault(item.job_id, []).append(image)

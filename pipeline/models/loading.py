@@ -22,6 +22,7 @@ from pipeline.models.runtime import Runtime, select_runtime
 if TYPE_CHECKING:  # face replicas never import diffusers, diffusion replicas never MTCNN
     from pipeline.models.diffusion import DiffusionGenerator
     from pipeline.models.faces import ArcFaceEmbedder, MtcnnDetector
+    from pipeline.models.simulated import SimulatedGenerator
 
 
 class Model(StrEnum):
@@ -113,3 +114,19 @@ def open_generator(settings: Settings, runtime: Runtime | None = None) -> Diffus
                           ip_adapter=model_path(settings, Model.IP_ADAPTER),
                           motion_adapter=model_path(settings, Model.MOTION_ADAPTER),
                           build_tiny_if_missing=settings.models.build_tiny_if_missing)
+
+
+def open_pool_generator(settings: Settings) -> DiffusionGenerator | SimulatedGenerator:
+    """What a diffusion worker generates with (the Serve pool's replicas and the offline
+    evaluation's actors alike): the configured models, or, where models.yaml selects the
+    simulated backend (benchmarks only), the GPU stand-in. Progress bars off: a worker
+    has no terminal."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    if settings.models.diffusion_backend == "simulated":
+        from pipeline.models.simulated import SimulatedGenerator
+
+        return SimulatedGenerator(settings.models.simulated,
+                                  reference_resolution_px=settings.batching.reference_resolution_px)
+    return open_generator(settings)

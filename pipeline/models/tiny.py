@@ -189,7 +189,9 @@ def build_tiny_arcface(path: Path, *, seed: int = 0) -> None:
     model.ir_version = 8
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    # One temporary file per process: two workers that find it missing at once (the face
+    # pool's replicas, the evaluation's two face steps) each write their own, same bytes.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     onnx.save(model, str(tmp))
     tmp.replace(path)
 
