@@ -23,7 +23,7 @@ PLACEHOLDERS = {"POOL": "face", "N": "4", "MS": "25", "S": "30", "URL": "redis:/
                 "F": "out.yaml", "FILE": "out.yaml", "DIR": "configs/production", "H": "ab12",
                 "LOCATION": "s3://bucket/model", "ADDR": "auto", "R": "2.5", "LIST": "8,16"}
 # Mentions of a command by name in prose, not command lines (tune needs its POOL).
-MENTIONS = {"ephemera tune"}
+MENTIONS = {"ephemera tune", "ephemera eval"}
 
 
 def readme_examples() -> list[str]:
