@@ -139,4 +139,4 @@ def test_privacy_answers_parse_into_their_models(client):
     assert {o.object_class for o in receipt.objects} >= {"output"}
     assert api.list_outputs(account).outputs == []
     assert api.list_jobs(account).jobs == []
-    assert all(o.verified_s >= o.requested_s for o in receipt.objects)
+    assert all(o.verified_ms >= o.requested_ms for o in receipt.objects)
