@@ -13,16 +13,21 @@ the detector's common-canvas batching is what is measured. Models are the embedd
 defaults (tiny random weights of the real architectures); on a CUDA machine the device is
 picked as in production (models.yaml ``device: auto``).
 
-Each time is the median of R repeats after one warm-up. The batching gain of a stage at
-batch N is (time per image at batch 1) / (time per image at batch N): above 1, batching
-pays. Prints a table, writes bench-out/bench_models.json and bench-out/bench_models.png.
+Every (stage, batch) call is warmed up once, then timed once per repetition, R
+repetitions (default 5) interleaved: each repetition times every stage at every batch
+size, batch sizes side by side (detect b1, detect b2, ..., align b1, ...). The batching
+gain of a stage at batch N is (time per image at batch 1) / (time per image at batch N),
+computed per repetition from that repetition's two calls: above 1, batching pays. Times
+and gains are reported as medians over the repetitions, and the gains also with their
+spread (``median [min-max] IQR``). Prints a table, writes bench-out/bench_models.json
+(medians, every repetition's times, the gains' spreads) and bench-out/bench_models.png
+(error bars: min-max over the repetitions).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -38,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pipeline.core.config import load_settings  # noqa: E402
+from scripts.bench_stats import MIN_REPETITIONS, Spread, interleave, paired_ratios  # noqa: E402
 
 OUT = REPO / "bench-out"
 BATCHES = (1, 2, 4, 8, 16)
@@ -59,17 +65,14 @@ def photos(count: int) -> list[np.ndarray]:
     return out
 
 
-def median_s(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: first-call allocations, lazy init
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def measure(batches: tuple[int, ...], repeats: int, steps: int) -> tuple[dict, dict]:
+    """Every repetition's seconds per call, as stage -> batch -> [s per repetition]."""
     import torch
     from diffusers.utils import logging as diffusers_logging
 
@@ -96,7 +99,7 @@ def measure(batches: tuple[int, ...], repeats: int, steps: int) -> tuple[dict, d
         generator = open_generator(settings, runtime)
         params = GenerationParams(prompt="a studio portrait photo", resolution_px=64,
                                   num_inference_steps=steps, guidance_scale=1.0)
-        per_batch: dict[str, dict[int, float]] = {stage: {} for stage in STAGES}
+        calls: dict[str, dict[int, Callable[[], object]]] = {stage: {} for stage in STAGES}
         for n in batches:
             images = photos(n)
             detections = detector.detect(images)
@@ -121,39 +124,64 @@ def measure(batches: tuple[int, ...], repeats: int, steps: int) -> tuple[dict, d
                     e, params, seeds=list(range(n))),
             }
             for stage, fn in timed.items():
-                per_batch[stage][n] = median_s(fn, repeats)
+                fn()  # warm-up: first-call allocations, lazy init
+                calls[stage][n] = fn
+        # Interleaved: each repetition times every stage at every batch size, b1 beside bN.
+        runs = {(stage, n): (lambda _, fn=fn: seconds(fn))
+                for stage in STAGES for n, fn in calls[stage].items()}
+        times = interleave(runs, repeats)
+        per_batch = {stage: {n: times[(stage, n)] for n in batches} for stage in STAGES}
+        for n in batches:
             print(f"  batch {n:>2}: " + "  ".join(
-                f"{s} {per_batch[s][n] * 1000:.0f} ms" for s in STAGES), flush=True)
+                f"{s} {Spread.of(per_batch[s][n]).median * 1000:.0f} ms" for s in STAGES),
+                flush=True)
     meta = {"device": runtime.device, "dtype": str(runtime.dtype).removeprefix("torch."),
             "steps": steps, "repeats": repeats, "torch_num_threads": models.torch_num_threads,
             "embedder_providers": embedder.providers}
     return per_batch, meta
 
 
-def gains(per_batch: dict[str, dict[int, float]]) -> dict[str, dict[int, float]]:
-    """Per-image time at batch 1 over per-image time at batch N."""
-    return {stage: {n: (times[1]) / (t / n) for n, t in times.items()}
+def gains(per_batch: dict[str, dict[int, list[float]]]) -> dict[str, dict[int, Spread]]:
+    """Per-image time at batch 1 over per-image time at batch N, per repetition (the two
+    calls of one repetition paired), as a spread over the repetitions."""
+    return {stage: {n: Spread.of(paired_ratios(times[1], [t / n for t in ts]))
+                    for n, ts in times.items()}
+            for stage, times in per_batch.items()}
+
+
+def medians(per_batch: dict[str, dict[int, list[float]]]) -> dict[str, dict[int, float]]:
+    return {stage: {n: Spread.of(ts).median for n, ts in times.items()}
             for stage, times in per_batch.items()}
 
 
 def print_report(per_batch: dict, gain: dict, meta: dict) -> None:
     batches = sorted(next(iter(per_batch.values())))
+    seconds_ = medians(per_batch)
     print(f"\nper-image ms (device {meta['device']}, {meta['dtype']}, "
-          f"{meta['steps']} diffusion steps, median of {meta['repeats']})")
+          f"{meta['steps']} diffusion steps, median of {meta['repeats']} interleaved)")
     print(f"{'stage':<12}" + "".join(f"{'b' + str(n):>9}" for n in batches)
           + f"{'gain b' + str(batches[-1]):>12}")
     for stage in STAGES:
-        row = "".join(f"{per_batch[stage][n] / n * 1000:>9.1f}" for n in batches)
-        print(f"{stage:<12}{row}{gain[stage][batches[-1]]:>11.2f}x")
+        row = "".join(f"{seconds_[stage][n] / n * 1000:>9.1f}" for n in batches)
+        print(f"{stage:<12}{row}{gain[stage][batches[-1]].median:>11.2f}x")
+    print(f"\nbatching gain, median [min-max] IQR over {meta['repeats']} repetitions")
+    print(f"{'stage':<12}" + "".join(f"{'b' + str(n):>27}" for n in batches[1:]))
+    for stage in STAGES:
+        print(f"{stage:<12}" + "".join(f"{gain[stage][n].format():>27}" for n in batches[1:]))
     print("\nbatching gain = per-image time at batch 1 / per-image time at batch N")
     for stage in STAGES:
-        print(f"  {stage:<11} " + "  ".join(f"b{n} {gain[stage][n]:.2f}x" for n in batches))
+        print(f"  {stage:<11} " + "  ".join(f"b{n} {gain[stage][n].median:.2f}x"
+                                             for n in batches))
 
 
 def write_outputs(per_batch: dict, gain: dict, meta: dict) -> Path:
     OUT.mkdir(exist_ok=True)
     (OUT / "bench_models.json").write_text(json.dumps(
-        {"meta": meta, "seconds_per_batch": per_batch, "gain": gain}, indent=1))
+        {"meta": meta, "seconds_per_batch": medians(per_batch),
+         "gain": {stage: {n: s.median for n, s in g.items()} for stage, g in gain.items()},
+         "seconds_per_batch_values": per_batch,
+         "gain_spreads": {stage: {n: s.as_dict() for n, s in g.items()}
+                          for stage, g in gain.items()}}, indent=1))
     png = OUT / "bench_models.png"
     try:
         import matplotlib
@@ -163,11 +191,18 @@ def write_outputs(per_batch: dict, gain: dict, meta: dict) -> Path:
     except ImportError:
         return png
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    def bars(spreads: list[Spread], scale: list[float]) -> tuple[list[float], list[list[float]]]:
+        mid = [s.median * k for s, k in zip(spreads, scale, strict=True)]
+        return mid, [[(s.median - s.min) * k for s, k in zip(spreads, scale, strict=True)],
+                     [(s.max - s.median) * k for s, k in zip(spreads, scale, strict=True)]]
+
     for stage in STAGES:
         batches = sorted(per_batch[stage])
-        left.plot(batches, [per_batch[stage][n] / n * 1000 for n in batches], marker="o",
-                  label=stage)
-        right.plot(batches, [gain[stage][n] for n in batches], marker="o", label=stage)
+        ms, err = bars([Spread.of(per_batch[stage][n]) for n in batches],
+                       [1000 / n for n in batches])
+        left.errorbar(batches, ms, yerr=err, marker="o", capsize=3, label=stage)
+        g, err = bars([gain[stage][n] for n in batches], [1.0] * len(batches))
+        right.errorbar(batches, g, yerr=err, marker="o", capsize=3, label=stage)
     for ax in (left, right):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
@@ -179,7 +214,8 @@ def write_outputs(per_batch: dict, gain: dict, meta: dict) -> Path:
     right.set_ylabel("gain vs batch 1")
     right.set_title("batching gain per stage")
     right.legend(fontsize=8)
-    fig.suptitle(f"bench_models: tiny models on {meta['device']} ({meta['dtype']})")
+    fig.suptitle(f"bench_models: tiny models on {meta['device']} ({meta['dtype']}); median of "
+                 f"{meta['repeats']} interleaved repetitions, bars min-max")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     return png
@@ -188,7 +224,8 @@ def write_outputs(per_batch: dict, gain: dict, meta: dict) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="batches 1, 4, 8 only")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=MIN_REPETITIONS,
+                        help="interleaved repetitions of every timed call")
     parser.add_argument("--steps", type=int, default=None,
                         help="diffusion steps (default: models.yaml num_inference_steps)")
     args = parser.parse_args()

@@ -13,20 +13,31 @@ numbers measure the orchestration when GPUs are the bottleneck, not a GPU.
 
 Phases, each on a fresh local service (embedded Redis, local store in a temp folder):
   1. fixed diffusion pools of R replicas: a closed burst of R x --jobs-per-replica art_style
-     jobs; throughput = jobs / (last job succeeded - first POST);
+     jobs; throughput = jobs / (last job succeeded - first POST). One service runs every R,
+     interleaved: the pool is rescaled live (Serve's declarative deploy, only num_replicas
+     changed) between runs, 1, max R, the others, again, --repetitions times (default 5),
+     each run after an untimed warm-up burst of R jobs. The ingress and media pools run
+     fixed replica counts (2 each, what a burst scales them to), so no run inherits
+     replicas a previous one scaled up;
   2. autoscaling (min 1, max 4 replicas): a burst, sampling the replica count until the
      pool has scaled back down.
+Every figure is the median over the repetitions, reported with its spread (``median
+[min-max] IQR``); scale N/1 is the median of the per-repetition ratios, each from the
+repetition's own 1-replica and N-replica runs (adjacent).
 The ingress CPU per job is the CPU time of the ApiDeployment replicas from the first POST to
 the last 202 of phase 1 at the largest R, divided by its jobs (until #19 it ran to the end of
 the phase, so it also counted this script's status polls); the media CPU per job, the same
 for the MediaDeployment replicas and their sandboxed decoders (decoding moved there in #19).
-Prints a table, `scale N/1 replicas: S`, `media CPU per job: M ms`, `ingress CPU per job:
-M ms`, a capacity table, and writes bench-out/bench_scale.json and .png.
+Prints a table, a capacity table, the spreads, and ends with `scale N/1 replicas: S`,
+`media CPU per job: M ms`, `ingress CPU per job: M ms` (medians); writes
+bench-out/bench_scale.json (with every repetition's runs and the spreads) and .png (error
+bars: min-max).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import os
@@ -52,12 +63,14 @@ from pipeline.core.config import (
     load_settings,
 )
 from pipeline.security import crypto
+from scripts.bench_stats import MIN_REPETITIONS, Spread, interleave, paired_ratios, table
 from serve.client import NO_RETRIES, EphemeraClient
 from serve.schemas import JobView
 
 OUT_DIR = REPO / "bench-out"
 BATCH_COST = 8
 RATES_PER_S = (10, 100, 1000)
+FIXED_FRONT = {"api": 2, "media": 2}  # replicas of the ingress and media pools
 
 
 def photo() -> bytes:
@@ -67,8 +80,12 @@ def photo() -> bytes:
     return buffer.getvalue()
 
 
-def scale_settings(root: Path, pool: PoolConfig, time_scale: float) -> Settings:
+def scale_settings(root: Path, pool: PoolConfig, time_scale: float,
+                   fixed_front: bool = False) -> Settings:
     base = load_settings()
+    front = {name: getattr(base.deployments, name).model_copy(
+                 update={"autoscaling": None, "num_replicas": n})
+             for name, n in FIXED_FRONT.items()} if fixed_front else {}
     return base.model_copy(update={
         "service": base.service.model_copy(update={"max_jobs_in_flight_per_account": 10_000,
                                                    "ray_num_cpus": 16}),
@@ -83,6 +100,7 @@ def scale_settings(root: Path, pool: PoolConfig, time_scale: float) -> Settings:
             # Enough runners for every replica's batches; they only wait on handles.
             "runner": base.deployments.runner.model_copy(update={
                 "autoscaling": None, "num_replicas": 2, "max_ongoing_requests": 512}),
+            **front,
         }),
     })
 
@@ -105,8 +123,10 @@ def submit_burst(base_url: str, count: int) -> tuple[list[tuple[str, str]], floa
         return list(pool.map(post, range(count))), started
 
 
-def wait_succeeded(base_url: str, jobs: list[tuple[str, str]], on_tick=None) -> list[JobView]:
-    """``jobs``: (account, job id) pairs, as ``submit_burst`` returns them."""
+def wait_succeeded(base_url: str, jobs: list[tuple[str, str]], on_tick=None,
+                   until_purged: bool = False) -> list[JobView]:
+    """``jobs``: (account, job id) pairs, as ``submit_burst`` returns them; with
+    ``until_purged``, also until every job's inputs were purged."""
     views: dict[str, JobView] = {}
     deadline = time.monotonic() + 900
     with EphemeraClient(base_url, retry=NO_RETRIES, timeout_s=60) as api:
@@ -114,7 +134,7 @@ def wait_succeeded(base_url: str, jobs: list[tuple[str, str]], on_tick=None) -> 
             for account, job_id in jobs:
                 if job_id not in views:
                     view = api.get_job(account, job_id)
-                    if view.status.is_finished:
+                    if view.status.is_finished and (view.inputs_purged_s or not until_purged):
                         views[job_id] = view
             if on_tick:
                 on_tick()
@@ -151,25 +171,51 @@ def cpu_s(pids: list[int]) -> float:
                for pid in wanted if pid in stats)
 
 
-def run_fixed(replicas: int, jobs_per_replica: int, time_scale: float, root: Path) -> dict:
-    from serve.launcher import start_service
+def set_replicas(replicas: int, timeout_s: float = 180.0) -> None:
+    """Rescale the diffusion pool of the running app live (its deployed config with only
+    num_replicas changed: Serve adds or drains replicas, the others keep running) and wait
+    until exactly ``replicas`` run."""
+    from ray import serve
 
-    pool = PoolConfig(num_replicas=replicas, num_cpus=0)
-    settings = scale_settings(root / f"r{replicas}", pool, time_scale)
-    with start_service(settings, workdir=root / f"r{replicas}" / "work") as service:
-        warm, _ = submit_burst(service.base_url, replicas)
-        wait_succeeded(service.base_url, warm)
-        api, media = replica_pids("ApiDeployment"), replica_pids("MediaDeployment")
-        cpu_before, media_before = cpu_s(api), cpu_s(media)
-        count = replicas * jobs_per_replica
-        job_ids, started = submit_burst(service.base_url, count)
-        # Accepting a job ends with its 202: what it cost is the CPU until the last one.
-        # (Measured to the end of the run, as before #19, the figure also counted the
-        # ingress answering this benchmark's own status polls, a cost of the poll rate.)
-        api_cpu_s = cpu_s([p for p in replica_pids("ApiDeployment") if p in api]) - cpu_before
-        media_cpu_s = (cpu_s([p for p in replica_pids("MediaDeployment") if p in media])
-                       - media_before)
-        views = wait_succeeded(service.base_url, job_ids)
+    from serve.app import APP_NAME, DIFFUSION
+    from serve.launcher import deploy_config, wait_app_running
+    from serve.tuning import deployed_app_config
+
+    deployed, instance = deployed_app_config()
+    config = copy.deepcopy(deployed)
+    entry = next(d for d in config["deployments"] if d["name"] == DIFFUSION)
+    if entry.get("num_replicas") != replicas:
+        entry["num_replicas"] = replicas
+        http = {k: v for k, v in instance["http_options"].items() if k in ("host", "port")}
+        deploy_config({"proxy_location": instance["proxy_location"], "http_options": http,
+                       "applications": [config]})
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = serve.status().applications[APP_NAME].deployments[DIFFUSION].replica_states
+        if dict(states) == {"RUNNING": replicas}:
+            wait_app_running(timeout_s)
+            return
+        time.sleep(0.25)
+    raise RuntimeError(f"the diffusion pool did not reach {replicas} replicas in {timeout_s} s")
+
+
+def run_fixed(base_url: str, replicas: int, jobs_per_replica: int) -> dict:
+    """One run on the running service, its diffusion pool rescaled to ``replicas`` first."""
+    set_replicas(replicas)
+    warm, _ = submit_burst(base_url, replicas)
+    wait_succeeded(base_url, warm)
+    api, media = replica_pids("ApiDeployment"), replica_pids("MediaDeployment")
+    cpu_before, media_before = cpu_s(api), cpu_s(media)
+    count = replicas * jobs_per_replica
+    job_ids, started = submit_burst(base_url, count)
+    # Accepting a job ends with its 202: what it cost is the CPU until the last one.
+    # (Measured to the end of the run, as before #19, the figure also counted the
+    # ingress answering this benchmark's own status polls, a cost of the poll rate.)
+    api_cpu_s = cpu_s([p for p in replica_pids("ApiDeployment") if p in api]) - cpu_before
+    media_cpu_s = (cpu_s([p for p in replica_pids("MediaDeployment") if p in media])
+                   - media_before)
+    views = wait_succeeded(base_url, job_ids)
+    wait_succeeded(base_url, job_ids, until_purged=True)  # untimed: clean-up before the next
     succeeded = [v for v in views if v.status == "succeeded"]
     elapsed = max(v.succeeded_s for v in succeeded) - started
     sizes = [v.batch_sizes.diffusion for v in succeeded]
@@ -215,6 +261,18 @@ def capacity(per_gpu_jobs_s: float, cpu_ms_per_job: float) -> list[dict]:
             for rate in RATES_PER_S]
 
 
+def summarize(replicas: int, runs: list[dict]) -> dict:
+    """One replica count over its repetitions: every figure's median (the keys a single
+    run had, so readers of the JSON keep working), its spread and the runs themselves."""
+    keys = ("elapsed_s", "jobs_per_s", "mean_batch", "api_cpu_ms_per_job",
+            "media_cpu_ms_per_job")
+    return {"replicas": replicas, "jobs": runs[0]["jobs"],
+            "succeeded": min(r["succeeded"] for r in runs),
+            **{k: Spread.of(r[k] for r in runs).median for k in keys},
+            "spreads": {k: Spread.of(r[k] for r in runs).as_dict() for k in keys},
+            "runs": runs}
+
+
 def plot(results: list[dict], auto: dict, path: Path) -> None:
     import matplotlib
 
@@ -223,7 +281,11 @@ def plot(results: list[dict], auto: dict, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     reps = [r["replicas"] for r in results]
-    left.plot(reps, [r["jobs_per_s"] for r in results], "o-", label="measured")
+    spreads = [r["spreads"]["jobs_per_s"] for r in results]
+    left.errorbar(reps, [r["jobs_per_s"] for r in results], capsize=4, fmt="o-",
+                  yerr=[[s["median"] - s["min"] for s in spreads],
+                        [s["max"] - s["median"] for s in spreads]],
+                  label=f"measured (median, min-max of {len(results[0]['runs'])})")
     left.plot(reps, [results[0]["jobs_per_s"] * n for n in reps], "--", label="linear")
     left.set(xlabel="diffusion replicas (simulated GPUs)", ylabel="jobs/s",
              title="Scale-out (simulated GPU stage)")
@@ -244,14 +306,26 @@ def main() -> int:
     parser.add_argument("--jobs-per-replica", type=int, default=24)
     parser.add_argument("--time-scale", type=float, default=1.0,
                         help="multiplies the simulated GPU time (1.0: A100 seconds)")
+    parser.add_argument("--repetitions", type=int, default=MIN_REPETITIONS,
+                        help="interleaved repetitions of every replica count")
     args = parser.parse_args()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     replica_counts = [1, 8] if args.quick else [1, 2, 4, 8]
+    # 1 beside the largest, so each repetition's scale ratio pairs adjacent runs
+    order = [replica_counts[0], replica_counts[-1], *replica_counts[1:-1]]
     OUT_DIR.mkdir(exist_ok=True)
+    from serve.launcher import start_service
+
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         root = Path(tmp)
-        results = [run_fixed(n, args.jobs_per_replica, args.time_scale, root)
-                   for n in replica_counts]
+        settings = scale_settings(root / "fixed", PoolConfig(num_replicas=order[0], num_cpus=0),
+                                  args.time_scale, fixed_front=True)
+        with start_service(settings, workdir=root / "fixed" / "work") as service:
+            runs = interleave({n: (lambda _, n=n: run_fixed(service.base_url, n,
+                                                            args.jobs_per_replica))
+                               for n in order}, args.repetitions,
+                              log=lambda text: print(text, flush=True))
+        results = [summarize(n, runs[n]) for n in replica_counts]
         auto = run_autoscaling(48 if args.quick else 96, args.time_scale, root)
     print("\nSIMULATED GPU stage (cost model, no GPU here); everything else real.")
     print(f"{'replicas':>8} {'jobs':>5} {'ok':>5} {'elapsed s':>10} {'jobs/s':>8} "
@@ -268,13 +342,27 @@ def main() -> int:
     print(f"\ncapacity at A100 speed (SD 1.5, 512 px, 50 steps: {per_gpu:.2f} jobs/s per GPU at "
           f"batch {BATCH_COST}; ingress CPUs at 70 % busy):")
     print(f"{'jobs/s':>8} {'GPUs':>6} {'ingress CPUs':>13}")
-    table = capacity(per_gpu, cpu_ms)
-    for row in table:
+    capacity_rows = capacity(per_gpu, cpu_ms)
+    for row in capacity_rows:
         print(f"{row['jobs_per_s']:>8} {row['gpus']:>6} {row['ingress_cpus']:>13}")
-    scale = results[-1]["jobs_per_s"] / results[0]["jobs_per_s"]
+    top = replica_counts[-1]
+    scale_spread = Spread.of(paired_ratios([r["jobs_per_s"] for r in runs[top]],
+                                           [r["jobs_per_s"] for r in runs[1]]))
+    scale = scale_spread.median
+    spreads = {f"scale {top}/1 replicas": scale_spread,
+               **{f"jobs/s, R={r['replicas']}": Spread.of(x["jobs_per_s"] for x in r["runs"])
+                  for r in results},
+               "media CPU ms per job": Spread.of(r["media_cpu_ms_per_job"] for r in runs[top]),
+               "ingress CPU ms per job": Spread.of(r["api_cpu_ms_per_job"] for r in runs[top])}
+    print(f"\nmedian [min-max] IQR over {args.repetitions} interleaved repetitions "
+          f"(order {', '.join(map(str, order))} replicas; CPU at {top} replicas):")
+    for line in table(spreads):
+        print(f"  {line}")
     (OUT_DIR / "bench_scale.json").write_text(json.dumps(
-        {"simulated": True, "time_scale": args.time_scale, "results": results,
-         "autoscaling": auto, "capacity": table, "scale": scale}, indent=2))
+        {"simulated": True, "time_scale": args.time_scale, "repetitions": args.repetitions,
+         "order": order, "fixed_front_replicas": FIXED_FRONT, "results": results,
+         "autoscaling": auto, "capacity": capacity_rows, "scale": scale,
+         "spreads": {k: s.as_dict() for k, s in spreads.items()}}, indent=2))
     plot(results, auto, OUT_DIR / "bench_scale.png")
     print(f"\nscale {replica_counts[-1]}/1 replicas: {scale:.2f}")
     print(f"media CPU per job: {results[-1]['media_cpu_ms_per_job']:.1f} ms (the media "

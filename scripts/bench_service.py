@@ -2,34 +2,45 @@
 
 Run:  .venv/bin/python scripts/bench_service.py --quick
       .venv/bin/python scripts/bench_service.py [--jobs N] [--batch B] [--kind ai_photo|art_style]
-      (or: make bench; defaults N=16, B=8, kind=ai_photo; a few minutes on 2 CPU cores;
-      --quick: N=8, art_style)
+                                                [--repetitions R]
+      (or: make bench; defaults N=16, B=8, R=5, kind=ai_photo; a few minutes on 2 CPU
+      cores; --quick: N=8, R=5, art_style, under 3 minutes on an idle 2-core machine)
 
 Everything lives in a fresh temporary directory (object stores, embedded Redis, tiny
 random-weight diffusion models), removed at the end; the repository's data/ and models/
 are never touched. Inputs are real photos: scikit-image's astronaut sent as JPEG (it has
 a real face, so ai_photo passes the face stage).
 
-In one run it measures
-  a. the service (local Ray + Serve, all over HTTP) with max_batch_cost=B for both pools,
-  b. the same service restarted with max_batch_cost=1,
-  c. "raw": the same pipeline work called directly in this process, in chunks of B:
+It measures four configurations, interleaved: R repetitions of
+  a. "service b1": the service (local Ray + Serve, all over HTTP) with max_batch_cost=1
+     for the face and diffusion pools,
+  b. "service bB": the same service, live-retuned (``serve.tuning.retune``, no restart)
+     to max_batch_cost=B,
+  c. "raw bB": the same pipeline work called directly in this process, in chunks of B:
      validate + strip + encrypt + store each upload (check_job_request, accept_job), then
-     face_stage / diffusion_stage with their output stage, after the service is stopped
-     (so the two do not compete for the cores),
-  d. raw again in chunks of 1.
-Service runs use max_wait_ms=200 and max_concurrent_batches=1, and start with one
-untimed warm-up job; the raw runs also do one untimed warm-up job. It ends with three
-lines: raw batchB/batch1 throughput (X), the service's batchB/batch1 (G), and service/raw
-at batch B (R: what orchestration costs).
+     face_stage / diffusion_stage with their output stage,
+  d. "raw b1": raw again in chunks of 1,
+in that order, so each ratio pairs two adjacent runs of one repetition: raw bB/b1 (X,
+c/d), the service's bB/b1 (G, b/a) and service/raw at batch B (R, b/c: what orchestration
+costs). One service and one in-process copy of the stages serve every repetition; the
+service idles (its jobs finished and their inputs purged) while the raw runs go. The
+service runs max_wait_ms=200, max_concurrent_batches=1 and one replica per deployment
+(fixed: autoscaling would carry replicas scaled up in one run into the next); both sides
+do one untimed warm-up job first. The tiny models are built first; the service starts
+while this process loads its copy of the stages.
 
 Service timing runs from the first POST until every job reached ``succeeded`` (the job's
 server-side ``succeeded_s``, same host clock; polling only detects it). Per-job latency is
 POST -> succeeded. In-process latency is the time from the start of the timed region until
 the chunk holding the job finished both stages (all jobs are "submitted" at once).
 
-Prints a table and two ratios, writes bench-out/bench_service.json and, if matplotlib is
-importable, bench-out/bench_service.png.
+Each figure is reported as its median over the repetitions with its spread, as
+``median [min-max] IQR``; a ratio is the median of the per-repetition ratios. It prints a
+table, the ratios with their spreads, whether service/raw's spread is within ±0.05 of its
+median (min-max and IQR), and ends with three lines, values being medians:
+raw batchB/batch1 throughput (X), the service's batchB/batch1 (G), and service/raw at
+batch B (R). Writes bench-out/bench_service.json (every repetition's runs, the spreads)
+and, if matplotlib is importable, bench-out/bench_service.png (boxes: median, IQR, min-max).
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -44,6 +56,7 @@ import time
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -56,6 +69,15 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.core.config import Settings, StageBatchConfig, load_settings
 from pipeline.security import crypto
+from scripts.bench_stats import (
+    MIN_REPETITIONS,
+    Spread,
+    boxplot,
+    interleave,
+    paired_ratios,
+    table,
+    target_line,
+)
 from serve.client import NO_RETRIES, ApiError, EphemeraClient
 from serve.schemas import JobView
 
@@ -64,11 +86,14 @@ STYLE_FOR_KIND = {"ai_photo": "portrait", "art_style": "watercolor"}
 ACCOUNT = "bench-account"
 MAX_WAIT_MS = 200.0
 JOB_WAIT_S = 900.0
+QUICK_JOBS = 8  # per run: 5 repetitions x 4 runs of 8 jobs fit in 3 minutes here
+SPREAD_TARGET = 0.05  # service/raw: every repetition within median ± this
+FIXED_REPLICAS = {"api": 1, "media": 1, "runner": 1, "face": 1, "diffusion": 1}
 
 
 @dataclass
 class RunResult:
-    """One measured configuration."""
+    """One measured run of one configuration."""
 
     config: str
     jobs: int
@@ -78,6 +103,8 @@ class RunResult:
     failures: list[str] = field(default_factory=list)
     batch_sizes: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> size -> n
     notes: str = ""
+    load_1m: float = 0.0  # the machine's 1-minute load average when the run ended
+    waited: float | None = None  # raw: share of the run its thread waited for a free core
 
     @property
     def jobs_per_s(self) -> float:
@@ -102,9 +129,13 @@ def sample_photo() -> bytes:
 
 
 def bench_settings(base: Settings, root: Path, name: str, batch: int) -> Settings:
-    """``base`` with store and models under ``root`` and batching set for a fair comparison."""
+    """``base`` with store and models under ``root``, batching set for a fair comparison and
+    fixed replica counts (FIXED_REPLICAS), so every repetition runs the same deployment."""
     stage = StageBatchConfig(max_batch_cost=batch, max_wait_ms=MAX_WAIT_MS,
                              max_concurrent_batches=1)
+    pools = {pool: getattr(base.deployments, pool).model_copy(
+                 update={"autoscaling": None, "num_replicas": n})
+             for pool, n in FIXED_REPLICAS.items()}
     return base.model_copy(update={
         "service": base.service.model_copy(update={
             "redis_url": None,  # embedded Redis, started by the launcher under the workdir
@@ -120,7 +151,9 @@ def bench_settings(base: Settings, root: Path, name: str, batch: int) -> Setting
         }),
         "batching": base.batching.model_copy(update={
             "face": stage, "diffusion": stage,
-            "video_chunk_frames": min(base.batching.video_chunk_frames, batch)}),
+            # 1, so the pools can be retuned live down to max_batch_cost 1 (no video here)
+            "video_chunk_frames": 1}),
+        "deployments": base.deployments.model_copy(update=pools),
     })
 
 
@@ -155,8 +188,9 @@ def post_job(api: EphemeraClient, spec: JobSpec) -> tuple[str, float, float]:
 
 
 def wait_all(api: EphemeraClient, job_ids: list[str], timeout_s: float = JOB_WAIT_S,
-             poll_s: float = 0.25) -> dict[str, JobView]:
-    """Poll GET /v1/accounts/{a}/jobs/{id} until every job succeeded or failed; returns the views."""
+             poll_s: float = 0.25, *, until_purged: bool = False) -> dict[str, JobView]:
+    """Poll GET /v1/accounts/{a}/jobs/{id} until every job succeeded or failed (and, with
+    ``until_purged``, had its inputs purged); returns the views."""
     pending, done = set(job_ids), {}
     deadline = time.monotonic() + timeout_s
     while pending:
@@ -164,7 +198,7 @@ def wait_all(api: EphemeraClient, job_ids: list[str], timeout_s: float = JOB_WAI
             raise TimeoutError(f"{len(pending)} jobs did not finish within {timeout_s} s")
         for job_id in list(pending):
             view = api.get_job(ACCOUNT, job_id)
-            if view.status.is_finished:
+            if view.status.is_finished and (view.inputs_purged_s or not until_purged):
                 done[job_id] = view
                 pending.discard(job_id)
         if pending:
@@ -172,18 +206,15 @@ def wait_all(api: EphemeraClient, job_ids: list[str], timeout_s: float = JOB_WAI
     return done
 
 
-def measure_service(base_url: str, spec: JobSpec, jobs: int) -> tuple[dict, dict, float]:
-    """One warm-up job, then ``jobs`` concurrent POSTs; returns views, POST starts, POST span."""
-    # No retries: a refused POST fails the run, as before, instead of a backoff in the timing.
-    with EphemeraClient(base_url, retry=NO_RETRIES, timeout_s=120.0) as api:
-        warm_id, _, _ = post_job(api, spec)
-        warm = wait_all(api, [warm_id])[warm_id]
-        if warm.status != "succeeded":
-            raise RuntimeError(f"warm-up job failed: {warm.reason}")
-        with ThreadPoolExecutor(max_workers=min(jobs, 16)) as pool:
-            posted = list(pool.map(lambda _: post_job(api, spec), range(jobs)))
-        post_span = max(end for *_, end in posted) - min(start for _, start, _ in posted)
-        views = wait_all(api, [job_id for job_id, _, _ in posted])
+def measure_service(api: EphemeraClient, spec: JobSpec, jobs: int) -> tuple[dict, dict, float]:
+    """``jobs`` concurrent POSTs; returns views, POST starts, POST span. Then waits
+    (untimed) until their inputs are purged, so no run's clean-up falls into the next."""
+    with ThreadPoolExecutor(max_workers=min(jobs, 16)) as pool:
+        posted = list(pool.map(lambda _: post_job(api, spec), range(jobs)))
+    post_span = max(end for *_, end in posted) - min(start for _, start, _ in posted)
+    job_ids = [job_id for job_id, _, _ in posted]
+    views = wait_all(api, job_ids)
+    wait_all(api, job_ids, timeout_s=120.0, until_purged=True)
     return views, {job_id: start for job_id, start, _ in posted}, post_span
 
 
@@ -198,23 +229,70 @@ def service_result(config: str, batch: int, views: dict[str, JobView], posted: d
                                         for v in views.values()).items()))
              for stage in ("face", "diffusion")}
     return RunResult(config, len(views), batch, max(ends) - first_post, latencies, failures,
-                     sizes, notes=f"first POST sent -> last POST answered {post_span:.2f} s")
+                     sizes, notes=f"first POST sent -> last POST answered {post_span:.2f} s",
+                     load_1m=os.getloadavg()[0])
 
 
-def run_service(base: Settings, root: Path, name: str, batch: int, spec: JobSpec,
-                jobs: int) -> RunResult:
-    from serve.launcher import start_service
+class ServiceBench:
+    """One running service, retuned live between max_batch_cost 1 and B."""
 
-    settings = bench_settings(base, root, name.replace(" ", "-"), batch)
-    print(f"[{name}] starting the service (max_batch_cost={batch}) ...", flush=True)
-    workdir = root / name.replace(" ", "-") / "work"
-    with start_service(settings, workdir=workdir) as service:
-        print(f"[{name}] up at {service.base_url}; warm-up, then {jobs} jobs", flush=True)
-        views, posted, post_span = measure_service(service.base_url, spec, jobs)
-    result = service_result(name, batch, views, posted, post_span)
-    print(f"[{name}] {result.elapsed_s:.2f} s, batch sizes per job: {result.batch_sizes}",
-          flush=True)
-    return result
+    def __init__(self, base: Settings, root: Path, batch: int, spec: JobSpec) -> None:
+        self.settings = bench_settings(base, root, "service", batch)
+        self.root, self.spec, self.batch_now = root, spec, batch
+        self.service = None
+        self.api: EphemeraClient | None = None
+
+    def __enter__(self) -> ServiceBench:
+        from serve.launcher import start_service
+
+        print("[service] starting ...", flush=True)
+        self.service = start_service(self.settings, workdir=self.root / "service" / "work")
+        try:
+            # No retries: a refused POST fails the run, instead of a backoff in the timing.
+            self.api = EphemeraClient(self.service.base_url, retry=NO_RETRIES, timeout_s=120.0)
+            warm_id, _, _ = post_job(self.api, self.spec)
+            warm = wait_all(self.api, [warm_id], until_purged=True)[warm_id]
+            if warm.status != "succeeded":
+                raise RuntimeError(f"warm-up job failed: {warm.reason}")
+        except BaseException:
+            self.close()
+            raise
+        print(f"[service] up at {self.service.base_url}, warmed up", flush=True)
+        return self
+
+    def close(self) -> None:
+        if self.api is not None:
+            self.api.close()
+        if self.service is not None:
+            self.service.stop()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def set_batch(self, batch: int) -> None:
+        """Retune the pools the jobs use (ai_photo: face and diffusion; art_style:
+        diffusion) live and wait until their replicas run it."""
+        if batch == self.batch_now:
+            return
+        from ray import serve
+
+        from serve.app import APP_NAME
+        from serve.tuning import POOL_DEPLOYMENTS, retune
+
+        for pool in ("face", "diffusion") if self.spec.kind == "ai_photo" else ("diffusion",):
+            retune(pool, {"max_batch_cost": batch})
+            handle = serve.get_deployment_handle(POOL_DEPLOYMENTS[pool], app_name=APP_NAME)
+            deadline = time.monotonic() + 30
+            while handle.batching_now.remote().result(timeout_s=10)["max_batch_cost"] != batch:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{pool} did not take max_batch_cost {batch} in 30 s")
+                time.sleep(0.1)
+        self.batch_now = batch
+
+    def run(self, batch: int, jobs: int) -> RunResult:
+        self.set_batch(batch)
+        views, posted, post_span = measure_service(self.api, self.spec, jobs)
+        return service_result(f"service b{batch}", batch, views, posted, post_span)
 
 
 # --- the same stages, in-process ---------------------------------------------------------
@@ -261,7 +339,7 @@ def load_stages(settings: Settings, redis_url: str, kind: str) -> Stages:
 
 
 def accept_items(stages: Stages, spec: JobSpec, count: int) -> list:
-    """Validate and store ``count`` jobs as the API does (not timed)."""
+    """Validate and store ``count`` jobs as the API does."""
     from pipeline.jobs.intake import accept_job, check_job_request
 
     key = crypto.new_device_key()
@@ -293,66 +371,142 @@ def run_chunk(stages: Stages, chunk: list) -> list[str]:
     return failures
 
 
-def run_in_process(base: Settings, root: Path, batch: int, spec: JobSpec,
-                   jobs: int) -> RunResult:
-    """Raw: accept (validate, strip, encrypt, store) and run the stages, in chunks of
-    ``batch``, all timed; the same work the service does, without Ray or HTTP."""
-    from pipeline.state.redis_server import RedisServer
+def run_queue_wait_s() -> float | None:
+    """Seconds this thread has spent runnable but waiting for a core (Linux schedstat)."""
+    try:
+        return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
 
-    name = f"raw b{batch}"
-    settings = bench_settings(base, root, name, batch)
-    print(f"[{name}] loading models ...", flush=True)
-    with RedisServer(root / name / "redis") as server:
-        stages = load_stages(settings, server.url, spec.kind)
-        [warm] = accept_items(stages, spec, 1)
-        if run_chunk(stages, [warm]):
-            raise RuntimeError("in-process warm-up job failed")
+
+class InProcessBench:
+    """Raw: the stages loaded once in this process, with their own embedded Redis."""
+
+    def __init__(self, base: Settings, root: Path, batch: int, spec: JobSpec) -> None:
+        self.settings = bench_settings(base, root, "raw", batch)
+        self.root, self.spec = root, spec
+        self.server = None
+        self.stages: Stages | None = None
+
+    def __enter__(self) -> InProcessBench:
+        from pipeline.state.redis_server import RedisServer
+
+        print("[raw] loading models ...", flush=True)
+        self.server = RedisServer(self.root / "raw" / "redis").start()
+        try:
+            self.stages = load_stages(self.settings, self.server.url, self.spec.kind)
+            [warm] = accept_items(self.stages, self.spec, 1)
+            if run_chunk(self.stages, [warm]):
+                raise RuntimeError("in-process warm-up job failed")
+        except BaseException:
+            self.server.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+    def run(self, batch: int, jobs: int) -> RunResult:
+        """Accept (validate, strip, encrypt, store) and run the stages, in chunks of
+        ``batch``, all timed; the same work the service does, without Ray or HTTP."""
         latencies, failures = [], []
+        wait_started = run_queue_wait_s()
         started = time.perf_counter()
         for i in range(0, jobs, batch):
-            chunk = accept_items(stages, spec, min(batch, jobs - i))
-            failures += run_chunk(stages, chunk)
+            chunk = accept_items(self.stages, self.spec, min(batch, jobs - i))
+            failures += run_chunk(self.stages, chunk)
             latencies += [time.perf_counter() - started] * len(chunk)
         elapsed = time.perf_counter() - started
-    print(f"[{name}] {elapsed:.2f} s", flush=True)
-    return RunResult(name, jobs, batch, elapsed, latencies, failures,
-                     notes="latency: start of timed region -> chunk done")
+        return RunResult(f"raw b{batch}", jobs, batch, elapsed, latencies, failures,
+                         notes="latency: start of timed region -> chunk done",
+                         load_1m=os.getloadavg()[0],
+                         waited=(run_queue_wait_s() - wait_started) / elapsed
+                         if wait_started is not None else None)
 
 
 # --- report ------------------------------------------------------------------------------
 
 
-def ratios(service_b: RunResult, service_1: RunResult, raw_b: RunResult,
-           raw_1: RunResult) -> dict[str, float]:
+def configs(batch: int) -> list[str]:
+    """The four configurations in the order each repetition runs them: every ratio's two
+    runs are adjacent (service b1|service bB, service bB|raw bB, raw bB|raw b1)."""
+    return ["service b1", f"service b{batch}", f"raw b{batch}", "raw b1"]
+
+
+def ratios(runs: dict[str, list[RunResult]], batch: int) -> dict[str, list[float]]:
+    """Per-repetition ratios, keyed by the closing lines' labels (with batch 8 spelt 8)."""
+    def jps(name: str) -> list[float]:
+        return [r.jobs_per_s for r in runs[name]]
+
     return {
-        "raw batch8/batch1 throughput": raw_b.jobs_per_s / raw_1.jobs_per_s,
-        "batch8/batch1 throughput": service_b.jobs_per_s / service_1.jobs_per_s,
-        "service/raw throughput": service_b.jobs_per_s / raw_b.jobs_per_s,
+        "raw batch8/batch1 throughput": paired_ratios(jps(f"raw b{batch}"), jps("raw b1")),
+        "batch8/batch1 throughput": paired_ratios(jps(f"service b{batch}"), jps("service b1")),
+        "service/raw throughput": paired_ratios(jps(f"service b{batch}"), jps(f"raw b{batch}")),
     }
 
 
-def print_report(results: list[RunResult], measured: dict[str, float]) -> None:
-    header = ("config", "jobs", "batch", "elapsed s", "jobs/s", "p50 s", "p95 s")
-    rows = [(r.config, str(r.jobs), str(r.batch), f"{r.elapsed_s:.2f}", f"{r.jobs_per_s:.3f}",
-             f"{percentile(r.latencies_s, 50):.2f}", f"{percentile(r.latencies_s, 95):.2f}")
-            for r in results]
+def label(name: str, batch: int) -> str:
+    return name.replace("8", str(batch))
+
+
+def print_report(runs: dict[str, list[RunResult]], measured: dict[str, Spread],
+                 batch: int) -> None:
+    header = ("config", "jobs", "batch", "elapsed s", "jobs/s median [min-max] IQR",
+              "p50 s", "p95 s")
+    rows = []
+    for name, results in runs.items():
+        r0 = results[0]
+        rows.append((name, str(r0.jobs), str(r0.batch),
+                     f"{Spread.of(r.elapsed_s for r in results).median:.2f}",
+                     Spread.of(r.jobs_per_s for r in results).format(3),
+                     f"{Spread.of(percentile(r.latencies_s, 50) for r in results).median:.2f}",
+                     f"{Spread.of(percentile(r.latencies_s, 95) for r in results).median:.2f}"))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     line = "  ".join(f"{{:<{w}}}" for w in widths)
     print()
+    print(f"medians over {len(next(iter(runs.values())))} interleaved repetitions")
     print(line.format(*header))
     print(line.format(*["-" * w for w in widths]))
     for row in rows:
         print(line.format(*row))
     print()
-    for r in results:
-        extra = f"; batch sizes per job {r.batch_sizes}" if r.batch_sizes else ""
-        failed = f"; FAILED {len(r.failures)}: {sorted(set(r.failures))}" if r.failures else ""
-        print(f"  {r.config}: {r.notes}{extra}{failed}")
+    for name, results in runs.items():
+        sizes = {stage: dict(sum((Counter(r.batch_sizes.get(stage, {})) for r in results),
+                                 Counter())) for stage in ("face", "diffusion")} \
+            if results[0].batch_sizes else {}
+        failures = [f for r in results for f in r.failures]
+        extra = f"; batch sizes per job, all runs {sizes}" if sizes else ""
+        failed = f"; FAILED {len(failures)}: {sorted(set(failures))}" if failures else ""
+        share = ("; share of the run spent waiting for a core " + Spread.of(
+            r.waited for r in results).format() if results[0].waited is not None else "")
+        print(f"  {name}: {results[0].notes}{extra}{share}{failed}")
+    loads = Spread.of(r.load_1m for results in runs.values() for r in results)
+    cores = os.cpu_count() or 1
+    print(f"  machine load (1-min average at each run's end) {loads.format(1)} on {cores} "
+          f"cores" + (": busy, so the spreads include other work's noise" if loads.max > cores
+                      else ""))
+    print()
+    print("ratios: median of the per-repetition ratios, [min-max], IQR")
+    for text in table({label(k, batch): s for k, s in measured.items()}):
+        print(f"  {text}")
+    print("  per repetition: " + "; ".join(
+        f"{label(k, batch).removesuffix(' throughput')} "
+        + " ".join(f"{v:.2f}" for v in s.values) for k, s in measured.items()))
 
 
-def write_outputs(results: list[RunResult], measured: dict[str, float], meta: dict) -> None:
+def write_outputs(runs: dict[str, list[RunResult]], measured: dict[str, Spread],
+                  meta: dict) -> None:
     OUT_DIR.mkdir(exist_ok=True)
-    payload = {**meta, "runs": [r.summary() for r in results], "ratios": measured}
+    payload = {
+        **meta,
+        "runs": [{**r.summary(), "repetition": i + 1}
+                 for name in runs for i, r in enumerate(runs[name])],
+        "jobs_per_s": {name: Spread.of(r.jobs_per_s for r in results).as_dict()
+                       for name, results in runs.items()},
+        "ratios": {k: s.median for k, s in measured.items()},  # medians, as before
+        "ratio_spreads": {k: s.as_dict() for k, s in measured.items()},
+    }
     path = OUT_DIR / "bench_service.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path.relative_to(REPO)}")
@@ -363,10 +517,15 @@ def write_outputs(results: list[RunResult], measured: dict[str, float], meta: di
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([r.config for r in results], [r.jobs_per_s for r in results])
-    ax.set_ylabel("jobs/s")
-    ax.set_title(f"{meta['kind']}, {meta['jobs']} jobs")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    boxplot(left, {name: [r.jobs_per_s for r in results] for name, results in runs.items()},
+            ylabel="jobs/s", title="throughput per run")
+    boxplot(right, {label(k, meta["batch"]).removesuffix(" throughput"): s.values
+                    for k, s in measured.items()},
+            ylabel="ratio", title="per-repetition ratios", reference=1.0)
+    fig.suptitle(f"bench_service: {meta['kind']}, {meta['jobs']} jobs per run, "
+                 f"{meta['repetitions']} interleaved repetitions (box: IQR, whiskers: min-max)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(OUT_DIR / "bench_service.png", dpi=120)
     plt.close(fig)
@@ -375,39 +534,72 @@ def write_outputs(results: list[RunResult], measured: dict[str, float], meta: di
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", type=int, default=16, help="jobs per measured run")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help=f"jobs per measured run (default 16; --quick {QUICK_JOBS})")
     parser.add_argument("--batch", type=int, default=8, help="max_batch_cost B to compare")
     parser.add_argument("--kind", choices=sorted(STYLE_FOR_KIND), default="ai_photo")
-    parser.add_argument("--quick", action="store_true", help="8 art_style jobs")
+    parser.add_argument("--repetitions", type=int, default=MIN_REPETITIONS,
+                        help=f"interleaved repetitions of every configuration (default "
+                             f"{MIN_REPETITIONS})")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK_JOBS} art_style jobs per run")
     args = parser.parse_args()
     if args.quick:
-        args.jobs, args.kind = 8, "art_style"
-    if args.jobs < 1 or args.batch < 1:
-        parser.error("--jobs and --batch must be at least 1")
+        args.kind = "art_style"
+        args.jobs = args.jobs or QUICK_JOBS
+    args.jobs = args.jobs or 16
+    if args.jobs < 1 or args.batch < 2 or args.repetitions < 1:
+        parser.error("--jobs and --repetitions must be at least 1, --batch at least 2")
     warnings.filterwarnings("ignore", category=FutureWarning)  # diffusers' config notices
     started = time.monotonic()
+    load_start = os.getloadavg()
+    print(f"machine load (1, 5, 15-min averages) {', '.join(f'{x:.1f}' for x in load_start)} "
+          f"on {os.cpu_count()} cores", flush=True)
     base = load_settings()  # once: every run uses the same configs
     root = Path(tempfile.mkdtemp(prefix="ephemera-bench-"))
     spec = JobSpec(args.kind, STYLE_FOR_KIND[args.kind], sample_photo(), crypto.new_device_key())
+    b = args.batch
     try:
-        ensure_tiny_models(bench_settings(base, root, "models", args.batch))
-        results = [
-            run_service(base, root, f"service b{args.batch}", args.batch, spec, args.jobs),
-            run_service(base, root, "service b1", 1, spec, args.jobs),
-            run_in_process(base, root, args.batch, spec, args.jobs),
-            run_in_process(base, root, 1, spec, args.jobs),
-        ]
+        ensure_tiny_models(bench_settings(base, root, "models", b))
+        print(f"[setup] tiny models built: {time.monotonic() - started:.1f} s", flush=True)
+        with ExitStack() as stack, ThreadPoolExecutor(1) as loader:
+            # this process loads its stages while the service's replicas start
+            raw_bench = InProcessBench(base, root, b, spec)
+            raw_loaded = loader.submit(raw_bench.__enter__)
+            try:
+                service = stack.enter_context(ServiceBench(base, root, b, spec))
+            finally:
+                raw = raw_loaded.result()  # waits for the load; raises if it failed
+                stack.push(raw_bench.__exit__)
+            print(f"[setup] {time.monotonic() - started:.1f} s (models, service, warm-ups)",
+                  flush=True)
+            order = configs(b)
+            runners = {order[0]: lambda _: service.run(1, args.jobs),
+                       order[1]: lambda _: service.run(b, args.jobs),
+                       order[2]: lambda _: raw.run(b, args.jobs),
+                       order[3]: lambda _: raw.run(1, args.jobs)}
+            print(f"{args.repetitions} repetitions of {', '.join(order)}; "
+                  f"{args.jobs} {args.kind} jobs per run", flush=True)
+            runs = interleave(runners, args.repetitions, log=lambda text: print(text, flush=True))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    measured = ratios(*results)
+    measured = {k: Spread.of(v) for k, v in ratios(runs, b).items()}
     wall_s = time.monotonic() - started
-    print_report(results, measured)
-    write_outputs(results, measured, {"kind": args.kind, "style": spec.style,
-                                      "jobs": args.jobs, "batch": args.batch,
-                                      "max_wait_ms": MAX_WAIT_MS, "wall_s": wall_s})
+    print_report(runs, measured, b)
+    target = measured["service/raw throughput"].within(SPREAD_TARGET)
+    write_outputs(runs, measured, {"kind": args.kind, "style": spec.style,
+                                   "jobs": args.jobs, "batch": b,
+                                   "repetitions": args.repetitions,
+                                   "order": configs(b), "fixed_replicas": FIXED_REPLICAS,
+                                   "max_wait_ms": MAX_WAIT_MS, "wall_s": wall_s,
+                                   "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+                                   "cpu_count": os.cpu_count(),
+                                   "spread_target": SPREAD_TARGET,
+                                   "service_raw_within_target": target})
+    print(target_line("service/raw", measured["service/raw throughput"], SPREAD_TARGET))
     print(f"wall time: {wall_s:.1f} s")
-    for label, value in measured.items():  # the three closing lines
-        print(f"{label.replace('8', str(args.batch))}: {value:.2f}")
+    for name, spread in measured.items():  # the three closing lines: medians
+        print(f"{label(name, b)}: {spread.median:.2f}")
     return 0
 
 
