@@ -131,8 +131,9 @@ def table(rows: Mapping[str, Spread], *, digits: int = 2, unit: str = "") -> lis
     return [line(header), line(tuple("-" * w for w in widths)), *map(line, body)]
 
 
-def target_line(name: str, spread: Spread, tolerance: float, *, digits: int = 2) -> str:
-    """One honest line on whether ``spread`` meets ``median ± tolerance``, both ways."""
+def target_line(name: str, spread: Spread, tolerance: float, *, digits: int = 3) -> str:
+    """One honest line on whether ``spread`` meets ``median ± tolerance``, both ways (to
+    ``digits`` decimals, one more than the figures, so a verdict never contradicts them)."""
     f = f"{{:.{digits}f}}"
     met = spread.within(tolerance)
     m = spread.median

@@ -52,10 +52,13 @@ def test_within_checks_both_ends_against_the_median():
 
 
 def test_target_line_says_which_spread_is_within():
-    assert target_line("r", Spread.of([0.90, 0.92, 0.93, 0.94, 0.96]), 0.05).startswith(
-        "spread target ±0.05 for r: met (min-max -0.03/+0.03 within; IQR -0.01/+0.01 within)")
+    assert target_line("r", Spread.of([0.90, 0.92, 0.93, 0.94, 0.96]), 0.05) == (
+        "spread target ±0.05 for r: met (min-max -0.030/+0.030 within; IQR -0.010/+0.010 within)")
     line = target_line("r", Spread.of([0.80, 0.92, 0.93, 0.94, 0.96]), 0.05)
-    assert "met by IQR only" in line and "min-max -0.13/+0.03 NOT within" in line
+    assert "met by IQR only" in line and "min-max -0.130/+0.030 NOT within" in line
+    # just over the edge: three decimals show why it is not within
+    assert "min-max -0.051/+0.010 NOT within" in target_line(
+        "r", Spread.of([0.549, 0.6, 0.6, 0.61, 0.61]), 0.05)
     assert "NOT met" in target_line("r", Spread.of([0.7, 0.8, 0.93, 1.05, 1.2]), 0.05)
 
 
