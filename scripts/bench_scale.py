@@ -1,7 +1,10 @@
 """Benchmark: does throughput scale with GPU replicas, and what does a job cost the ingress?
 
-Run:  .venv/bin/python scripts/bench_scale.py --quick     (about 2 minutes here)
+Run:  .venv/bin/python scripts/bench_scale.py --quick     (1 and 8 replicas, 5 repetitions:
+                                                          21 minutes here under a load of
+                                                          30, mostly rescaling 1 -> 8)
       .venv/bin/python scripts/bench_scale.py             (1, 2, 4, 8 replicas; longer)
+      [--repetitions R]                                   (fewer: faster, less to go on)
 
 SIMULATED GPUs. This machine has 2 cores and no GPU, so the diffusion pool runs the GPU
 stand-in (models.yaml diffusion_backend: simulated, pipeline/models/simulated.py): each batch
