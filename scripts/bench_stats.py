@@ -91,21 +91,32 @@ class Spread:
 
 def interleave(runs: Mapping[str, Callable[[int], T]], repetitions: int,
                *, between: Callable[[str, int], None] | None = None,
-               log: Callable[[str], None] | None = None) -> dict[str, list[T]]:
+               log: Callable[[str], None] | None = None, warmup: int = 0) -> dict[str, list[T]]:
     """Call each of ``runs`` once per repetition, in order, repetition after repetition
     (A B A B ...); each gets the repetition's index. ``between(name, rep)`` is called
-    before each run (to switch configuration, say). Returns every run's results in order."""
+    before each run (to switch configuration, say). Returns every run's results in order.
+
+    ``warmup`` whole repetitions run first and are thrown away (their index is negative):
+    the first call of a configuration pays one-time costs (kernels picked and primitives
+    built for a new batch shape, allocator growth) that would otherwise make the first
+    repetition an outlier."""
     if repetitions < 1:
         raise ValueError("repetitions must be at least 1")
+    if warmup < 0:
+        raise ValueError("warmup must be at least 0")
     results: dict[str, list[T]] = {name: [] for name in runs}
-    for rep in range(repetitions):
+    for rep in range(-warmup, repetitions):
         for name, run in runs.items():
             if between is not None:
                 between(name, rep)
             started = time.monotonic()
-            results[name].append(run(rep))
+            result = run(rep)
+            if rep >= 0:
+                results[name].append(result)
             if log is not None:
-                log(f"[rep {rep + 1}/{repetitions}] {name}: {time.monotonic() - started:.1f} s")
+                tag = f"rep {rep + 1}/{repetitions}" if rep >= 0 else \
+                    f"warm-up {rep + warmup + 1}/{warmup}"
+                log(f"[{tag}] {name}: {time.monotonic() - started:.1f} s")
     return results
 
 
