@@ -33,7 +33,10 @@ last batch waits only when --jobs is not a multiple of B). Both sides first run 
 untimed full batch of B (the first batch-B calls build kernels for the new shape and made
 repetition 1 an outlier). ``interleave`` can also run whole untimed warm-up repetitions
 (WARMUP_REPETITIONS); it is 0 because measured here one did not narrow the spread and
-cost ~25 s of the 3-minute budget. The tiny models are built first; the service starts
+cost ~25 s of the 3-minute budget. Before each run it waits until the whole machine
+is quiet (below 0.4 busy cores for 0.25 s, at most 5 s), and it polls job status one GET
+per round while jobs run (not one per job: those polls took the service's CPU and made
+service/raw 0.63 instead of 0.71). The tiny models are built first; the service starts
 while this process loads its copy of the stages.
 
 Service timing runs from the first POST until every job reached ``succeeded`` (the job's
@@ -84,6 +87,7 @@ from scripts.bench_stats import (
     paired_ratios,
     table,
     target_line,
+    wait_until_quiet,
 )
 from serve.client import NO_RETRIES, ApiError, EphemeraClient
 from serve.schemas import JobView
@@ -95,6 +99,10 @@ MAX_WAIT_MS = 1000.0
 JOB_WAIT_S = 900.0
 QUICK_JOBS = 16  # per run: 5 x 4 runs of 16 jobs take 158-175 s here; 8 left service/raw's IQR wider
 WARMUP_REPETITIONS = 0  # whole untimed repetitions; the B-sized warm-up batch is enough
+# Before each run: wait (at most QUIET_TIMEOUT_S) until the whole machine stayed below
+# QUIET_BELOW_CORES for one QUIET_WINDOW_S, so the previous run's tail work (the service's
+# purges, receipts, metrics and log flushes) does not land in the next run's timing.
+QUIET_BELOW_CORES, QUIET_WINDOW_S, QUIET_TIMEOUT_S = 0.4, 0.25, 5.0
 SPREAD_TARGET = 0.05  # service/raw: every repetition within median ± this
 FIXED_REPLICAS = {"api": 1, "media": 1, "runner": 1, "face": 1, "diffusion": 1}
 
@@ -198,17 +206,24 @@ def post_job(api: EphemeraClient, spec: JobSpec) -> tuple[str, float, float]:
 def wait_all(api: EphemeraClient, job_ids: list[str], timeout_s: float = JOB_WAIT_S,
              poll_s: float = 0.25, *, until_purged: bool = False) -> dict[str, JobView]:
     """Poll GET /v1/accounts/{a}/jobs/{id} until every job succeeded or failed (and, with
-    ``until_purged``, had its inputs purged); returns the views."""
-    pending, done = set(job_ids), {}
+    ``until_purged``, had its inputs purged); returns the views.
+
+    Each round reads the pending jobs in order and stops at the first one not done: jobs
+    finish about in submission order, so a round costs one GET while the batch runs
+    instead of one per job. The timing never depends on polling (it uses the server's
+    ``succeeded_s``), but the polls' own CPU did: 16 GETs every 0.25 s took ingress CPU
+    from the 2 cores the service was being measured on."""
+    pending, done = list(job_ids), {}
     deadline = time.monotonic() + timeout_s
     while pending:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{len(pending)} jobs did not finish within {timeout_s} s")
         for job_id in list(pending):
             view = api.get_job(ACCOUNT, job_id)
-            if view.status.is_finished and (view.inputs_purged_s or not until_purged):
-                done[job_id] = view
-                pending.discard(job_id)
+            if not (view.status.is_finished and (view.inputs_purged_s or not until_purged)):
+                break
+            done[job_id] = view
+            pending.remove(job_id)
         if pending:
             time.sleep(poll_s)
     return done
@@ -594,8 +609,17 @@ def main() -> int:
                        order[3]: lambda _: raw.run(1, args.jobs)}
             print(f"{args.repetitions} repetitions of {', '.join(order)}; "
                   f"{args.jobs} {args.kind} jobs per run", flush=True)
+            quiet_waits: list[float] = []
             runs = interleave(runners, args.repetitions, warmup=WARMUP_REPETITIONS,
+                              between=lambda name, rep: quiet_waits.append(wait_until_quiet(
+                                  below_cores=QUIET_BELOW_CORES, window_s=QUIET_WINDOW_S,
+                                  timeout_s=QUIET_TIMEOUT_S)),
                               log=lambda text: print(text, flush=True))
+            quiet = Spread.of(quiet_waits)
+            print(f"waited for a quiet machine (< {QUIET_BELOW_CORES:g} cores busy for "
+                  f"{QUIET_WINDOW_S:g} s) before each run: {quiet.format(2)} s, "
+                  f"{sum(w >= QUIET_TIMEOUT_S for w in quiet_waits)} of {len(quiet_waits)} "
+                  f"gave up at {QUIET_TIMEOUT_S:g} s", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     measured = {k: Spread.of(v) for k, v in ratios(runs, b).items()}
@@ -608,6 +632,8 @@ def main() -> int:
                                    "order": configs(b), "fixed_replicas": FIXED_REPLICAS,
                                    "max_wait_ms": MAX_WAIT_MS, "wall_s": wall_s,
                                    "warmup_repetitions": WARMUP_REPETITIONS,
+                                   "quiet_waits_s": quiet.as_dict(),
+                                   "quiet_below_cores": QUIET_BELOW_CORES,
                                    "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
                                    "cpu_count": os.cpu_count(),
                                    "spread_target": SPREAD_TARGET,

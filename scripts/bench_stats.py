@@ -120,6 +120,30 @@ def interleave(runs: Mapping[str, Callable[[int], T]], repetitions: int,
     return results
 
 
+def machine_busy_cores(window_s: float) -> float:
+    """Cores the whole machine kept busy (every process) over the next ``window_s``."""
+    import os
+
+    import psutil  # a dependency of Ray
+
+    return psutil.cpu_percent(interval=window_s) / 100.0 * (os.cpu_count() or 1)
+
+
+def wait_until_quiet(*, below_cores: float, window_s: float, timeout_s: float,
+                     busy_cores: Callable[[float], float] = machine_busy_cores) -> float:
+    """Wait until the machine was busy below ``below_cores`` for one whole ``window_s``
+    (the previous run's tail work, such as a service's purges and log flushes, is done), or
+    ``timeout_s`` passed; returns the seconds waited. A condition, not a fixed sleep: a
+    quiet machine costs one window."""
+    if below_cores <= 0 or window_s < 0 or timeout_s < 0:
+        raise ValueError("below_cores must be > 0, window_s and timeout_s >= 0")
+    started = time.monotonic()
+    while busy_cores(window_s) >= below_cores:
+        if time.monotonic() - started >= timeout_s:
+            break
+    return time.monotonic() - started
+
+
 def paired_ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
     """Per-repetition ratios of adjacent runs: ``numerators[i] / denominators[i]``."""
     if len(numerators) != len(denominators):

@@ -16,6 +16,7 @@ from scripts.bench_stats import (
     quantile,
     table,
     target_line,
+    wait_until_quiet,
 )
 
 
@@ -129,3 +130,21 @@ def test_boxplot_draws_one_box_per_figure():
     boxplot(ax, {"a": [1, 2, 3], "b": [2, 3, 4, 5, 6]}, ylabel="x", reference=1.0)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
     plt.close(fig)
+
+
+def test_wait_until_quiet_returns_after_the_first_quiet_window_or_the_timeout():
+    samples = iter([1.5, 0.9, 0.1, 2.0])
+    seen: list[float] = []
+
+    def busy(window_s: float) -> float:
+        seen.append(window_s)
+        return next(samples)
+
+    waited = wait_until_quiet(below_cores=0.3, window_s=0.0, timeout_s=60.0, busy_cores=busy)
+    assert seen == [0.0, 0.0, 0.0]  # stopped at the first quiet window (0.1 cores)
+    assert 0.0 <= waited < 60.0
+    always_busy = wait_until_quiet(below_cores=0.3, window_s=0.0, timeout_s=0.05,
+                                   busy_cores=lambda _: 2.0)
+    assert always_busy >= 0.05  # gave up at the timeout instead of waiting for ever
+    with pytest.raises(ValueError):
+        wait_until_quiet(below_cores=0.0, window_s=0.1, timeout_s=1.0)
