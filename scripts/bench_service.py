@@ -31,13 +31,12 @@ split 7+1, 5+3 or 8 by chance, and that chance, not orchestration, set service/r
 spread (a batch is sent the moment it is full, so the wait costs nothing here; a run's
 last batch waits only when --jobs is not a multiple of B). Both sides first run one
 untimed full batch of B (the first batch-B calls build kernels for the new shape and made
-repetition 1 an outlier). ``interleave`` can also run whole untimed warm-up repetitions
-(WARMUP_REPETITIONS); it is 0 because measured here one did not narrow the spread and
-cost ~25 s of the 3-minute budget. Before each run it waits until the whole machine
-is quiet (below 0.4 busy cores for 0.25 s, at most 5 s), and it polls job status one GET
-per round while jobs run (not one per job: those polls took the service's CPU and made
-service/raw 0.63 instead of 0.71). The tiny models are built first; the service starts
-while this process loads its copy of the stages.
+repetition 1 an outlier; a whole untimed warm-up repetition was also tried, and measured
+here it did not narrow the spread and cost ~25 s of the 3-minute budget). Before each run
+it waits until the whole machine is quiet (below 0.4 busy cores for 0.25 s, at most 5 s),
+and it polls job status one GET per round while jobs run (not one per job: those polls
+took the service's CPU and made service/raw 0.63 instead of 0.71). The tiny models are
+built first; the service starts while this process loads its copy of the stages.
 
 Service timing runs from the first POST until every job reached ``succeeded`` (the job's
 server-side ``succeeded_s``, same host clock; polling only detects it). Per-job latency is
@@ -97,8 +96,7 @@ STYLE_FOR_KIND = {"ai_photo": "portrait", "art_style": "watercolor"}
 ACCOUNT = "bench-account"
 MAX_WAIT_MS = 1000.0
 JOB_WAIT_S = 900.0
-QUICK_JOBS = 16  # per run: 5 x 4 runs of 16 jobs take 158-175 s here; 8 left service/raw's IQR wider
-WARMUP_REPETITIONS = 0  # whole untimed repetitions; the B-sized warm-up batch is enough
+QUICK_JOBS = 16  # per run: 5 x 4 runs of 16 jobs take 149-175 s here; 8 left service/raw's IQR wider
 # Before each run: wait (at most QUIET_TIMEOUT_S) until the whole machine stayed below
 # QUIET_BELOW_CORES for one QUIET_WINDOW_S, so the previous run's tail work (the service's
 # purges, receipts, metrics and log flushes) does not land in the next run's timing.
@@ -275,11 +273,8 @@ class ServiceBench:
             self.api = EphemeraClient(self.service.base_url, retry=NO_RETRIES, timeout_s=120.0)
             # One full batch (the pools start at batch_now): the first batch-B call builds
             # the kernels for that shape, which would otherwise fall into the first run.
-            with ThreadPoolExecutor(max_workers=min(self.batch_now, 16)) as pool:
-                warm_ids = [job_id for job_id, _, _ in pool.map(
-                    lambda _: post_job(self.api, self.spec), range(self.batch_now))]
-            failed = [v.reason for v in wait_all(self.api, warm_ids, until_purged=True).values()
-                      if v.status != "succeeded"]
+            warm, _, _ = measure_service(self.api, self.spec, self.batch_now)
+            failed = [v.reason for v in warm.values() if v.status != "succeeded"]
             if failed:
                 raise RuntimeError(f"warm-up jobs failed: {failed}")
         except BaseException:
@@ -610,7 +605,7 @@ def main() -> int:
             print(f"{args.repetitions} repetitions of {', '.join(order)}; "
                   f"{args.jobs} {args.kind} jobs per run", flush=True)
             quiet_waits: list[float] = []
-            runs = interleave(runners, args.repetitions, warmup=WARMUP_REPETITIONS,
+            runs = interleave(runners, args.repetitions,
                               between=lambda name, rep: quiet_waits.append(wait_until_quiet(
                                   below_cores=QUIET_BELOW_CORES, window_s=QUIET_WINDOW_S,
                                   timeout_s=QUIET_TIMEOUT_S)),
@@ -631,7 +626,6 @@ def main() -> int:
                                    "repetitions": args.repetitions,
                                    "order": configs(b), "fixed_replicas": FIXED_REPLICAS,
                                    "max_wait_ms": MAX_WAIT_MS, "wall_s": wall_s,
-                                   "warmup_repetitions": WARMUP_REPETITIONS,
                                    "quiet_waits_s": quiet.as_dict(),
                                    "quiet_below_cores": QUIET_BELOW_CORES,
                                    "loadavg_start": load_start, "loadavg_end": os.getloadavg(),

@@ -13,6 +13,7 @@ figures here match ``np.percentile``. No dependency beyond the standard library.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -91,39 +92,26 @@ class Spread:
 
 def interleave(runs: Mapping[str, Callable[[int], T]], repetitions: int,
                *, between: Callable[[str, int], None] | None = None,
-               log: Callable[[str], None] | None = None, warmup: int = 0) -> dict[str, list[T]]:
+               log: Callable[[str], None] | None = None) -> dict[str, list[T]]:
     """Call each of ``runs`` once per repetition, in order, repetition after repetition
     (A B A B ...); each gets the repetition's index. ``between(name, rep)`` is called
-    before each run (to switch configuration, say). Returns every run's results in order.
-
-    ``warmup`` whole repetitions run first and are thrown away (their index is negative):
-    the first call of a configuration pays one-time costs (kernels picked and primitives
-    built for a new batch shape, allocator growth) that would otherwise make the first
-    repetition an outlier."""
+    before each run (to switch configuration, say). Returns every run's results in order."""
     if repetitions < 1:
         raise ValueError("repetitions must be at least 1")
-    if warmup < 0:
-        raise ValueError("warmup must be at least 0")
     results: dict[str, list[T]] = {name: [] for name in runs}
-    for rep in range(-warmup, repetitions):
+    for rep in range(repetitions):
         for name, run in runs.items():
             if between is not None:
                 between(name, rep)
             started = time.monotonic()
-            result = run(rep)
-            if rep >= 0:
-                results[name].append(result)
+            results[name].append(run(rep))
             if log is not None:
-                tag = f"rep {rep + 1}/{repetitions}" if rep >= 0 else \
-                    f"warm-up {rep + warmup + 1}/{warmup}"
-                log(f"[{tag}] {name}: {time.monotonic() - started:.1f} s")
+                log(f"[rep {rep + 1}/{repetitions}] {name}: {time.monotonic() - started:.1f} s")
     return results
 
 
 def machine_busy_cores(window_s: float) -> float:
     """Cores the whole machine kept busy (every process) over the next ``window_s``."""
-    import os
-
     import psutil  # a dependency of Ray
 
     return psutil.cpu_percent(interval=window_s) / 100.0 * (os.cpu_count() or 1)

@@ -82,24 +82,6 @@ def test_interleave_runs_a_b_a_b_and_keeps_each_runs_results():
         interleave({"A": run("A")}, 0)
 
 
-def test_interleave_warm_up_repetitions_run_first_and_are_dropped():
-    calls, logged = [], []
-
-    def run(name):
-        def go(rep):
-            calls.append((name, rep))
-            return f"{name}{rep}"
-        return go
-
-    out = interleave({"A": run("A"), "B": run("B")}, 2, warmup=1, log=logged.append)
-    assert calls == [("A", -1), ("B", -1), ("A", 0), ("B", 0), ("A", 1), ("B", 1)]
-    assert out == {"A": ["A0", "A1"], "B": ["B0", "B1"]}  # the warm-up's results are gone
-    assert [line.split("]")[0] for line in logged] == [
-        "[warm-up 1/1", "[warm-up 1/1", "[rep 1/2", "[rep 1/2", "[rep 2/2", "[rep 2/2"]
-    with pytest.raises(ValueError):
-        interleave({"A": run("A")}, 1, warmup=-1)
-
-
 def test_paired_ratios_pair_the_same_repetition():
     a, b = [2.0, 3.0, 4.0], [1.0, 2.0, 8.0]
     assert paired_ratios(a, b) == [2.0, 1.5, 0.5]
