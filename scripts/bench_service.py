@@ -35,8 +35,13 @@ repetition 1 an outlier; a whole untimed warm-up repetition was also tried, and 
 here it did not narrow the spread and cost ~25 s of the 3-minute budget). Before each run
 it waits until the whole machine is quiet (below 0.4 busy cores for 0.25 s, at most 5 s),
 and it polls job status one GET per round while jobs run (not one per job: those polls
-took the service's CPU and made service/raw 0.63 instead of 0.71). The tiny models are
-built first; the service starts while this process loads its copy of the stages.
+took the service's CPU). Raw runs as each actor does: on torch_num_threads (1) intra-op
+threads, set in the thread that runs it (set only in the thread that loads the stages,
+it does not reach this one, and raw ran 2 threads on both cores), and on a core of its own: for each raw run every thread of the idle
+service is moved to the other cores (``bench_stats.cores_apart``, Linux thread affinity;
+its waiting for a core fell from 5-9% to 1% of the run), and all cores are given back for
+the service's runs. The tiny models are built first; the service starts while this
+process loads its copy of the stages.
 
 Service timing runs from the first POST until every job reached ``succeeded`` (the job's
 server-side ``succeeded_s``, same host clock; polling only detects it). Per-job latency is
@@ -82,6 +87,7 @@ from scripts.bench_stats import (
     MIN_REPETITIONS,
     Spread,
     boxplot,
+    cores_apart,
     interleave,
     paired_ratios,
     table,
@@ -434,19 +440,38 @@ class InProcessBench:
     def run(self, batch: int, jobs: int) -> RunResult:
         """Accept (validate, strip, encrypt, store) and run the stages, in chunks of
         ``batch``, all timed; the same work the service does, without Ray or HTTP."""
+        import torch
+
+        # In the thread that runs the stages: torch.set_num_threads from the thread that
+        # loaded them (load_stages runs in a loader thread) does not reach this one, which
+        # then ran 2 intra-op threads while every actor runs torch_num_threads (1).
+        torch.set_num_threads(self.settings.models.torch_num_threads)
         latencies, failures = [], []
-        wait_started = run_queue_wait_s()
-        started = time.perf_counter()
-        for i in range(0, jobs, batch):
-            chunk = accept_items(self.stages, self.spec, min(batch, jobs - i))
-            failures += run_chunk(self.stages, chunk)
-            latencies += [time.perf_counter() - started] * len(chunk)
-        elapsed = time.perf_counter() - started
+        with cores_apart([self.server.process.pid], self.others) as moved:
+            wait_started = run_queue_wait_s()
+            started = time.perf_counter()
+            for i in range(0, jobs, batch):
+                chunk = accept_items(self.stages, self.spec, min(batch, jobs - i))
+                failures += run_chunk(self.stages, chunk)
+                latencies += [time.perf_counter() - started] * len(chunk)
+            elapsed = time.perf_counter() - started
+            waited = run_queue_wait_s()
+        notes = "latency: start of timed region -> chunk done; " + (
+            f"on a core of its own, {moved} threads of the idle service on the others"
+            if moved else "sharing every core with the idle service")
         return RunResult(f"raw b{batch}", jobs, batch, elapsed, latencies, failures,
-                         notes="latency: start of timed region -> chunk done",
+                         notes=notes,
                          load_1m=os.getloadavg()[0],
-                         waited=(run_queue_wait_s() - wait_started) / elapsed
-                         if wait_started is not None else None)
+                         waited=(waited - wait_started) / elapsed
+                         if wait_started is not None and waited is not None else None)
+
+    def others(self) -> list[int]:
+        """Every process but this one and its Redis: the idle service (Ray's GCS, raylet,
+        workers, replicas; the service's Redis), all started below this process."""
+        import psutil
+
+        return [p.pid for p in psutil.Process().children(recursive=True)
+                if p.pid != self.server.process.pid]
 
 
 # --- report ------------------------------------------------------------------------------

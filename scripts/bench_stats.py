@@ -16,8 +16,10 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -130,6 +132,55 @@ def wait_until_quiet(*, below_cores: float, window_s: float, timeout_s: float,
         if time.monotonic() - started >= timeout_s:
             break
     return time.monotonic() - started
+
+
+def set_thread_affinity(pids: Iterable[int], cores: set[int]) -> int:
+    """Allow every thread of every process in ``pids`` only ``cores`` (Linux: a process's
+    affinity is per thread, and threads started later inherit their creator's). Processes
+    and threads that exit meanwhile are skipped; returns the threads set."""
+    count = 0
+    for pid in pids:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        for tid in tids:
+            try:
+                os.sched_setaffinity(tid, cores)
+                count += 1
+            except (ProcessLookupError, PermissionError):
+                continue
+    return count
+
+
+def can_set_cores_apart() -> bool:
+    """Whether ``cores_apart`` can pin here: Linux thread affinity and at least 2 cores."""
+    return (hasattr(os, "sched_setaffinity") and Path("/proc/self/task").is_dir()
+            and len(os.sched_getaffinity(0)) >= 2)
+
+
+@contextmanager
+def cores_apart(own_pids: Sequence[int], others: Callable[[], Iterable[int]]) -> Iterator[int]:
+    """While inside: the calling thread and ``own_pids`` run on one core only, and every
+    thread of ``others()`` (processes sharing the machine, e.g. an idle service) on the
+    remaining cores, so neither side's work lands on the other's core. Yields the number of
+    other threads moved. Afterwards every thread gets back the cores the calling thread
+    had, ``others()`` asked again so that processes started meanwhile are restored too.
+    Where thread affinity is unavailable, or on one core, it changes nothing (yields 0)."""
+    if not can_set_cores_apart():
+        yield 0
+        return
+    allowed = set(os.sched_getaffinity(0))
+    mine = {max(allowed)}
+    rest = allowed - mine
+    try:
+        os.sched_setaffinity(0, mine)  # 0: the calling thread
+        set_thread_affinity(own_pids, mine)
+        yield set_thread_affinity(others(), rest)
+    finally:
+        os.sched_setaffinity(0, allowed)
+        set_thread_affinity(own_pids, allowed)
+        set_thread_affinity(others(), allowed)
 
 
 def paired_ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:

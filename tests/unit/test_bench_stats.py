@@ -4,6 +4,9 @@ known inputs."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,9 +14,12 @@ import pytest
 from scripts.bench_stats import (
     Spread,
     boxplot,
+    can_set_cores_apart,
+    cores_apart,
     interleave,
     paired_ratios,
     quantile,
+    set_thread_affinity,
     table,
     target_line,
     wait_until_quiet,
@@ -130,3 +136,40 @@ def test_wait_until_quiet_returns_after_the_first_quiet_window_or_the_timeout():
     assert always_busy >= 0.05  # gave up at the timeout instead of waiting for ever
     with pytest.raises(ValueError):
         wait_until_quiet(below_cores=0.0, window_s=0.1, timeout_s=1.0)
+
+
+def _thread_cores(pid: int) -> list[set[int]]:
+    return [os.sched_getaffinity(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")]
+
+
+@pytest.mark.skipif(not can_set_cores_apart(), reason="needs Linux thread affinity, 2+ cores")
+def test_cores_apart_gives_the_caller_one_core_and_every_thread_of_the_others_the_rest():
+    # real processes: a neighbour with 4 threads (the idle service's stand-in) and a helper
+    # of the caller (its Redis's stand-in)
+    code = ("import threading, time\n"
+            "for _ in range(3): threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+            "print('ready', flush=True); time.sleep(60)\n")
+    neighbour = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    helper = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert neighbour.stdout.readline().strip() == "ready"
+        assert helper.stdout.readline().strip() == "ready"
+        allowed = os.sched_getaffinity(0)
+        with cores_apart([helper.pid], lambda: [neighbour.pid]) as moved:
+            mine = os.sched_getaffinity(0)
+            assert len(mine) == 1 and mine < allowed
+            assert moved == 4 and _thread_cores(neighbour.pid) == [allowed - mine] * 4
+            assert _thread_cores(helper.pid) == [mine] * 4
+        assert os.sched_getaffinity(0) == allowed
+        assert _thread_cores(neighbour.pid) == [allowed] * 4
+        assert _thread_cores(helper.pid) == [allowed] * 4
+    finally:
+        for process in (neighbour, helper):
+            process.kill()
+            process.wait()
+
+
+def test_set_thread_affinity_skips_processes_that_are_gone():
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert set_thread_affinity([gone.pid], {0}) == 0
