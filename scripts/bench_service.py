@@ -36,12 +36,13 @@ here it did not narrow the spread and cost ~25 s of the 3-minute budget). Before
 it waits until the whole machine is quiet (below 0.4 busy cores for 0.25 s, at most 5 s),
 and it polls job status one GET per round while jobs run (not one per job: those polls
 took the service's CPU). Raw runs as each actor does: on torch_num_threads (1) intra-op
-threads, set in the thread that runs it (set only in the thread that loads the stages,
-it does not reach this one, and raw ran 2 threads on both cores), and on a core of its own: for each raw run every thread of the idle
-service is moved to the other cores (``bench_stats.cores_apart``, Linux thread affinity;
-its waiting for a core fell from 5-9% to 1% of the run), and all cores are given back for
-the service's runs. The tiny models are built first; the service starts while this
-process loads its copy of the stages.
+threads, set in the thread that runs it (set only in the thread that loads the stages, it
+does not reach this one, and raw ran 2 threads on both cores), and on a core of its own:
+for each raw run every thread of the idle service is moved to the other cores
+(``bench_stats.cores_apart``, Linux thread affinity; its waiting for a core fell from
+5-9% to 1% of the run), and all cores are given back for the service's runs. The tiny
+models are built first; the service starts while this process loads its copy of the
+stages.
 
 Service timing runs from the first POST until every job reached ``succeeded`` (the job's
 server-side ``succeeded_s``, same host clock; polling only detects it). Per-job latency is
