@@ -425,14 +425,28 @@ class InProcessBench:
         self.server = RedisServer(self.root / "raw" / "redis").start()
         try:
             self.stages = load_stages(self.settings, self.server.url, self.spec.kind)
-            # a full chunk of B, as the service's warm-up does
-            warm = accept_items(self.stages, self.spec, self.batch + 1)
-            if run_chunk(self.stages, warm[:-1]) or run_chunk(self.stages, warm[-1:]):
-                raise RuntimeError("in-process warm-up jobs failed")
         except BaseException:
             self.server.stop()
             raise
         return self
+
+    def use_actor_threads(self) -> None:
+        """torch_num_threads (1) intra-op threads, as every actor runs, in the calling
+        thread: set in the thread that loaded the stages (a loader thread), the setting
+        does not reach this one, which then ran 2 threads on both cores."""
+        import torch
+
+        torch.set_num_threads(self.settings.models.torch_num_threads)
+
+    def warm_up(self) -> None:
+        """One full chunk of B and one of 1, as the service's warm-up does, in the thread
+        and on the core the runs use (warmed up in the loader thread, on other threads,
+        repetition 1's raw bB was the slowest of five in every run)."""
+        self.use_actor_threads()
+        with cores_apart([self.server.process.pid], self.others):
+            warm = accept_items(self.stages, self.spec, self.batch + 1)
+            if run_chunk(self.stages, warm[:-1]) or run_chunk(self.stages, warm[-1:]):
+                raise RuntimeError("in-process warm-up jobs failed")
 
     def __exit__(self, *exc: object) -> None:
         if self.server is not None:
@@ -441,12 +455,7 @@ class InProcessBench:
     def run(self, batch: int, jobs: int) -> RunResult:
         """Accept (validate, strip, encrypt, store) and run the stages, in chunks of
         ``batch``, all timed; the same work the service does, without Ray or HTTP."""
-        import torch
-
-        # In the thread that runs the stages: torch.set_num_threads from the thread that
-        # loaded them (load_stages runs in a loader thread) does not reach this one, which
-        # then ran 2 intra-op threads while every actor runs torch_num_threads (1).
-        torch.set_num_threads(self.settings.models.torch_num_threads)
+        self.use_actor_threads()
         latencies, failures = [], []
         with cores_apart([self.server.process.pid], self.others) as moved:
             wait_started = run_queue_wait_s()
@@ -621,6 +630,7 @@ def main() -> int:
             finally:
                 raw = raw_loaded.result()  # waits for the load; raises if it failed
                 stack.push(raw_bench.__exit__)
+            raw.warm_up()
             print(f"[setup] {time.monotonic() - started:.1f} s (models, service, warm-ups)",
                   flush=True)
             order = configs(b)
