@@ -71,7 +71,7 @@ import time
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -443,7 +443,7 @@ class InProcessBench:
         and on the core the runs use (warmed up in the loader thread, on other threads,
         repetition 1's raw bB was the slowest of five in every run)."""
         self.use_actor_threads()
-        with cores_apart([self.server.process.pid], self.others):
+        with self.own_core():
             warm = accept_items(self.stages, self.spec, self.batch + 1)
             if run_chunk(self.stages, warm[:-1]) or run_chunk(self.stages, warm[-1:]):
                 raise RuntimeError("in-process warm-up jobs failed")
@@ -457,7 +457,7 @@ class InProcessBench:
         ``batch``, all timed; the same work the service does, without Ray or HTTP."""
         self.use_actor_threads()
         latencies, failures = [], []
-        with cores_apart([self.server.process.pid], self.others) as moved:
+        with self.own_core() as moved:
             wait_started = run_queue_wait_s()
             started = time.perf_counter()
             for i in range(0, jobs, batch):
@@ -475,13 +475,15 @@ class InProcessBench:
                          waited=(waited - wait_started) / elapsed
                          if wait_started is not None and waited is not None else None)
 
-    def others(self) -> list[int]:
-        """Every process but this one and its Redis: the idle service (Ray's GCS, raylet,
-        workers, replicas; the service's Redis), all started below this process."""
+    def own_core(self) -> AbstractContextManager[int]:
+        """This thread and its Redis on one core; every other process below this one (the
+        idle service: Ray's GCS, raylet, workers, replicas, the service's Redis) on the
+        other cores (``cores_apart``; yields the threads moved)."""
         import psutil
 
-        return [p.pid for p in psutil.Process().children(recursive=True)
-                if p.pid != self.server.process.pid]
+        redis_pid = self.server.process.pid
+        return cores_apart([redis_pid], lambda: [
+            p.pid for p in psutil.Process().children(recursive=True) if p.pid != redis_pid])
 
 
 # --- report ------------------------------------------------------------------------------
